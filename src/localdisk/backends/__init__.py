@@ -1,0 +1,1 @@
+"""Storage backends, one module each; the registry (`localdisk.registry`) finds them by name."""

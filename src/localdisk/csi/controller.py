@@ -1,0 +1,225 @@
+"""CSI Controller service. Validates, then hands the work to the `VolumeManager`; never builds commands itself."""
+
+from __future__ import annotations
+
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from localdisk._proto.csi.v1 import (
+    ControllerBase,
+    ControllerExpandVolumeRequest,
+    ControllerExpandVolumeResponse,
+    ControllerGetCapabilitiesRequest,
+    ControllerGetCapabilitiesResponse,
+    ControllerGetVolumeRequest,
+    ControllerGetVolumeResponse,
+    ControllerGetVolumeResponseVolumeStatus,
+    ControllerServiceCapability,
+    ControllerServiceCapabilityRpc,
+    ControllerServiceCapabilityRpcType,
+    CreateSnapshotRequest,
+    CreateSnapshotResponse,
+    CreateVolumeRequest,
+    CreateVolumeResponse,
+    DeleteSnapshotRequest,
+    DeleteSnapshotResponse,
+    DeleteVolumeRequest,
+    DeleteVolumeResponse,
+    GetCapacityRequest,
+    GetCapacityResponse,
+    ListSnapshotsRequest,
+    ListSnapshotsResponse,
+    ListSnapshotsResponseEntry,
+    ListVolumesRequest,
+    ListVolumesResponse,
+    ListVolumesResponseEntry,
+    ListVolumesResponseVolumeStatus,
+    TopologyRequirement,
+    ValidateVolumeCapabilitiesRequest,
+    ValidateVolumeCapabilitiesResponse,
+    ValidateVolumeCapabilitiesResponseConfirmed,
+    VolumeCondition,
+)
+from localdisk.csi import TOPOLOGY_KEY, convert, validate
+from localdisk.csi.status import rpc
+from localdisk.errors import InsufficientCapacity, InvalidArgument, NotFound
+from localdisk.manager import CreateRequest, VolumeManager
+from localdisk.model import Volume
+
+Cap = ControllerServiceCapabilityRpcType
+
+
+def _condition(volume: Volume) -> VolumeCondition:
+    return VolumeCondition(abnormal=volume.abnormal is not None, message=volume.abnormal or "volume is healthy")
+
+
+class ControllerService(ControllerBase):
+    def __init__(self, manager: VolumeManager, node_id: str) -> None:
+        self.manager = manager
+        self.node_id = node_id
+
+    def _on_this_node(self, requirement: TopologyRequirement | None) -> bool:
+        if requirement is None or not requirement.requisite:
+            return True
+        return any(t.segments.get(TOPOLOGY_KEY, self.node_id) == self.node_id for t in requirement.requisite)
+
+    @rpc
+    async def create_volume(self, message: CreateVolumeRequest) -> CreateVolumeResponse:
+        validate.check_name(message.name)
+        validate.check_capabilities(message.volume_capabilities)
+        validate.check_parameters(message.parameters)
+        required, limit = validate.capacity(message.capacity_range)
+        source = validate.content_source(message.volume_content_source)
+        if not self._on_this_node(message.accessibility_requirements):
+            raise InsufficientCapacity(
+                f"this node ({self.node_id}) is not in the requisite topology; volumes here are reachable only"
+                f" from {TOPOLOGY_KEY}={self.node_id}"
+            )
+        volume = await self.manager.create_volume(
+            CreateRequest(
+                name=message.name,
+                backend=message.parameters.get("backend", ""),
+                pool=message.parameters.get("pool") or None,
+                required_bytes=required,
+                limit_bytes=limit,
+                source=source,
+            )
+        )
+        return CreateVolumeResponse(volume=convert.volume(volume, self.node_id))
+
+    @rpc
+    async def delete_volume(self, message: DeleteVolumeRequest) -> DeleteVolumeResponse:
+        validate.require(message.volume_id, "volume_id")
+        await self.manager.delete_volume(message.volume_id)
+        return DeleteVolumeResponse()
+
+    @rpc
+    async def validate_volume_capabilities(
+        self, message: ValidateVolumeCapabilitiesRequest
+    ) -> ValidateVolumeCapabilitiesResponse:
+        validate.require(message.volume_id, "volume_id")
+        validate.require(message.volume_capabilities, "volume_capabilities")
+        await self.manager.get_volume(message.volume_id)
+        try:
+            validate.check_capabilities(message.volume_capabilities)
+            validate.check_parameters(message.parameters)
+        except InvalidArgument as exc:  # an unsupported capability is an answer here, not an error
+            return ValidateVolumeCapabilitiesResponse(message=str(exc))
+        return ValidateVolumeCapabilitiesResponse(
+            confirmed=ValidateVolumeCapabilitiesResponseConfirmed(
+                volume_context=message.volume_context,
+                volume_capabilities=message.volume_capabilities,
+                parameters=message.parameters,
+            )
+        )
+
+    @rpc
+    async def list_volumes(self, message: ListVolumesRequest) -> ListVolumesResponse:
+        volumes = await self.manager.list_volumes()
+        try:
+            start, end = validate.page(len(volumes), message.max_entries, message.starting_token)
+        except ValueError:
+            raise GRPCError(Status.ABORTED, f"starting_token {message.starting_token!r} is not valid") from None
+        entries = [
+            ListVolumesResponseEntry(
+                volume=convert.volume(v, self.node_id),
+                status=ListVolumesResponseVolumeStatus(volume_condition=_condition(v)),
+            )
+            for v in volumes[start:end]
+        ]
+        return ListVolumesResponse(entries=entries, next_token=str(end) if end < len(volumes) else "")
+
+    @rpc
+    async def get_capacity(self, message: GetCapacityRequest) -> GetCapacityResponse:
+        for cap in message.volume_capabilities:
+            validate.check_capability(cap)
+        validate.check_parameters(message.parameters)
+        topology = message.accessible_topology
+        if topology is not None and topology.segments.get(TOPOLOGY_KEY, self.node_id) != self.node_id:
+            return GetCapacityResponse(available_capacity=0, maximum_volume_size=0)
+        backend = message.parameters.get("backend", "")
+        pool = message.parameters.get("pool") or None
+        if backend:
+            capacities = [await self.manager.capacity(backend, pool)]
+        else:  # no StorageClass parameters: what the whole node has
+            capacities = [await self.manager.capacity(b, p) for b, p in self.manager.pools()]
+        return GetCapacityResponse(
+            available_capacity=sum(c.available_bytes for c in capacities),
+            maximum_volume_size=max((c.maximum_volume_bytes for c in capacities), default=0),
+        )
+
+    @rpc
+    async def controller_get_capabilities(
+        self, message: ControllerGetCapabilitiesRequest
+    ) -> ControllerGetCapabilitiesResponse:
+        caps = [
+            Cap.CREATE_DELETE_VOLUME,
+            Cap.LIST_VOLUMES,
+            Cap.GET_CAPACITY,
+            Cap.EXPAND_VOLUME,
+            Cap.GET_VOLUME,
+            Cap.VOLUME_CONDITION,
+            Cap.SINGLE_NODE_MULTI_WRITER,
+        ]
+        backends = self.manager.backends.values()
+        if any(b.features.snapshots for b in backends):
+            caps += [Cap.CREATE_DELETE_SNAPSHOT, Cap.LIST_SNAPSHOTS]
+        if any(b.features.clones for b in backends):
+            caps.append(Cap.CLONE_VOLUME)
+        return ControllerGetCapabilitiesResponse(
+            capabilities=[ControllerServiceCapability(rpc=ControllerServiceCapabilityRpc(type=c)) for c in caps]
+        )
+
+    @rpc
+    async def controller_get_volume(self, message: ControllerGetVolumeRequest) -> ControllerGetVolumeResponse:
+        validate.require(message.volume_id, "volume_id")
+        volume = await self.manager.get_volume(message.volume_id)
+        return ControllerGetVolumeResponse(
+            volume=convert.volume(volume, self.node_id),
+            status=ControllerGetVolumeResponseVolumeStatus(volume_condition=_condition(volume)),
+        )
+
+    @rpc
+    async def controller_expand_volume(self, message: ControllerExpandVolumeRequest) -> ControllerExpandVolumeResponse:
+        validate.require(message.volume_id, "volume_id")
+        validate.require(message.capacity_range, "capacity_range")
+        required, limit = validate.capacity(message.capacity_range)
+        validate.require(required, "capacity_range.required_bytes")
+        if message.volume_capability is not None:
+            validate.check_capability(message.volume_capability, "volume_capability")
+        volume = await self.manager.expand_volume(message.volume_id, required, limit)
+        is_block = message.volume_capability is not None and message.volume_capability.block is not None
+        return ControllerExpandVolumeResponse(capacity_bytes=volume.size_bytes, node_expansion_required=not is_block)
+
+    @rpc
+    async def create_snapshot(self, message: CreateSnapshotRequest) -> CreateSnapshotResponse:
+        validate.require(message.source_volume_id, "source_volume_id")
+        validate.check_name(message.name)
+        snapshot = await self.manager.create_snapshot(message.source_volume_id, message.name)
+        return CreateSnapshotResponse(snapshot=convert.snapshot(snapshot))
+
+    @rpc
+    async def delete_snapshot(self, message: DeleteSnapshotRequest) -> DeleteSnapshotResponse:
+        validate.require(message.snapshot_id, "snapshot_id")
+        await self.manager.delete_snapshot(message.snapshot_id)
+        return DeleteSnapshotResponse()
+
+    @rpc
+    async def list_snapshots(self, message: ListSnapshotsRequest) -> ListSnapshotsResponse:
+        if message.snapshot_id:
+            try:
+                snapshots = [await self.manager.get_snapshot(message.snapshot_id)]
+            except NotFound:
+                snapshots = []
+        else:
+            snapshots = await self.manager.list_snapshots()
+        if message.source_volume_id:
+            snapshots = [s for s in snapshots if s.source_volume_id == message.source_volume_id]
+        try:
+            start, end = validate.page(len(snapshots), message.max_entries, message.starting_token)
+        except ValueError:
+            raise GRPCError(Status.ABORTED, f"starting_token {message.starting_token!r} is not valid") from None
+        return ListSnapshotsResponse(
+            entries=[ListSnapshotsResponseEntry(snapshot=convert.snapshot(s)) for s in snapshots[start:end]],
+            next_token=str(end) if end < len(snapshots) else "",
+        )

@@ -1,0 +1,63 @@
+"""One grpclib server on a unix socket serving Identity, Controller and Node together."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+
+from grpclib._typing import IServable
+from grpclib.server import Server
+from grpclib.utils import graceful_exit
+
+from localdisk.csi.controller import ControllerService
+from localdisk.csi.identity import IdentityService
+from localdisk.csi.node import NodeService
+from localdisk.errors import ConfigError
+from localdisk.manager import VolumeManager
+
+log = logging.getLogger(__name__)
+
+
+def socket_path(endpoint: str) -> Path:
+    """`unix:///csi/csi.sock` (or a bare absolute path) to the socket's path."""
+    if endpoint.startswith("unix://"):
+        path = endpoint[len("unix://") :]
+    elif endpoint.startswith("/"):
+        path = endpoint
+    else:
+        raise ConfigError(f"endpoint {endpoint!r}: only unix sockets are supported (unix:///path/to/csi.sock)")
+    if not path.startswith("/"):
+        raise ConfigError(f"endpoint {endpoint!r}: the socket path must be absolute")
+    return Path(path)
+
+
+def remove_stale_socket(path: Path) -> None:
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"{path} exists and is not a socket; refusing to remove it")
+    path.unlink()
+
+
+def services(manager: VolumeManager, node_id: str) -> list[IServable]:
+    return [IdentityService(), ControllerService(manager, node_id), NodeService(manager, node_id)]
+
+
+async def serve(manager: VolumeManager, node_id: str, endpoint: str) -> None:
+    """Serve until SIGTERM or SIGINT, then stop accepting, finish in-flight calls and remove the socket."""
+    path = socket_path(endpoint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_socket(path)
+    server = Server(services(manager, node_id))
+    async with manager.session():
+        with graceful_exit([server]):
+            await server.start(path=str(path))
+            os.chmod(path, 0o660)
+            log.info("serving CSI on %s as node %s", path, node_id)
+            await server.wait_closed()
+    remove_stale_socket(path)
+    log.info("stopped")

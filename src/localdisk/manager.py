@@ -1,0 +1,262 @@
+"""`VolumeManager`: the library's entry point, and what the CSI server drives.
+
+It owns the opened backends of a node, routes volume and snapshot IDs to them, resolves CSI capacity ranges into
+sizes, enforces name idempotency across every pool, and refuses a second concurrent operation on the same volume
+or name with `Busy` (ABORTED on the wire) instead of queueing it behind the first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+
+from localdisk import registry
+from localdisk.backend import VolumeBackend
+from localdisk.config import NodeConfig
+from localdisk.errors import AlreadyExists, Busy, InvalidArgument, NotFound, OutOfRange, Unsupported
+from localdisk.model import Capacity, ContentSource, ObjectRef, Snapshot, SourceKind, Volume, VolumeSpec
+from localdisk.runner import CommandRunner
+from localdisk.sizes import fits_range, resolve_size
+
+
+class KeyedGuard:
+    """Marks keys as in use; a second holder is refused at once (CSI wants ABORTED, not a queue)."""
+
+    def __init__(self) -> None:
+        self._held: set[str] = set()
+
+    @contextmanager
+    def hold(self, *keys: str) -> Iterator[None]:
+        busy = [k for k in keys if k in self._held]
+        if busy:
+            raise Busy(f"an operation on {busy[0]} is already in progress; retry later")
+        self._held.update(keys)
+        try:
+            yield
+        finally:
+            self._held.difference_update(keys)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._held
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    name: str
+    backend: str
+    pool: str | None = None
+    required_bytes: int = 0
+    limit_bytes: int = 0
+    source: ContentSource | None = None
+
+
+class VolumeManager:
+    def __init__(self, backends: Mapping[tuple[str, str], VolumeBackend], defaults: Mapping[str, str]) -> None:
+        self.backends = dict(backends)
+        self.defaults = dict(defaults)
+        self._guard = KeyedGuard()
+
+    @classmethod
+    def from_config(cls, config: NodeConfig, runner: CommandRunner | None = None) -> VolumeManager:
+        runner = runner or CommandRunner()
+        backends: dict[tuple[str, str], VolumeBackend] = {}
+        for entry in config.pools:
+            spec = registry.get(entry.backend)
+            backends[(entry.backend, entry.name)] = spec.factory(entry.name, entry.config, runner)
+        defaults = {b: p for b in {e.backend for e in config.pools} if (p := config.default_pool(b))}
+        return cls(backends, defaults)
+
+    async def open(self) -> None:
+        for backend in self.backends.values():
+            await backend.open()
+
+    async def aclose(self) -> None:
+        for backend in self.backends.values():
+            await backend.aclose()
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[VolumeManager]:
+        await self.open()
+        try:
+            yield self
+        finally:
+            await self.aclose()
+
+    # -- routing ------------------------------------------------------------------------------------------------
+    def pools(self) -> list[tuple[str, str]]:
+        return sorted(self.backends)
+
+    def backend(self, backend: str, pool: str | None = None) -> VolumeBackend:
+        if not backend:
+            raise InvalidArgument("parameter 'backend' is required (one of: " + ", ".join(self._kinds()) + ")")
+        if backend not in self._kinds():
+            raise InvalidArgument(
+                f"backend {backend!r} is not configured on this node; configured: {', '.join(self._kinds()) or 'none'}"
+            )
+        if not pool:
+            pool = self.defaults.get(backend)
+            if pool is None:
+                names = sorted(p for b, p in self.backends if b == backend)
+                raise InvalidArgument(
+                    f"backend {backend!r} has several pools ({', '.join(names)}) and none is the default;"
+                    " set parameter 'pool'"
+                )
+        found = self.backends.get((backend, pool))
+        if found is None:
+            names = sorted(p for b, p in self.backends if b == backend)
+            raise InvalidArgument(f"pool {pool!r} of backend {backend!r} is not configured; configured: {names}")
+        return found
+
+    def _kinds(self) -> list[str]:
+        return sorted({b for b, _ in self.backends})
+
+    def _locate(self, object_id: str, what: str = "volume") -> tuple[VolumeBackend, ObjectRef]:
+        ref = ObjectRef.parse(object_id, what)
+        found = self.backends.get((ref.backend, ref.pool))
+        if found is None:
+            raise NotFound(f"{what} {object_id!r}: pool {ref.pool!r} of backend {ref.backend!r} is not on this node")
+        return found, ref
+
+    # -- volumes ------------------------------------------------------------------------------------------------
+    async def find_volume_by_name(self, name: str) -> Volume | None:
+        for backend in self.backends.values():
+            volume = await backend.find_volume(name)
+            if volume is not None:
+                return volume
+        return None
+
+    async def create_volume(self, request: CreateRequest) -> Volume:
+        if not request.name:
+            raise InvalidArgument("name is required")
+        backend = self.backend(request.backend, request.pool)
+        features = backend.features
+        size = resolve_size(
+            request.required_bytes,
+            request.limit_bytes,
+            alignment=features.alignment,
+            default=features.default_size,
+            minimum=features.minimum_size,
+        )
+        with self._guard.hold(f"name:{request.name}"):
+            existing = await self.find_volume_by_name(request.name)
+            if existing is not None:
+                return self._same_or_conflict(existing, backend, request)
+            source_handle = None
+            if request.source is not None:
+                source_handle, size = await self._check_source(backend, request.source, size, request.limit_bytes)
+            return await backend.create_volume(VolumeSpec(request.name, size, request.source, source_handle))
+
+    @staticmethod
+    def _same_or_conflict(existing: Volume, backend: VolumeBackend, request: CreateRequest) -> Volume:
+        where = (existing.ref.backend, existing.ref.pool)
+        if where != (backend.kind, backend.pool):
+            raise AlreadyExists(
+                f"volume {request.name!r} already exists in {where[0]} pool {where[1]!r}, not in"
+                f" {backend.kind} pool {backend.pool!r}"
+            )
+        if not fits_range(existing.size_bytes, request.required_bytes, request.limit_bytes):
+            raise AlreadyExists(
+                f"volume {request.name!r} already exists with {existing.size_bytes} bytes, outside the requested range"
+            )
+        if existing.source != request.source:
+            raise AlreadyExists(f"volume {request.name!r} already exists with another content source")
+        return existing
+
+    async def _check_source(
+        self, backend: VolumeBackend, source: ContentSource, size: int, limit: int
+    ) -> tuple[str, int]:
+        what = source.kind.value
+        if source.kind is SourceKind.SNAPSHOT and not backend.features.snapshots:
+            raise Unsupported(f"backend {backend.kind!r} cannot create volumes from snapshots")
+        if source.kind is SourceKind.VOLUME and not backend.features.clones:
+            raise Unsupported(f"backend {backend.kind!r} cannot clone volumes")
+        source_backend, ref = self._locate(source.id, what)
+        if source_backend is not backend:
+            raise InvalidArgument(
+                f"{what} {source.id!r} is in {ref.backend} pool {ref.pool!r}; a volume made from it must be created"
+                " in the same pool"
+            )
+        if source.kind is SourceKind.SNAPSHOT:
+            source_size = (await backend.get_snapshot(ref.handle)).size_bytes
+        else:
+            source_size = (await backend.get_volume(ref.handle)).size_bytes
+        if limit and source_size > limit:
+            raise OutOfRange(f"{what} {source.id!r} has {source_size} bytes, more than limit_bytes {limit}")
+        return ref.handle, max(size, source_size)
+
+    async def delete_volume(self, volume_id: str) -> None:
+        """Delete a volume; a volume that does not exist (or an ID that is not ours) is already deleted."""
+        try:
+            backend, ref = self._locate(volume_id)
+        except NotFound:
+            return
+        with self._guard.hold(f"volume:{volume_id}"):
+            await backend.delete_volume(ref.handle)
+
+    async def get_volume(self, volume_id: str) -> Volume:
+        backend, ref = self._locate(volume_id)
+        return await backend.get_volume(ref.handle)
+
+    async def expand_volume(self, volume_id: str, required_bytes: int, limit_bytes: int = 0) -> Volume:
+        backend, ref = self._locate(volume_id)
+        features = backend.features
+        if not features.expansion:
+            raise Unsupported(f"backend {backend.kind!r} cannot expand volumes")
+        size = resolve_size(
+            required_bytes, limit_bytes, alignment=features.alignment, default=0, minimum=features.minimum_size
+        )
+        with self._guard.hold(f"volume:{volume_id}"):
+            volume = await backend.get_volume(ref.handle)
+            if volume.size_bytes >= required_bytes:
+                if limit_bytes and volume.size_bytes > limit_bytes:
+                    raise OutOfRange(f"volume is already {volume.size_bytes} bytes, above limit_bytes {limit_bytes}")
+                return volume
+            return await backend.expand_volume(ref.handle, size)
+
+    async def list_volumes(self) -> list[Volume]:
+        volumes: list[Volume] = []
+        for key in sorted(self.backends):
+            volumes.extend(await self.backends[key].list_volumes())
+        return sorted(volumes, key=lambda v: v.id)
+
+    async def capacity(self, backend: str, pool: str | None = None) -> Capacity:
+        return await self.backend(backend, pool).capacity()
+
+    # -- snapshots ----------------------------------------------------------------------------------------------
+    async def create_snapshot(self, source_volume_id: str, name: str) -> Snapshot:
+        if not name:
+            raise InvalidArgument("snapshot name is required")
+        backend, ref = self._locate(source_volume_id)
+        if not backend.features.snapshots:
+            raise Unsupported(f"backend {backend.kind!r} does not support snapshots")
+        with self._guard.hold(f"snapshot-name:{name}", f"volume:{source_volume_id}"):
+            for other in self.backends.values():
+                if other.features.snapshots and (existing := await other.find_snapshot(name)) is not None:
+                    if existing.source_volume_id != source_volume_id:
+                        raise AlreadyExists(f"snapshot {name!r} already exists for another volume")
+                    return existing
+            return await backend.create_snapshot(ref.handle, name)
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        try:
+            backend, ref = self._locate(snapshot_id, "snapshot")
+        except NotFound:
+            return
+        if not backend.features.snapshots:
+            return
+        with self._guard.hold(f"snapshot:{snapshot_id}"):
+            await backend.delete_snapshot(ref.handle)
+
+    async def get_snapshot(self, snapshot_id: str) -> Snapshot:
+        backend, ref = self._locate(snapshot_id, "snapshot")
+        if not backend.features.snapshots:
+            raise NotFound(f"snapshot {snapshot_id!r} not found: backend {backend.kind!r} has no snapshots")
+        return await backend.get_snapshot(ref.handle)
+
+    async def list_snapshots(self) -> list[Snapshot]:
+        snapshots: list[Snapshot] = []
+        for key in sorted(self.backends):
+            if self.backends[key].features.snapshots:
+                snapshots.extend(await self.backends[key].list_snapshots())
+        return sorted(snapshots, key=lambda s: s.id)
