@@ -528,18 +528,14 @@ class ControllerExpandVolumeRequest(betterproto2.Message):
     """
 
     secrets: "dict[str, str]" = betterproto2.field(
-        3,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        3, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Secrets required by the plugin for expanding the volume.
     This field is OPTIONAL.
     """
 
-    volume_capability: "VolumeCapability | None" = betterproto2.field(
-        4, betterproto2.TYPE_MESSAGE, optional=True
-    )
+    volume_capability: "VolumeCapability | None" = betterproto2.field(4, betterproto2.TYPE_MESSAGE, optional=True)
     """
     Volume capability describing how the CO intends to use this volume.
     This allows SP to determine if volume is being used as a block
@@ -551,9 +547,7 @@ class ControllerExpandVolumeRequest(betterproto2.Message):
     """
 
 
-default_message_pool.register_message(
-    "csi.v1", "ControllerExpandVolumeRequest", ControllerExpandVolumeRequest
-)
+default_message_pool.register_message("csi.v1", "ControllerExpandVolumeRequest", ControllerExpandVolumeRequest)
 
 
 @dataclass(eq=False, repr=False)
@@ -571,9 +565,7 @@ class ControllerExpandVolumeResponse(betterproto2.Message):
     """
 
 
-default_message_pool.register_message(
-    "csi.v1", "ControllerExpandVolumeResponse", ControllerExpandVolumeResponse
-)
+default_message_pool.register_message("csi.v1", "ControllerExpandVolumeResponse", ControllerExpandVolumeResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -585,25 +577,19 @@ class ControllerGetCapabilitiesRequest(betterproto2.Message):
     pass
 
 
-default_message_pool.register_message(
-    "csi.v1", "ControllerGetCapabilitiesRequest", ControllerGetCapabilitiesRequest
-)
+default_message_pool.register_message("csi.v1", "ControllerGetCapabilitiesRequest", ControllerGetCapabilitiesRequest)
 
 
 @dataclass(eq=False, repr=False)
 class ControllerGetCapabilitiesResponse(betterproto2.Message):
-    capabilities: "list[ControllerServiceCapability]" = betterproto2.field(
-        1, betterproto2.TYPE_MESSAGE, repeated=True
-    )
+    capabilities: "list[ControllerServiceCapability]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
     """
     All the capabilities that the controller service supports. This
     field is OPTIONAL.
     """
 
 
-default_message_pool.register_message(
-    "csi.v1", "ControllerGetCapabilitiesResponse", ControllerGetCapabilitiesResponse
-)
+default_message_pool.register_message("csi.v1", "ControllerGetCapabilitiesResponse", ControllerGetCapabilitiesResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -649,9 +635,7 @@ class ControllerGetVolumeResponseVolumeStatus(betterproto2.Message):
     reported by the SP. The CO MUST be resilient to that.
     """
 
-    volume_condition: "VolumeCondition | None" = betterproto2.field(
-        2, betterproto2.TYPE_MESSAGE, optional=True
-    )
+    volume_condition: "VolumeCondition | None" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, optional=True)
     """
     Information about the current condition of the volume.
     This field is OPTIONAL.
@@ -674,9 +658,7 @@ class ControllerModifyVolumeRequest(betterproto2.Message):
     """
 
     secrets: "dict[str, str]" = betterproto2.field(
-        2,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        2, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Secrets required by plugin to complete modify volume request.
@@ -685,9 +667,7 @@ class ControllerModifyVolumeRequest(betterproto2.Message):
     """
 
     mutable_parameters: "dict[str, str]" = betterproto2.field(
-        3,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        3, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Plugin specific volume attributes to mutate, passed in as 
@@ -701,9 +681,7 @@ class ControllerModifyVolumeRequest(betterproto2.Message):
     """
 
 
-default_message_pool.register_message(
-    "csi.v1", "ControllerModifyVolumeRequest", ControllerModifyVolumeRequest
-)
+default_message_pool.register_message("csi.v1", "ControllerModifyVolumeRequest", ControllerModifyVolumeRequest)
 
 
 @dataclass(eq=False, repr=False)
@@ -711,9 +689,7 @@ class ControllerModifyVolumeResponse(betterproto2.Message):
     pass
 
 
-default_message_pool.register_message(
-    "csi.v1", "ControllerModifyVolumeResponse", ControllerModifyVolumeResponse
-)
+default_message_pool.register_message("csi.v1", "ControllerModifyVolumeResponse", ControllerModifyVolumeResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -730,9 +706,7 @@ class ControllerPublishVolumeRequest(betterproto2.Message):
     field to match the node ID returned by `NodeGetInfo`.
     """
 
-    volume_capability: "VolumeCapability | None" = betterproto2.field(
-        3, betterproto2.TYPE_MESSAGE, optional=True
-    )
+    volume_capability: "VolumeCapability | None" = betterproto2.field(3, betterproto2.TYPE_MESSAGE, optional=True)
     """
     Volume capability describing how the CO intends to use this volume.
     SP MUST ensure the CO can use the published volume as described.
@@ -749,9 +723,7 @@ class ControllerPublishVolumeRequest(betterproto2.Message):
     """
 
     secrets: "dict[str, str]" = betterproto2.field(
-        5,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        5, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Secrets required by plugin to complete controller publish volume
@@ -760,9 +732,7 @@ class ControllerPublishVolumeRequest(betterproto2.Message):
     """
 
     volume_context: "dict[str, str]" = betterproto2.field(
-        6,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        6, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Volume context as returned by SP in
@@ -772,17 +742,13 @@ class ControllerPublishVolumeRequest(betterproto2.Message):
     """
 
 
-default_message_pool.register_message(
-    "csi.v1", "ControllerPublishVolumeRequest", ControllerPublishVolumeRequest
-)
+default_message_pool.register_message("csi.v1", "ControllerPublishVolumeRequest", ControllerPublishVolumeRequest)
 
 
 @dataclass(eq=False, repr=False)
 class ControllerPublishVolumeResponse(betterproto2.Message):
     publish_context: "dict[str, str]" = betterproto2.field(
-        1,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        1, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Opaque static publish properties of the volume. SP MAY use this
@@ -801,9 +767,7 @@ class ControllerPublishVolumeResponse(betterproto2.Message):
     """
 
 
-default_message_pool.register_message(
-    "csi.v1", "ControllerPublishVolumeResponse", ControllerPublishVolumeResponse
-)
+default_message_pool.register_message("csi.v1", "ControllerPublishVolumeResponse", ControllerPublishVolumeResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -833,9 +797,7 @@ class ControllerServiceCapabilityRpc(betterproto2.Message):
     )
 
 
-default_message_pool.register_message(
-    "csi.v1", "ControllerServiceCapability.RPC", ControllerServiceCapabilityRpc
-)
+default_message_pool.register_message("csi.v1", "ControllerServiceCapability.RPC", ControllerServiceCapabilityRpc)
 
 
 @dataclass(eq=False, repr=False)
@@ -855,9 +817,7 @@ class ControllerUnpublishVolumeRequest(betterproto2.Message):
     """
 
     secrets: "dict[str, str]" = betterproto2.field(
-        3,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        3, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Secrets required by plugin to complete controller unpublish volume
@@ -868,9 +828,7 @@ class ControllerUnpublishVolumeRequest(betterproto2.Message):
     """
 
 
-default_message_pool.register_message(
-    "csi.v1", "ControllerUnpublishVolumeRequest", ControllerUnpublishVolumeRequest
-)
+default_message_pool.register_message("csi.v1", "ControllerUnpublishVolumeRequest", ControllerUnpublishVolumeRequest)
 
 
 @dataclass(eq=False, repr=False)
@@ -882,9 +840,7 @@ class ControllerUnpublishVolumeResponse(betterproto2.Message):
     pass
 
 
-default_message_pool.register_message(
-    "csi.v1", "ControllerUnpublishVolumeResponse", ControllerUnpublishVolumeResponse
-)
+default_message_pool.register_message("csi.v1", "ControllerUnpublishVolumeResponse", ControllerUnpublishVolumeResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -906,9 +862,7 @@ class CreateSnapshotRequest(betterproto2.Message):
     """
 
     secrets: "dict[str, str]" = betterproto2.field(
-        3,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        3, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Secrets required by plugin to complete snapshot creation request.
@@ -917,9 +871,7 @@ class CreateSnapshotRequest(betterproto2.Message):
     """
 
     parameters: "dict[str, str]" = betterproto2.field(
-        4,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        4, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Plugin specific parameters passed in as opaque key-value pairs.
@@ -970,9 +922,7 @@ class CreateVolumeGroupSnapshotRequest(betterproto2.Message):
     """
 
     secrets: "dict[str, str]" = betterproto2.field(
-        3,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        3, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Secrets required by plugin to complete
@@ -984,9 +934,7 @@ class CreateVolumeGroupSnapshotRequest(betterproto2.Message):
     """
 
     parameters: "dict[str, str]" = betterproto2.field(
-        4,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        4, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Plugin specific parameters passed in as opaque key-value pairs.
@@ -995,25 +943,19 @@ class CreateVolumeGroupSnapshotRequest(betterproto2.Message):
     """
 
 
-default_message_pool.register_message(
-    "csi.v1", "CreateVolumeGroupSnapshotRequest", CreateVolumeGroupSnapshotRequest
-)
+default_message_pool.register_message("csi.v1", "CreateVolumeGroupSnapshotRequest", CreateVolumeGroupSnapshotRequest)
 
 
 @dataclass(eq=False, repr=False)
 class CreateVolumeGroupSnapshotResponse(betterproto2.Message):
-    group_snapshot: "VolumeGroupSnapshot | None" = betterproto2.field(
-        1, betterproto2.TYPE_MESSAGE, optional=True
-    )
+    group_snapshot: "VolumeGroupSnapshot | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
     """
     Contains all attributes of the newly created group snapshot.
     This field is REQUIRED.
     """
 
 
-default_message_pool.register_message(
-    "csi.v1", "CreateVolumeGroupSnapshotResponse", CreateVolumeGroupSnapshotResponse
-)
+default_message_pool.register_message("csi.v1", "CreateVolumeGroupSnapshotResponse", CreateVolumeGroupSnapshotResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -1058,9 +1000,7 @@ class CreateVolumeRequest(betterproto2.Message):
     the volume after creating it.
     """
 
-    volume_capabilities: "list[VolumeCapability]" = betterproto2.field(
-        3, betterproto2.TYPE_MESSAGE, repeated=True
-    )
+    volume_capabilities: "list[VolumeCapability]" = betterproto2.field(3, betterproto2.TYPE_MESSAGE, repeated=True)
     """
     The capabilities that the provisioned volume MUST have. SP MUST
     provision a volume that will satisfy ALL of the capabilities
@@ -1079,9 +1019,7 @@ class CreateVolumeRequest(betterproto2.Message):
     """
 
     parameters: "dict[str, str]" = betterproto2.field(
-        4,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        4, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Plugin specific creation-time parameters passed in as opaque 
@@ -1091,9 +1029,7 @@ class CreateVolumeRequest(betterproto2.Message):
     """
 
     secrets: "dict[str, str]" = betterproto2.field(
-        5,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        5, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Secrets required by plugin to complete volume creation request.
@@ -1127,9 +1063,7 @@ class CreateVolumeRequest(betterproto2.Message):
     """
 
     mutable_parameters: "dict[str, str]" = betterproto2.field(
-        8,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        8, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Plugin specific creation-time parameters passed in as opaque 
@@ -1171,9 +1105,7 @@ class DeleteSnapshotRequest(betterproto2.Message):
     """
 
     secrets: "dict[str, str]" = betterproto2.field(
-        2,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        2, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Secrets required by plugin to complete snapshot deletion request.
@@ -1215,9 +1147,7 @@ class DeleteVolumeGroupSnapshotRequest(betterproto2.Message):
     """
 
     secrets: "dict[str, str]" = betterproto2.field(
-        3,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        3, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Secrets required by plugin to complete group snapshot deletion
@@ -1229,9 +1159,7 @@ class DeleteVolumeGroupSnapshotRequest(betterproto2.Message):
     """
 
 
-default_message_pool.register_message(
-    "csi.v1", "DeleteVolumeGroupSnapshotRequest", DeleteVolumeGroupSnapshotRequest
-)
+default_message_pool.register_message("csi.v1", "DeleteVolumeGroupSnapshotRequest", DeleteVolumeGroupSnapshotRequest)
 
 
 @dataclass(eq=False, repr=False)
@@ -1243,9 +1171,7 @@ class DeleteVolumeGroupSnapshotResponse(betterproto2.Message):
     pass
 
 
-default_message_pool.register_message(
-    "csi.v1", "DeleteVolumeGroupSnapshotResponse", DeleteVolumeGroupSnapshotResponse
-)
+default_message_pool.register_message("csi.v1", "DeleteVolumeGroupSnapshotResponse", DeleteVolumeGroupSnapshotResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -1257,9 +1183,7 @@ class DeleteVolumeRequest(betterproto2.Message):
     """
 
     secrets: "dict[str, str]" = betterproto2.field(
-        2,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        2, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Secrets required by plugin to complete volume deletion request.
@@ -1285,9 +1209,7 @@ default_message_pool.register_message("csi.v1", "DeleteVolumeResponse", DeleteVo
 
 @dataclass(eq=False, repr=False)
 class GetCapacityRequest(betterproto2.Message):
-    volume_capabilities: "list[VolumeCapability]" = betterproto2.field(
-        1, betterproto2.TYPE_MESSAGE, repeated=True
-    )
+    volume_capabilities: "list[VolumeCapability]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
     """
     If specified, the Plugin SHALL report the capacity of the storage
     that can be used to provision volumes that satisfy ALL of the
@@ -1297,9 +1219,7 @@ class GetCapacityRequest(betterproto2.Message):
     """
 
     parameters: "dict[str, str]" = betterproto2.field(
-        2,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        2, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     If specified, the Plugin SHALL report the capacity of the storage
@@ -1423,9 +1343,7 @@ class GetMetadataAllocatedRequest(betterproto2.Message):
     """
 
     secrets: "dict[str, str]" = betterproto2.field(
-        4,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        4, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Secrets required by plugin to complete the request.
@@ -1535,9 +1453,7 @@ class GetMetadataDeltaRequest(betterproto2.Message):
     """
 
     secrets: "dict[str, str]" = betterproto2.field(
-        5,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        5, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Secrets required by plugin to complete the request.
@@ -1620,9 +1536,7 @@ class GetPluginCapabilitiesResponse(betterproto2.Message):
     """
 
 
-default_message_pool.register_message(
-    "csi.v1", "GetPluginCapabilitiesResponse", GetPluginCapabilitiesResponse
-)
+default_message_pool.register_message("csi.v1", "GetPluginCapabilitiesResponse", GetPluginCapabilitiesResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -1656,9 +1570,7 @@ class GetPluginInfoResponse(betterproto2.Message):
     """
 
     manifest: "dict[str, str]" = betterproto2.field(
-        3,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        3, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     This field is OPTIONAL. Values are opaque to the CO.
@@ -1677,9 +1589,7 @@ class GetSnapshotRequest(betterproto2.Message):
     """
 
     secrets: "dict[str, str]" = betterproto2.field(
-        2,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        2, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Secrets required by plugin to complete GetSnapshot request.
@@ -1725,9 +1635,7 @@ class GetVolumeGroupSnapshotRequest(betterproto2.Message):
     """
 
     secrets: "dict[str, str]" = betterproto2.field(
-        3,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        3, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Secrets required by plugin to complete
@@ -1739,24 +1647,18 @@ class GetVolumeGroupSnapshotRequest(betterproto2.Message):
     """
 
 
-default_message_pool.register_message(
-    "csi.v1", "GetVolumeGroupSnapshotRequest", GetVolumeGroupSnapshotRequest
-)
+default_message_pool.register_message("csi.v1", "GetVolumeGroupSnapshotRequest", GetVolumeGroupSnapshotRequest)
 
 
 @dataclass(eq=False, repr=False)
 class GetVolumeGroupSnapshotResponse(betterproto2.Message):
-    group_snapshot: "VolumeGroupSnapshot | None" = betterproto2.field(
-        1, betterproto2.TYPE_MESSAGE, optional=True
-    )
+    group_snapshot: "VolumeGroupSnapshot | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
     """
     This field is REQUIRED
     """
 
 
-default_message_pool.register_message(
-    "csi.v1", "GetVolumeGroupSnapshotResponse", GetVolumeGroupSnapshotResponse
-)
+default_message_pool.register_message("csi.v1", "GetVolumeGroupSnapshotResponse", GetVolumeGroupSnapshotResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -1806,9 +1708,7 @@ class GroupControllerServiceCapability(betterproto2.Message):
     """
 
 
-default_message_pool.register_message(
-    "csi.v1", "GroupControllerServiceCapability", GroupControllerServiceCapability
-)
+default_message_pool.register_message("csi.v1", "GroupControllerServiceCapability", GroupControllerServiceCapability)
 
 
 @dataclass(eq=False, repr=False)
@@ -1866,9 +1766,7 @@ class ListSnapshotsRequest(betterproto2.Message):
     """
 
     secrets: "dict[str, str]" = betterproto2.field(
-        5,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        5, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Secrets required by plugin to complete ListSnapshot request.
@@ -1882,9 +1780,7 @@ default_message_pool.register_message("csi.v1", "ListSnapshotsRequest", ListSnap
 
 @dataclass(eq=False, repr=False)
 class ListSnapshotsResponse(betterproto2.Message):
-    entries: "list[ListSnapshotsResponseEntry]" = betterproto2.field(
-        1, betterproto2.TYPE_MESSAGE, repeated=True
-    )
+    entries: "list[ListSnapshotsResponseEntry]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
 
     next_token: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
     """
@@ -1936,9 +1832,7 @@ default_message_pool.register_message("csi.v1", "ListVolumesRequest", ListVolume
 
 @dataclass(eq=False, repr=False)
 class ListVolumesResponse(betterproto2.Message):
-    entries: "list[ListVolumesResponseEntry]" = betterproto2.field(
-        1, betterproto2.TYPE_MESSAGE, repeated=True
-    )
+    entries: "list[ListVolumesResponseEntry]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
 
     next_token: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
     """
@@ -1961,9 +1855,7 @@ class ListVolumesResponseEntry(betterproto2.Message):
     This field is REQUIRED
     """
 
-    status: "ListVolumesResponseVolumeStatus | None" = betterproto2.field(
-        2, betterproto2.TYPE_MESSAGE, optional=True
-    )
+    status: "ListVolumesResponseVolumeStatus | None" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, optional=True)
     """
     This field is OPTIONAL. This field MUST be specified if the
     LIST_VOLUMES_PUBLISHED_NODES controller capability is
@@ -1990,9 +1882,7 @@ class ListVolumesResponseVolumeStatus(betterproto2.Message):
     reported by the SP. The CO MUST be resilient to that.
     """
 
-    volume_condition: "VolumeCondition | None" = betterproto2.field(
-        2, betterproto2.TYPE_MESSAGE, optional=True
-    )
+    volume_condition: "VolumeCondition | None" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, optional=True)
     """
     Information about the current condition of the volume.
     This field is OPTIONAL.
@@ -2001,9 +1891,7 @@ class ListVolumesResponseVolumeStatus(betterproto2.Message):
     """
 
 
-default_message_pool.register_message(
-    "csi.v1", "ListVolumesResponse.VolumeStatus", ListVolumesResponseVolumeStatus
-)
+default_message_pool.register_message("csi.v1", "ListVolumesResponse.VolumeStatus", ListVolumesResponseVolumeStatus)
 
 
 @dataclass(eq=False, repr=False)
@@ -2045,9 +1933,7 @@ class NodeExpandVolumeRequest(betterproto2.Message):
     length of at least 128 bytes.
     """
 
-    volume_capability: "VolumeCapability | None" = betterproto2.field(
-        5, betterproto2.TYPE_MESSAGE, optional=True
-    )
+    volume_capability: "VolumeCapability | None" = betterproto2.field(5, betterproto2.TYPE_MESSAGE, optional=True)
     """
     Volume capability describing how the CO intends to use this volume.
     This allows SP to determine if volume is being used as a block
@@ -2061,9 +1947,7 @@ class NodeExpandVolumeRequest(betterproto2.Message):
     """
 
     secrets: "dict[str, str]" = betterproto2.field(
-        6,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        6, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Secrets required by plugin to complete node expand volume request.
@@ -2100,9 +1984,7 @@ default_message_pool.register_message("csi.v1", "NodeGetCapabilitiesRequest", No
 
 @dataclass(eq=False, repr=False)
 class NodeGetCapabilitiesResponse(betterproto2.Message):
-    capabilities: "list[NodeServiceCapability]" = betterproto2.field(
-        1, betterproto2.TYPE_MESSAGE, repeated=True
-    )
+    capabilities: "list[NodeServiceCapability]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
     """
     All the capabilities that the node service supports. This field
     is OPTIONAL.
@@ -2216,9 +2098,7 @@ class NodeGetVolumeStatsResponse(betterproto2.Message):
     This field is OPTIONAL.
     """
 
-    volume_condition: "VolumeCondition | None" = betterproto2.field(
-        2, betterproto2.TYPE_MESSAGE, optional=True
-    )
+    volume_condition: "VolumeCondition | None" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, optional=True)
     """
     Information about the current condition of the volume.
     This field is OPTIONAL.
@@ -2238,9 +2118,7 @@ class NodePublishVolumeRequest(betterproto2.Message):
     """
 
     publish_context: "dict[str, str]" = betterproto2.field(
-        2,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        2, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     The CO SHALL set this field to the value returned by
@@ -2284,9 +2162,7 @@ class NodePublishVolumeRequest(betterproto2.Message):
     length of at least 128 bytes.
     """
 
-    volume_capability: "VolumeCapability | None" = betterproto2.field(
-        5, betterproto2.TYPE_MESSAGE, optional=True
-    )
+    volume_capability: "VolumeCapability | None" = betterproto2.field(5, betterproto2.TYPE_MESSAGE, optional=True)
     """
     Volume capability describing how the CO intends to use this volume.
     SP MUST ensure the CO can use the published volume as described.
@@ -2301,9 +2177,7 @@ class NodePublishVolumeRequest(betterproto2.Message):
     """
 
     secrets: "dict[str, str]" = betterproto2.field(
-        7,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        7, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Secrets required by plugin to complete node publish volume request.
@@ -2312,9 +2186,7 @@ class NodePublishVolumeRequest(betterproto2.Message):
     """
 
     volume_context: "dict[str, str]" = betterproto2.field(
-        8,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        8, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Volume context as returned by SP in
@@ -2377,9 +2249,7 @@ class NodeStageVolumeRequest(betterproto2.Message):
     """
 
     publish_context: "dict[str, str]" = betterproto2.field(
-        2,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        2, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     The CO SHALL set this field to the value returned by
@@ -2406,9 +2276,7 @@ class NodeStageVolumeRequest(betterproto2.Message):
     length of at least 128 bytes.
     """
 
-    volume_capability: "VolumeCapability | None" = betterproto2.field(
-        4, betterproto2.TYPE_MESSAGE, optional=True
-    )
+    volume_capability: "VolumeCapability | None" = betterproto2.field(4, betterproto2.TYPE_MESSAGE, optional=True)
     """
     Volume capability describing how the CO intends to use this volume.
     SP MUST ensure the CO can use the staged volume as described.
@@ -2417,9 +2285,7 @@ class NodeStageVolumeRequest(betterproto2.Message):
     """
 
     secrets: "dict[str, str]" = betterproto2.field(
-        5,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        5, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Secrets required by plugin to complete node stage volume request.
@@ -2428,9 +2294,7 @@ class NodeStageVolumeRequest(betterproto2.Message):
     """
 
     volume_context: "dict[str, str]" = betterproto2.field(
-        6,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        6, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Volume context as returned by SP in
@@ -2565,9 +2429,7 @@ class PluginCapabilityVolumeExpansion(betterproto2.Message):
     )
 
 
-default_message_pool.register_message(
-    "csi.v1", "PluginCapability.VolumeExpansion", PluginCapabilityVolumeExpansion
-)
+default_message_pool.register_message("csi.v1", "PluginCapability.VolumeExpansion", PluginCapabilityVolumeExpansion)
 
 
 @dataclass(eq=False, repr=False)
@@ -2722,9 +2584,7 @@ class Topology(betterproto2.Message):
     """
 
     segments: "dict[str, str]" = betterproto2.field(
-        1,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        1, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
 
 
@@ -2878,9 +2738,7 @@ class ValidateVolumeCapabilitiesRequest(betterproto2.Message):
     """
 
     volume_context: "dict[str, str]" = betterproto2.field(
-        2,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        2, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Volume context as returned by SP in
@@ -2889,9 +2747,7 @@ class ValidateVolumeCapabilitiesRequest(betterproto2.Message):
     volume identified by `volume_id`.
     """
 
-    volume_capabilities: "list[VolumeCapability]" = betterproto2.field(
-        3, betterproto2.TYPE_MESSAGE, repeated=True
-    )
+    volume_capabilities: "list[VolumeCapability]" = betterproto2.field(3, betterproto2.TYPE_MESSAGE, repeated=True)
     """
     The capabilities that the CO wants to check for the volume. This
     call SHALL return "confirmed" only if all the volume capabilities
@@ -2899,9 +2755,7 @@ class ValidateVolumeCapabilitiesRequest(betterproto2.Message):
     """
 
     parameters: "dict[str, str]" = betterproto2.field(
-        4,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        4, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     See CreateVolumeRequest.parameters.
@@ -2909,9 +2763,7 @@ class ValidateVolumeCapabilitiesRequest(betterproto2.Message):
     """
 
     secrets: "dict[str, str]" = betterproto2.field(
-        5,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        5, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Secrets required by plugin to complete volume validation request.
@@ -2920,9 +2772,7 @@ class ValidateVolumeCapabilitiesRequest(betterproto2.Message):
     """
 
     mutable_parameters: "dict[str, str]" = betterproto2.field(
-        6,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        6, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     See CreateVolumeRequest.mutable_parameters.
@@ -2930,9 +2780,7 @@ class ValidateVolumeCapabilitiesRequest(betterproto2.Message):
     """
 
 
-default_message_pool.register_message(
-    "csi.v1", "ValidateVolumeCapabilitiesRequest", ValidateVolumeCapabilitiesRequest
-)
+default_message_pool.register_message("csi.v1", "ValidateVolumeCapabilitiesRequest", ValidateVolumeCapabilitiesRequest)
 
 
 @dataclass(eq=False, repr=False)
@@ -2967,27 +2815,21 @@ default_message_pool.register_message(
 @dataclass(eq=False, repr=False)
 class ValidateVolumeCapabilitiesResponseConfirmed(betterproto2.Message):
     volume_context: "dict[str, str]" = betterproto2.field(
-        1,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        1, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Volume context validated by the plugin.
     This field is OPTIONAL.
     """
 
-    volume_capabilities: "list[VolumeCapability]" = betterproto2.field(
-        2, betterproto2.TYPE_MESSAGE, repeated=True
-    )
+    volume_capabilities: "list[VolumeCapability]" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, repeated=True)
     """
     Volume capabilities supported by the plugin.
     This field is REQUIRED.
     """
 
     parameters: "dict[str, str]" = betterproto2.field(
-        3,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        3, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     The volume creation parameters validated by the plugin.
@@ -2995,9 +2837,7 @@ class ValidateVolumeCapabilitiesResponseConfirmed(betterproto2.Message):
     """
 
     mutable_parameters: "dict[str, str]" = betterproto2.field(
-        4,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        4, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     The volume creation mutable_parameters validated by the plugin.
@@ -3037,9 +2877,7 @@ class Volume(betterproto2.Message):
     """
 
     volume_context: "dict[str, str]" = betterproto2.field(
-        3,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+        3, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Opaque static properties of the volume. SP MAY use this field to
@@ -3059,9 +2897,7 @@ class Volume(betterproto2.Message):
     validation and publishing calls.
     """
 
-    content_source: "VolumeContentSource | None" = betterproto2.field(
-        4, betterproto2.TYPE_MESSAGE, optional=True
-    )
+    content_source: "VolumeContentSource | None" = betterproto2.field(4, betterproto2.TYPE_MESSAGE, optional=True)
     """
     If specified, indicates that the volume is not empty and is
     pre-populated with data from the specified source.
@@ -3119,9 +2955,7 @@ class VolumeCapability(betterproto2.Message):
         2, betterproto2.TYPE_MESSAGE, optional=True, group="access_type"
     )
 
-    access_mode: "VolumeCapabilityAccessMode | None" = betterproto2.field(
-        3, betterproto2.TYPE_MESSAGE, optional=True
-    )
+    access_mode: "VolumeCapabilityAccessMode | None" = betterproto2.field(3, betterproto2.TYPE_MESSAGE, optional=True)
     """
     This is a REQUIRED field.
     """
@@ -3257,9 +3091,7 @@ class VolumeContentSourceSnapshotSource(betterproto2.Message):
     """
 
 
-default_message_pool.register_message(
-    "csi.v1", "VolumeContentSource.SnapshotSource", VolumeContentSourceSnapshotSource
-)
+default_message_pool.register_message("csi.v1", "VolumeContentSource.SnapshotSource", VolumeContentSourceSnapshotSource)
 
 
 @dataclass(eq=False, repr=False)
@@ -3272,9 +3104,7 @@ class VolumeContentSourceVolumeSource(betterproto2.Message):
     """
 
 
-default_message_pool.register_message(
-    "csi.v1", "VolumeContentSource.VolumeSource", VolumeContentSourceVolumeSource
-)
+default_message_pool.register_message("csi.v1", "VolumeContentSource.VolumeSource", VolumeContentSourceVolumeSource)
 
 
 @dataclass(eq=False, repr=False)
@@ -3343,9 +3173,7 @@ class VolumeUsage(betterproto2.Message):
     The value of this field MUST NOT be negative.
     """
 
-    unit: "VolumeUsageUnit" = betterproto2.field(
-        4, betterproto2.TYPE_ENUM, default_factory=lambda: VolumeUsageUnit(0)
-    )
+    unit: "VolumeUsageUnit" = betterproto2.field(4, betterproto2.TYPE_ENUM, default_factory=lambda: VolumeUsageUnit(0))
     """
     Units by which values are measured. This field is REQUIRED.
     """
@@ -4029,9 +3857,7 @@ class ControllerBase(betterproto2_grpclib.ServiceBase):
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def controller_get_volume(
-        self, message: "ControllerGetVolumeRequest"
-    ) -> "ControllerGetVolumeResponse":
+    async def controller_get_volume(self, message: "ControllerGetVolumeRequest") -> "ControllerGetVolumeResponse":
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
@@ -4066,8 +3892,7 @@ class ControllerBase(betterproto2_grpclib.ServiceBase):
         await stream.send_message(response)
 
     async def __rpc_controller_unpublish_volume(
-        self,
-        stream: "grpclib.server.Stream[ControllerUnpublishVolumeRequest, ControllerUnpublishVolumeResponse]",
+        self, stream: "grpclib.server.Stream[ControllerUnpublishVolumeRequest, ControllerUnpublishVolumeResponse]"
     ) -> None:
         request = await stream.recv_message()
         assert request is not None
@@ -4075,8 +3900,7 @@ class ControllerBase(betterproto2_grpclib.ServiceBase):
         await stream.send_message(response)
 
     async def __rpc_validate_volume_capabilities(
-        self,
-        stream: "grpclib.server.Stream[ValidateVolumeCapabilitiesRequest, ValidateVolumeCapabilitiesResponse]",
+        self, stream: "grpclib.server.Stream[ValidateVolumeCapabilitiesRequest, ValidateVolumeCapabilitiesResponse]"
     ) -> None:
         request = await stream.recv_message()
         assert request is not None
@@ -4100,8 +3924,7 @@ class ControllerBase(betterproto2_grpclib.ServiceBase):
         await stream.send_message(response)
 
     async def __rpc_controller_get_capabilities(
-        self,
-        stream: "grpclib.server.Stream[ControllerGetCapabilitiesRequest, ControllerGetCapabilitiesResponse]",
+        self, stream: "grpclib.server.Stream[ControllerGetCapabilitiesRequest, ControllerGetCapabilitiesResponse]"
     ) -> None:
         request = await stream.recv_message()
         assert request is not None
@@ -4294,8 +4117,7 @@ class GroupControllerBase(betterproto2_grpclib.ServiceBase):
         await stream.send_message(response)
 
     async def __rpc_create_volume_group_snapshot(
-        self,
-        stream: "grpclib.server.Stream[CreateVolumeGroupSnapshotRequest, CreateVolumeGroupSnapshotResponse]",
+        self, stream: "grpclib.server.Stream[CreateVolumeGroupSnapshotRequest, CreateVolumeGroupSnapshotResponse]"
     ) -> None:
         request = await stream.recv_message()
         assert request is not None
@@ -4303,8 +4125,7 @@ class GroupControllerBase(betterproto2_grpclib.ServiceBase):
         await stream.send_message(response)
 
     async def __rpc_delete_volume_group_snapshot(
-        self,
-        stream: "grpclib.server.Stream[DeleteVolumeGroupSnapshotRequest, DeleteVolumeGroupSnapshotResponse]",
+        self, stream: "grpclib.server.Stream[DeleteVolumeGroupSnapshotRequest, DeleteVolumeGroupSnapshotResponse]"
     ) -> None:
         request = await stream.recv_message()
         assert request is not None
@@ -4353,9 +4174,7 @@ class IdentityBase(betterproto2_grpclib.ServiceBase):
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def get_plugin_capabilities(
-        self, message: "GetPluginCapabilitiesRequest"
-    ) -> "GetPluginCapabilitiesResponse":
+    async def get_plugin_capabilities(self, message: "GetPluginCapabilitiesRequest") -> "GetPluginCapabilitiesResponse":
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
@@ -4421,15 +4240,11 @@ class NodeBase(betterproto2_grpclib.ServiceBase):
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def node_unpublish_volume(
-        self, message: "NodeUnpublishVolumeRequest"
-    ) -> "NodeUnpublishVolumeResponse":
+    async def node_unpublish_volume(self, message: "NodeUnpublishVolumeRequest") -> "NodeUnpublishVolumeResponse":
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def node_get_volume_stats(
-        self, message: "NodeGetVolumeStatsRequest"
-    ) -> "NodeGetVolumeStatsResponse":
+    async def node_get_volume_stats(self, message: "NodeGetVolumeStatsRequest") -> "NodeGetVolumeStatsResponse":
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
@@ -4437,9 +4252,7 @@ class NodeBase(betterproto2_grpclib.ServiceBase):
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def node_get_capabilities(
-        self, message: "NodeGetCapabilitiesRequest"
-    ) -> "NodeGetCapabilitiesResponse":
+    async def node_get_capabilities(self, message: "NodeGetCapabilitiesRequest") -> "NodeGetCapabilitiesResponse":
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
@@ -4572,9 +4385,7 @@ class SnapshotMetadataBase(betterproto2_grpclib.ServiceBase):
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
         yield GetMetadataAllocatedResponse()
 
-    async def get_metadata_delta(
-        self, message: "GetMetadataDeltaRequest"
-    ) -> "AsyncIterator[GetMetadataDeltaResponse]":
+    async def get_metadata_delta(self, message: "GetMetadataDeltaRequest") -> "AsyncIterator[GetMetadataDeltaResponse]":
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
         yield GetMetadataDeltaResponse()
