@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import pytest
@@ -165,7 +166,7 @@ async def test_create_volume_rounds_up_to_alignment(csi: Csi) -> None:
 async def test_create_volume_refuses_bad_requests(
     csi: Csi, request_fields: dict[str, object], code: Status, words: str
 ) -> None:
-    fields: dict[str, object] = {"name": "pvc-bad"} | request_fields
+    fields: dict[str, Any] = {"name": "pvc-bad"} | request_fields
     name = str(fields.pop("name"))
     error = await expect(code, csi.controller.create_volume(create_request(name, **fields)))
     assert words in (error.message or "")

@@ -1,0 +1,58 @@
+"""Node configuration: valid files load, and every mistake names the key to fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from localdisk import ConfigError, VolumeManager, load_config, parse_config
+
+
+def test_loads_pools_and_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[node]\nkubelet_dir = "/var/lib/k"\ndefault_fs = "xfs"\n'
+        "[pools.fake.a]\nsize_bytes = 1048576\n[pools.fake.b]\ndefault = true\n"
+    )
+    config = load_config(path)
+    assert config.node.kubelet_dir == "/var/lib/k"
+    assert config.node.default_fs == "xfs"
+    assert [(p.backend, p.name) for p in config.pools] == [("fake", "a"), ("fake", "b")]
+    assert config.default_pool("fake") == "b"
+    manager = VolumeManager.from_config(config)
+    assert manager.backend("fake").pool == "b"
+    assert manager.backend("fake", "a").pool == "a"
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        ({"pools": {"fake": {"a": {"size_bytes": "big"}}}}, "pools.fake.a.size_bytes"),
+        ({"pools": {"fake": {"a": {"colour": "red"}}}}, "pools.fake.a.colour"),
+        ({"pools": {"nosuch": {"a": {}}}}, "unknown backend 'nosuch'"),
+        ({"pools": {"fake": {"Bad_Name": {}}}}, "pools.fake.Bad_Name"),
+        ({"node": {"default_fs": "ntfs"}}, "node.default_fs"),
+        ({"nodes": {}}, "unknown top-level key"),
+        ({"pools": {"fake": {"a": {"default": True}, "b": {"default": True}}}}, "more than one pool"),
+    ],
+)
+def test_errors_name_the_bad_key(data: dict[str, object], words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert words in info.value.message
+
+
+def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[pools\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(broken)
+
+
+def test_several_pools_without_default_need_a_pool_parameter() -> None:
+    manager = VolumeManager.from_config(parse_config({"pools": {"fake": {"a": {}, "b": {}}}}))
+    with pytest.raises(Exception, match="none is the default"):
+        manager.backend("fake")
