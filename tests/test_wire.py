@@ -8,12 +8,14 @@ betterproto2 on both ends would not catch a field-number or encoding mistake.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -52,6 +54,13 @@ def pb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModuleType, M
         sys.path.remove(str(out))
         for name in ("csi_pb2", "csi_pb2_grpc"):
             sys.modules.pop(name, None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def start_server(sock: Path, *extra: str) -> subprocess.Popen[bytes]:
@@ -213,3 +222,55 @@ def test_serve_refuses_a_bad_config_with_one_clear_line(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "pools.fake.main.size_bytes" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_metrics_and_structured_logs(pb: tuple[Any, Any], tmp_path: Path) -> None:
+    csi_pb2, csi_grpc = pb
+    sock = tmp_path / "csi.sock"
+    port = free_port()
+    proc = start_server(sock, "--metrics-address", f"127.0.0.1:{port}")
+    try:
+        with grpc.insecure_channel(f"unix://{sock}") as channel:
+            controller = csi_grpc.ControllerStub(channel)
+            cap = csi_pb2.VolumeCapability(
+                block=csi_pb2.VolumeCapability.BlockVolume(),
+                access_mode=csi_pb2.VolumeCapability.AccessMode(
+                    mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
+                ),
+            )
+            controller.CreateVolume(
+                csi_pb2.CreateVolumeRequest(
+                    name="pvc-metrics",
+                    capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MiB),
+                    volume_capabilities=[cap],
+                    parameters={"backend": "fake"},
+                )
+            )
+            with pytest.raises(grpc.RpcError):
+                controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=""))
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        samples = {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line and not line.startswith("#")
+        }
+        assert samples['localdisk_rpc_requests_total{code="OK",method="CreateVolume"}'] == 1
+        assert samples['localdisk_rpc_requests_total{code="INVALID_ARGUMENT",method="DeleteVolume"}'] == 1
+        assert samples['localdisk_rpc_duration_seconds_count{code="OK",method="CreateVolume"}'] == 1
+        pool = '{backend="fake",pool="default"}'
+        assert samples[f"localdisk_pool_allocated_bytes{pool}"] == 64 * MiB
+        assert samples[f"localdisk_pool_size_bytes{pool}"] == 100 * 1024 * MiB
+        assert samples[f"localdisk_pool_free_bytes{pool}"] == 100 * 1024 * MiB - 64 * MiB
+        assert samples[f"localdisk_volumes{pool}"] == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+        output = proc.stdout.read().decode() if proc.stdout else ""
+        if proc.stdout:
+            proc.stdout.close()
+    records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    refused = [r for r in records if r.get("method") == "DeleteVolume"]
+    assert refused, output
+    assert refused[0]["request_id"]
+    assert "volume_id is required" in refused[0]["message"]

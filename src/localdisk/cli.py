@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sys
 from typing import Annotated
 
 import typer
@@ -43,18 +42,23 @@ def serve(
     node_id: Annotated[str, typer.Option(envvar="NODE_ID", help="This node's name (Kubernetes node name).")] = "",
     config: Annotated[str | None, typer.Option(envvar="LOCALDISK_CONFIG", help="Node config (TOML).")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_format: Annotated[str, typer.Option(help="json (for log collectors) or text.")] = "json",
+    metrics_address: Annotated[
+        str | None, typer.Option(envvar="METRICS_ADDRESS", help="Serve Prometheus metrics on HOST:PORT.")
+    ] = None,
 ) -> None:
     """Run the CSI server (Identity, Controller and Node) on a unix socket."""
     import anyio
 
     from localdisk import config as node_config
+    from localdisk import logs
     from localdisk.csi.server import serve as run_server
     from localdisk.errors import LocalDiskError
     from localdisk.manager import VolumeManager
+    from localdisk.metrics import Metrics
+    from localdisk.runner import CommandRunner
 
-    logging.basicConfig(
-        level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(log_level, json_format=log_format == "json")
     log = logging.getLogger("localdisk")
     try:
         if config:
@@ -62,8 +66,9 @@ def serve(
         else:
             cfg = node_config.development_default()
             log.warning("no --config given: serving one in-memory 'fake' pool (development only, data is not kept)")
-        manager = VolumeManager.from_config(cfg)
-        anyio.run(run_server, manager, node_id or socket.gethostname(), endpoint)
+        metrics = Metrics()
+        manager = VolumeManager.from_config(cfg, CommandRunner(observers=[metrics.observe_command]))
+        anyio.run(run_server, manager, node_id or socket.gethostname(), endpoint, metrics, metrics_address)
     except LocalDiskError as exc:
         raise fail(exc.message) from None
     except KeyboardInterrupt:

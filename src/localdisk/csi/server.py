@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import stat
@@ -16,6 +17,7 @@ from localdisk.csi.identity import IdentityService
 from localdisk.csi.node import NodeService
 from localdisk.errors import ConfigError
 from localdisk.manager import VolumeManager
+from localdisk.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +45,33 @@ def remove_stale_socket(path: Path) -> None:
     path.unlink()
 
 
-def services(manager: VolumeManager, node_id: str) -> list[IServable]:
-    return [IdentityService(), ControllerService(manager, node_id), NodeService(manager, node_id)]
+def services(manager: VolumeManager, node_id: str, metrics: Metrics | None = None) -> list[IServable]:
+    servicers: list[IServable] = [
+        IdentityService(),
+        ControllerService(manager, node_id),
+        NodeService(manager, node_id),
+    ]
+    for servicer in servicers:
+        servicer.metrics = metrics  # type: ignore[attr-defined]
+    return servicers
 
 
-async def serve(manager: VolumeManager, node_id: str, endpoint: str) -> None:
+async def serve(
+    manager: VolumeManager,
+    node_id: str,
+    endpoint: str,
+    metrics: Metrics | None = None,
+    metrics_address: str | None = None,
+) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting, finish in-flight calls and remove the socket."""
     path = socket_path(endpoint)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_socket(path)
-    server = Server(services(manager, node_id))
+    server = Server(services(manager, node_id, metrics))
     async with manager.session():
+        if metrics is not None and metrics_address:
+            metrics.watch_pools(manager, asyncio.get_running_loop())
+            metrics.serve(metrics_address)
         with graceful_exit([server]):
             await server.start(path=str(path))
             os.chmod(path, 0o660)

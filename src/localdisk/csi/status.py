@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
+import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from localdisk import errors
+from localdisk import errors, logs
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +46,47 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
+def csi_method_name(python_name: str) -> str:
+    return "".join(part.title() for part in python_name.split("_"))
+
+
+def _subject(request: object) -> str:
+    for field in ("volume_id", "source_volume_id", "snapshot_id", "name"):
+        value = getattr(request, field, "")
+        if value:
+            return str(value)[:200]
+    return ""
+
+
 def rpc(method: Callable[[Any, Req], Coroutine[Any, Any, Resp]]) -> Callable[[Any, Req], Coroutine[Any, Any, Resp]]:
+    """Wrap a servicer method: log context, metrics, and the one mapping from domain errors to gRPC status."""
+    name = csi_method_name(method.__name__)
+
     @functools.wraps(method)
     async def wrapper(self: Any, request: Req) -> Resp:
-        try:
-            return await method(self, request)
-        except GRPCError:
-            raise
-        except errors.LocalDiskError as exc:
-            code = status_of(exc)
-            log.info("%s -> %s: %s", method.__name__, code.name, exc.message)
-            raise GRPCError(code, exc.message) from exc
-        except Exception as exc:
-            log.exception("%s failed unexpectedly", method.__name__)
-            raise GRPCError(Status.INTERNAL, f"{method.__name__}: internal error ({type(exc).__name__})") from exc
+        start = time.monotonic()
+        code = Status.OK
+        with logs.bound(method=name, volume=_subject(request), request_id=uuid.uuid4().hex[:12]):
+            try:
+                response = await method(self, request)
+            except GRPCError as exc:
+                code = exc.status
+                log.info("%s -> %s: %s", name, code.name, exc.message)
+                raise
+            except errors.LocalDiskError as exc:
+                code = status_of(exc)
+                log.info("%s -> %s: %s", name, code.name, exc.message)
+                raise GRPCError(code, exc.message) from exc
+            except Exception as exc:
+                code = Status.INTERNAL
+                log.exception("%s failed unexpectedly", name)
+                raise GRPCError(code, f"{name}: internal error ({type(exc).__name__}); see the driver's log") from exc
+            finally:
+                elapsed = time.monotonic() - start
+                metrics = getattr(self, "metrics", None)
+                if metrics is not None:
+                    metrics.observe_rpc(name, code.name, elapsed)
+            log.debug("%s ok in %.3fs", name, elapsed)
+            return response
 
     return wrapper

@@ -1,0 +1,118 @@
+"""Prometheus metrics: pools, volumes, RPCs and external commands.
+
+Pool figures are collected at scrape time from the backends' own capacity views (a custom collector), so a scrape
+never shows numbers older than the pool's cache, and nothing polls when nobody scrapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from localdisk.errors import LocalDiskError
+from localdisk.manager import VolumeManager
+from localdisk.model import Capacity
+
+log = logging.getLogger(__name__)
+PREFIX = "localdisk"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.rpc_total = Counter(
+            f"{PREFIX}_rpc_requests",
+            "CSI RPCs handled, by method and gRPC status code",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.rpc_seconds = Histogram(
+            f"{PREFIX}_rpc_duration_seconds",
+            "CSI RPC latency, by method and gRPC status code",
+            ["method", "code"],
+            registry=self.registry,
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.command_seconds = Histogram(
+            f"{PREFIX}_command_duration_seconds",
+            "External command latency, by program",
+            ["program"],
+            registry=self.registry,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120),
+        )
+        self.command_failures = Counter(
+            f"{PREFIX}_command_failures",
+            "External commands that exited non-zero or timed out, by program",
+            ["program"],
+            registry=self.registry,
+        )
+
+    def observe_rpc(self, method: str, code: str, seconds: float) -> None:
+        self.rpc_total.labels(method, code).inc()
+        self.rpc_seconds.labels(method, code).observe(seconds)
+
+    def observe_command(self, argv: Sequence[str], seconds: float, ok: bool) -> None:
+        program = argv[0].rsplit("/", 1)[-1] if argv else "?"
+        self.command_seconds.labels(program).observe(seconds)
+        if not ok:
+            self.command_failures.labels(program).inc()
+
+    def watch_pools(self, manager: VolumeManager, loop: asyncio.AbstractEventLoop) -> None:
+        self.registry.register(PoolCollector(manager, loop))
+
+    def serve(self, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)  # noqa: S104
+        log.info("metrics on http://%s/metrics", address)
+
+
+class PoolCollector(Collector):
+    """Reads pool capacity and volume counts from the running server's event loop at scrape time."""
+
+    def __init__(self, manager: VolumeManager, loop: asyncio.AbstractEventLoop) -> None:
+        self.manager = manager
+        self.loop = loop
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        size = GaugeMetricFamily(f"{PREFIX}_pool_size_bytes", "Pool size", labels=["backend", "pool"])
+        free = GaugeMetricFamily(
+            f"{PREFIX}_pool_free_bytes", "Bytes a new volume can still get", labels=["backend", "pool"]
+        )
+        allocated = GaugeMetricFamily(
+            f"{PREFIX}_pool_allocated_bytes",
+            "Bytes provisioned to volumes (virtual for thin)",
+            labels=["backend", "pool"],
+        )
+        volumes = GaugeMetricFamily(f"{PREFIX}_volumes", "Volumes in the pool", labels=["backend", "pool"])
+        details = GaugeMetricFamily(
+            f"{PREFIX}_pool_detail",
+            "Backend-specific pool figures (thin data/metadata use...)",
+            labels=["backend", "pool", "figure"],
+        )
+        try:
+            figures = asyncio.run_coroutine_threadsafe(self._figures(), self.loop).result(timeout=10)
+        except (FutureTimeout, LocalDiskError, RuntimeError) as exc:
+            log.warning("pool metrics unavailable: %s", exc)
+            figures = []
+        for (backend, pool), cap, sizes in figures:
+            labels = [backend, pool]
+            size.add_metric(labels, cap.total_bytes)
+            free.add_metric(labels, cap.available_bytes)
+            allocated.add_metric(labels, cap.details.get("allocated_bytes", sum(sizes)))
+            volumes.add_metric(labels, len(sizes))
+            for figure, value in cap.details.items():
+                details.add_metric([*labels, figure], value)
+        yield from (size, free, allocated, volumes, details)
+
+    async def _figures(self) -> list[tuple[tuple[str, str], Capacity, list[int]]]:
+        out: list[tuple[tuple[str, str], Capacity, list[int]]] = []
+        for key in self.manager.pools():
+            backend = self.manager.backends[key]
+            out.append((key, await backend.capacity(), [v.size_bytes for v in await backend.list_volumes()]))
+        return out
