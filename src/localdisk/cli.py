@@ -9,6 +9,10 @@ from typing import Annotated
 
 import typer
 
+from localdisk.commands.csi_client import csi_app
+from localdisk.commands.doctor import doctor
+from localdisk.commands.volumes import capacity, snapshot_app, volume_app
+
 app = typer.Typer(help="localdisk: a CSI driver for node-local disks.", no_args_is_help=True)
 
 
@@ -22,11 +26,18 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
 ) -> None:
     """localdisk: dynamically provisioned, capacity-aware local volumes for Kubernetes."""
+    ctx.meta["debug"] = debug
+    if ctx.invoked_subcommand != "serve":
+        from localdisk import logs
+
+        logs.configure("debug" if debug else "warning")
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -73,6 +84,13 @@ def serve(
         raise fail(exc.message) from None
     except KeyboardInterrupt:
         pass
+
+
+app.add_typer(volume_app, name="volume")
+app.add_typer(snapshot_app, name="snapshot")
+app.command("capacity")(capacity)
+app.add_typer(csi_app, name="csi")
+app.command("doctor")(doctor)
 
 
 def main() -> None:

@@ -44,3 +44,37 @@ def human(size: int) -> str:
         if size >= factor:
             return f"{size / factor:.1f} {unit}".replace(".0 ", " ")
     return f"{size} B"
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "m": 1000**2,
+    "g": 1000**3,
+    "t": 1000**4,
+    "ki": KiB,
+    "mi": MiB,
+    "gi": GiB,
+    "ti": TiB,
+    "kib": KiB,
+    "mib": MiB,
+    "gib": GiB,
+    "tib": TiB,
+}
+
+
+def parse_size(text: str) -> int:
+    """`1073741824`, `512Mi`, `1Gi`, `1GiB` (binary) or `1G` (decimal, as Kubernetes quantities); never negative."""
+    value = text.strip()
+    number = value.rstrip("bBiIkKmMgGtT")
+    unit = value[len(number) :].lower()
+    if not number or unit not in _UNITS:
+        raise InvalidArgument(f"size {text!r} is not understood; use bytes or a unit like 512Mi, 10Gi, 1G")
+    try:
+        amount = float(number)
+    except ValueError:
+        raise InvalidArgument(f"size {text!r} is not a number") from None
+    if amount < 0:
+        raise InvalidArgument(f"size {text!r} must not be negative")
+    return int(amount * _UNITS[unit])

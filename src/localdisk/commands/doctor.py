@@ -1,0 +1,176 @@
+"""`localdisk doctor`: does this host have what localdisk needs, and if not, how to fix it.
+
+Checks are cheap probes (a version flag, a file in /proc or /sys); what is required depends on the configured
+backends: a node with only partition pools does not need device-mapper.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import anyio
+import typer
+
+from localdisk.commands.output import emit_json, table
+from localdisk.errors import CommandFailed, LocalDiskError
+from localdisk.runner import CommandRunner
+
+if TYPE_CHECKING:
+    from localdisk.config import NodeConfig
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    argv: tuple[str, ...]
+    package: str
+    backends: frozenset[str]  # the check is required when one of these backends is configured ("*" = always)
+
+
+TOOLS = (
+    Tool("lvm2", ("lvm", "version"), "lvm2", frozenset({"lvm", "thin"})),
+    Tool("thin-provisioning-tools", ("thin_check", "-V"), "thin-provisioning-tools", frozenset({"thin"})),
+    Tool("udev", ("udevadm", "--version"), "udev", frozenset({"lvm", "thin", "partition"})),
+    Tool("parted", ("parted", "--version"), "parted", frozenset({"partition"})),
+    Tool("sgdisk", ("sgdisk", "--version"), "gdisk", frozenset({"partition"})),
+    Tool("blkid", ("blkid", "-V"), "util-linux", frozenset({"*"})),
+    Tool("wipefs", ("wipefs", "--version"), "util-linux", frozenset({"*"})),
+    Tool("blkdiscard", ("blkdiscard", "--version"), "util-linux", frozenset({"*"})),
+    Tool("mkfs.ext4", ("mke2fs", "-V"), "e2fsprogs", frozenset({"*"})),
+    Tool("resize2fs", ("resize2fs", "-P", "/dev/null"), "e2fsprogs", frozenset({"*"})),
+    Tool("mkfs.xfs", ("mkfs.xfs", "-V"), "xfsprogs", frozenset({"*"})),
+    Tool("mkfs.btrfs", ("mkfs.btrfs", "--version"), "btrfs-progs", frozenset({"*"})),
+    Tool("user-mode-linux (sandbox)", ("linux.uml", "--version"), "user-mode-linux", frozenset()),
+)
+VERSION = re.compile(r"\d+\.\d+(\.\d+)?")
+
+
+def _needed(tool: Tool, backends: set[str]) -> bool:
+    return "*" in tool.backends or bool(tool.backends & backends)
+
+
+async def _tool(runner: CommandRunner, tool: Tool, backends: set[str]) -> Check:
+    required = _needed(tool, backends)
+    try:
+        result = await runner.run(list(tool.argv), timeout=15, check=False)
+    except CommandFailed:
+        return Check(tool.name, False, "not installed", f"apt-get install {tool.package}", required)
+    output = result.text + result.error_text
+    found = VERSION.search(output)
+    return Check(tool.name, True, found.group(0) if found else "present", required=required)
+
+
+def _device_mapper(backends: set[str]) -> Check:
+    misc = Path("/proc/misc").read_text() if Path("/proc/misc").exists() else ""
+    ok = "device-mapper" in misc or Path("/dev/mapper/control").exists()
+    return Check(
+        "device-mapper",
+        ok,
+        "kernel driver present" if ok else "this kernel has no device-mapper: LVM cannot activate volumes",
+        ""
+        if ok
+        else "load dm_mod (modprobe dm_thin_pool), or use the partition backend; tests use `localdisk sandbox`",
+        required=bool(backends & {"lvm", "thin"}),
+    )
+
+
+def _cgroup() -> Check:
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+    return Check("cgroup", True, "v2 (unified)" if v2 else "v1 or hybrid", required=False)
+
+
+async def _pools(runner: CommandRunner, config: NodeConfig) -> list[Check]:
+    checks: list[Check] = []
+    for pool in config.pools:
+        where = f"pool {pool.backend}/{pool.name}"
+        settings = pool.config.model_dump()
+        if pool.backend in ("lvm", "thin"):
+            vg = str(settings.get("volume_group", ""))
+            result = await _quiet(runner, ["vgs", "--noheadings", "-o", "vg_name", "--", vg])
+            checks.append(
+                Check(
+                    where,
+                    result,
+                    f"volume group {vg}" + ("" if result else " not found"),
+                    "" if result else f"create it: vgcreate {vg} <disks>",
+                )
+            )
+        elif pool.backend == "partition":
+            disks = [str(d) for d in settings.get("disks", [])]
+            missing = [d for d in disks if not _is_block(d)]
+            checks.append(
+                Check(
+                    where,
+                    not missing,
+                    f"{len(disks)} disk(s)" + (f", missing: {missing}" if missing else ""),
+                    "" if not missing else "fix the disk paths (use /dev/disk/by-id/...)",
+                )
+            )
+    return checks
+
+
+async def _quiet(runner: CommandRunner, argv: list[str]) -> bool:
+    try:
+        return (await runner.run(argv, timeout=30, check=False)).returncode == 0
+    except CommandFailed:
+        return False
+
+
+def _is_block(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+async def run_checks(config: NodeConfig | None) -> list[Check]:
+    runner = CommandRunner()
+    backends = {p.backend for p in config.pools} if config else {"lvm", "thin", "partition"}
+    checks = [_device_mapper(backends), _cgroup()]
+    checks += [await _tool(runner, tool, backends) for tool in TOOLS]
+    if config is not None:
+        checks += await _pools(runner, config)
+    return checks
+
+
+def doctor(
+    config: Annotated[str | None, typer.Option("--config", "-c", envvar="LOCALDISK_CONFIG")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Check this host for what localdisk needs and say how to fix what is missing."""
+    from localdisk.config import load
+
+    try:
+        node_config = load(config) if config else None
+    except LocalDiskError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+    checks = anyio.run(run_checks, node_config)
+    failed = [c for c in checks if not c.ok and c.required]
+    if as_json:
+        emit_json(checks)
+    else:
+        rows = [
+            (c.name, "ok" if c.ok else ("MISSING" if c.required else "optional, missing"), c.detail) for c in checks
+        ]
+        typer.echo(table(("CHECK", "STATUS", "DETAIL"), rows))
+        fixes = [f"- {c.name}: {c.fix}" for c in checks if not c.ok and c.fix]
+        if fixes:
+            typer.echo("\nTo fix:\n" + "\n".join(fixes))
+        typer.echo(f"\n{len(failed)} required check(s) failed" if failed else "\nall required checks passed")
+    if failed:
+        raise typer.Exit(1)

@@ -1,0 +1,189 @@
+"""`localdisk volume|snapshot|capacity`: drive volumes straight through the library, no server needed.
+
+Useful on a node to see what localdisk holds and to clean up by hand; every command opens the configured pools,
+does one thing and closes them. Tests inject a `VolumeManager` through the Click context object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Annotated, TypeVar
+
+import anyio
+import typer
+
+from localdisk.commands.output import emit_json, friendly_errors, plain, table
+from localdisk.sizes import human, parse_size
+
+if TYPE_CHECKING:
+    from localdisk.manager import VolumeManager
+    from localdisk.model import Capacity
+
+T = TypeVar("T")
+
+ConfigOption = Annotated[
+    str | None,
+    typer.Option("--config", "-c", envvar="LOCALDISK_CONFIG", help="Node config (TOML); default: an in-memory pool."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+volume_app = typer.Typer(
+    help="Create, list, show, expand and delete volumes through the library.", no_args_is_help=True
+)
+snapshot_app = typer.Typer(help="Create, list and delete snapshots (thin pools).", no_args_is_help=True)
+
+
+def _debug(ctx: typer.Context) -> bool:
+    return bool(ctx.find_root().meta.get("debug"))
+
+
+def run_with_manager(ctx: typer.Context, config: str | None, work: Callable[[VolumeManager], Awaitable[T]]) -> T:
+    """Open the pools, run `work`, close them; domain errors become one line and an exit code."""
+
+    from localdisk.config import development_default, load
+    from localdisk.manager import VolumeManager
+
+    async def main() -> T:
+        if isinstance(ctx.obj, VolumeManager):
+            return await work(ctx.obj)
+        manager = VolumeManager.from_config(load(config) if config else development_default())
+        async with manager.session():
+            return await work(manager)
+
+    with friendly_errors(_debug(ctx)):
+        return anyio.run(main)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+@volume_app.command("create")
+def volume_create(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Volume name (the idempotency key, as a CSI name).")],
+    size: Annotated[str, typer.Option("--size", "-s", help="e.g. 1Gi, 512Mi, 10G.")] = "1Gi",
+    backend: Annotated[str, typer.Option("--backend", "-b")] = "fake",
+    pool: Annotated[str | None, typer.Option("--pool", "-p")] = None,
+    from_snapshot: Annotated[str | None, typer.Option(help="Create from this snapshot id.")] = None,
+    clone_of: Annotated[str | None, typer.Option(help="Clone this volume id.")] = None,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Create a volume (or return the existing one of that name)."""
+    from localdisk.manager import CreateRequest
+    from localdisk.model import ContentSource, SourceKind
+
+    with friendly_errors(_debug(ctx)):
+        required = parse_size(size)
+    source = (
+        ContentSource(SourceKind.SNAPSHOT, from_snapshot)
+        if from_snapshot
+        else ContentSource(SourceKind.VOLUME, clone_of)
+        if clone_of
+        else None
+    )
+    request = CreateRequest(name=name, backend=backend, pool=pool, required_bytes=required, source=source)
+    volume = run_with_manager(ctx, config, lambda m: m.create_volume(request))
+    if as_json:
+        emit_json(volume)
+    else:
+        typer.echo(f"created {volume.id} ({human(volume.size_bytes)})")
+
+
+@volume_app.command("list")
+def volume_list(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """List localdisk's volumes on this node (only ours: foreign LVs and partitions are never shown)."""
+    volumes = run_with_manager(ctx, config, lambda m: m.list_volumes())
+    if as_json:
+        emit_json(volumes)
+        return
+    rows = [(v.id, v.name, human(v.size_bytes), v.device_path or "-", v.abnormal or "ok") for v in volumes]
+    typer.echo(table(("ID", "NAME", "SIZE", "DEVICE", "CONDITION"), rows) if rows else "no volumes")
+
+
+@volume_app.command("show")
+def volume_show(ctx: typer.Context, volume_id: str, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Show one volume."""
+    volume = run_with_manager(ctx, config, lambda m: m.get_volume(volume_id))
+    if as_json:
+        emit_json(volume)
+        return
+    rows = [
+        ("id", volume.id),
+        ("name", volume.name),
+        ("size", f"{human(volume.size_bytes)} ({volume.size_bytes} bytes)"),
+        ("device", volume.device_path or "-"),
+        ("source", f"{volume.source.kind.value} {volume.source.id}" if volume.source else "-"),
+        ("condition", volume.abnormal or "ok"),
+    ]
+    typer.echo(table(("FIELD", "VALUE"), rows))
+
+
+@volume_app.command("expand")
+def volume_expand(
+    ctx: typer.Context,
+    volume_id: str,
+    size: Annotated[str, typer.Argument(help="New size, e.g. 2Gi.")],
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Grow a volume (the filesystem is grown by the node service, or by hand)."""
+    with friendly_errors(_debug(ctx)):
+        required = parse_size(size)
+    volume = run_with_manager(ctx, config, lambda m: m.expand_volume(volume_id, required))
+    if as_json:
+        emit_json(volume)
+    else:
+        typer.echo(f"{volume.id} is {human(volume.size_bytes)}")
+
+
+@volume_app.command("delete")
+def volume_delete(ctx: typer.Context, volume_id: str, config: ConfigOption = None) -> None:
+    """Delete a volume and wipe its data; deleting a missing volume succeeds."""
+    run_with_manager(ctx, config, lambda m: m.delete_volume(volume_id))
+    typer.echo(f"deleted {volume_id}")
+
+
+@snapshot_app.command("create")
+def snapshot_create(
+    ctx: typer.Context, volume_id: str, name: str, config: ConfigOption = None, as_json: JsonOption = False
+) -> None:
+    """Snapshot a volume."""
+    snapshot = run_with_manager(ctx, config, lambda m: m.create_snapshot(volume_id, name))
+    if as_json:
+        emit_json(snapshot)
+    else:
+        typer.echo(f"created {snapshot.id} of {snapshot.source_volume_id} ({human(snapshot.size_bytes)})")
+
+
+@snapshot_app.command("list")
+def snapshot_list(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """List snapshots."""
+    snapshots = run_with_manager(ctx, config, lambda m: m.list_snapshots())
+    if as_json:
+        emit_json(snapshots)
+        return
+    rows = [(s.id, s.name, s.source_volume_id, human(s.size_bytes), s.created_at.isoformat()) for s in snapshots]
+    typer.echo(table(("ID", "NAME", "SOURCE", "SIZE", "CREATED"), rows) if rows else "no snapshots")
+
+
+@snapshot_app.command("delete")
+def snapshot_delete(ctx: typer.Context, snapshot_id: str, config: ConfigOption = None) -> None:
+    """Delete a snapshot; a missing one is already deleted."""
+    run_with_manager(ctx, config, lambda m: m.delete_snapshot(snapshot_id))
+    typer.echo(f"deleted {snapshot_id}")
+
+
+def capacity(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Capacity of every configured pool: total, free, and the largest volume that fits."""
+
+    async def collect(manager: VolumeManager) -> list[tuple[str, str, Capacity]]:
+        return [(b, p, await manager.capacity(b, p)) for b, p in manager.pools()]
+
+    pools = run_with_manager(ctx, config, collect)
+    if as_json:
+        emit_json([{"backend": b, "pool": p, **plain(cap)} for b, p, cap in pools])
+        return
+    rows = [
+        (b, p, human(cap.total_bytes), human(cap.available_bytes), human(cap.maximum_volume_bytes))
+        for b, p, cap in pools
+    ]
+    typer.echo(table(("BACKEND", "POOL", "TOTAL", "FREE", "LARGEST VOLUME"), rows))
