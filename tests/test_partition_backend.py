@@ -318,7 +318,7 @@ class TestPartitionBackend:
         """A create interrupted after mkpart leaves an "lp-" partition: a retry finishes it, a restart drops it."""
         async with loop_disks(1, DISK) as (disk,):
             async with partition_pool([disk]) as backend:
-                for name, start in (("pvc-interrupted", 1), ("pvc-abandoned", 9)):
+                for name, start in (("pvc-interrupted", 1), ("pvc-resized", 9), ("pvc-never-retried", 17)):
                     mkpart = ["mkpart", PENDING_PREFIX + volume_key(name), f"{start}MiB", f"{start + 8}MiB"]
                     await runner.run(["parted", "--script", "--", disk, *mkpart])
                 pending = (await read_table(disk)).by_name(PENDING_PREFIX + volume_key("pvc-interrupted"))
@@ -327,12 +327,19 @@ class TestPartitionBackend:
                 assert await backend.find_volume("pvc-interrupted") is None
                 resumed = await manager_for(backend).create_volume(request("pvc-interrupted", 8 * MiB))
                 assert resumed.ref.handle == pending.uuid
-                assert (await read_table(disk)).by_uuid(pending.uuid).name == READY_PREFIX + volume_key(  # type: ignore[union-attr]
-                    "pvc-interrupted"
-                )
+                names = {p.uuid: p.name for p in (await read_table(disk)).partitions}
+                assert names[pending.uuid] == READY_PREFIX + volume_key("pvc-interrupted")
+                # Retried with another size: the pending partition is dropped and the volume made afresh.
+                other = await manager_for(backend).create_volume(request("pvc-resized", 4 * MiB))
+                assert other.size_bytes == 4 * MiB
+                names = {p.uuid: p.name for p in (await read_table(disk)).partitions}
+                assert PENDING_PREFIX + volume_key("pvc-resized") not in names.values()
+                assert len(names) == 3
             async with partition_pool([disk]) as restarted:  # open() drops what was never handed out
-                assert [p.uuid for p in (await read_table(disk)).partitions] == [pending.uuid]
-                assert [v.id for v in await restarted.list_volumes()] == [resumed.id]
+                assert sorted(p.uuid for p in (await read_table(disk)).partitions) == sorted(
+                    [pending.uuid, other.ref.handle]
+                )
+                assert sorted(v.id for v in await restarted.list_volumes()) == sorted([resumed.id, other.id])
 
 
 # -- through the CSI layer ----------------------------------------------------------------------------------------
