@@ -394,6 +394,10 @@ class PartitionBackend:
         """
         async with disk.lock:
             table = await self._read(disk)
+            current = table.by_uuid(part.uuid)
+            if current is None:
+                return
+            part = current
             await self._settle(table.device, table)
         await self._wipe(table, part, zero=zero)
         async with disk.lock:
@@ -428,7 +432,7 @@ class PartitionBackend:
         async with disk.lock:
             table = await self._read(disk)
             part = table.by_uuid(handle)
-            if part is None:
+            if part is None or not is_ready(part):
                 raise NotFound(f"volume {handle!r} not found in partition pool {self.pool!r}")
             sectors = size_bytes // table.sector_size
             if sectors <= part.size:
@@ -437,15 +441,15 @@ class PartitionBackend:
             if part.start + sectors > disk_end:
                 most = (disk_end - part.start) * table.sector_size
                 raise OutOfRange(
-                    f"volume {handle} cannot grow to {human(size_bytes)}: it starts {human(most)} before the end of"
-                    f" disk {disk.configured}, and a partition cannot span disks"
+                    f"volume {handle} cannot grow to {human(size_bytes)}: only {human(most)} lie between its start and"
+                    f" the end of disk {disk.configured}, and a partition cannot span disks"
                 )
             limit = table.room_after(part, ALIGNMENT)
             if part.start + sectors > limit:
                 room = (limit - part.start) * table.sector_size
                 raise InsufficientCapacity(
                     f"volume {handle} can grow in place to at most {human(room)}: the next partition on disk"
-                    f" {disk.configured} starts right after; partitions cannot move, so free that space or copy the"
+                    f" {disk.configured} starts there; partitions cannot move, so delete that volume or copy the"
                     " data to a new, larger volume"
                 )
             # sfdisk, not parted: parted's resizepart asks for a confirmation when the partition is in use (mounted
