@@ -70,6 +70,52 @@ def serve(
         pass
 
 
+@app.command()
+def controller(
+    namespace: Annotated[
+        str, typer.Option(envvar="POD_NAMESPACE", help="Namespace of the leader-election Lease.")
+    ] = "localdisk",
+    identity: Annotated[
+        str, typer.Option(envvar="POD_NAME", help="This replica's name in the Lease (default: host name).")
+    ] = "",
+    lease_name: Annotated[str, typer.Option(help="Name of the Lease the replicas compete for.")] = (
+        "localdisk-controller"
+    ),
+    resync_period: Annotated[float, typer.Option(help="Seconds between full node-loss passes.", min=1)] = 300.0,
+    http_port: Annotated[int, typer.Option(help="Port for /healthz and /metrics; 0 turns them off.")] = 8080,
+    kubeconfig: Annotated[
+        str | None, typer.Option(help="Kubeconfig to use outside a pod (default: in-cluster, then $KUBECONFIG).")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run the cluster-wide controller: releases the claims of deleted nodes; one replica leads (Lease)."""
+    import anyio
+
+    from localdisk.errors import LocalDiskError
+    from localdisk.k8s.controller import ControllerSettings, main
+    from localdisk.k8s.leader import LeadershipLost
+
+    logging.basicConfig(
+        level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = ControllerSettings(
+        namespace=namespace,
+        identity=identity or socket.gethostname(),
+        lease_name=lease_name,
+        resync_period=resync_period,
+        http_port=http_port,
+        kubeconfig=kubeconfig,
+    )
+    try:
+        anyio.run(main, settings)
+    except LocalDiskError as exc:
+        raise fail(exc.message) from None
+    except LeadershipLost as exc:
+        raise fail(f"{exc}; exiting so that a fresh start competes again") from None
+    except KeyboardInterrupt:
+        pass
+
+
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     app()
