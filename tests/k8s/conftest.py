@@ -1,0 +1,41 @@
+"""Fixtures: a fake API server on a loopback port, and kubernetes-asyncio clients pointed at it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+import pytest
+from kubernetes_asyncio import client
+
+from tests.k8s.fake_api import FakeKubernetes
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeKubernetes]:
+    server = FakeKubernetes()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def api_factory(fake: FakeKubernetes) -> AsyncIterator[Callable[[], Any]]:
+    """Makes ApiClients for the fake server (one per simulated process), all closed at the end."""
+    async with AsyncExitStack() as stack:
+
+        def make() -> Any:
+            configuration = client.Configuration(host=fake.url)
+            api = client.ApiClient(configuration)
+            stack.push_async_callback(api.close)
+            return api
+
+        yield make
+
+
+@pytest.fixture
+async def api(api_factory: Callable[[], Any]) -> Any:
+    return api_factory()  # made inside the event loop: aiohttp's session wants a running one
