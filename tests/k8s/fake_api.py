@@ -131,9 +131,7 @@ class FakeKubernetes:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
-        server = site._server
-        assert server is not None and server.sockets
-        port = server.sockets[0].getsockname()[1]
+        port = self._runner.addresses[0][1]
         self.url = f"http://127.0.0.1:{port}"
         return self.url
 
@@ -156,7 +154,6 @@ class FakeKubernetes:
     def freeze_after(self, method: str, path_contains: str) -> None:
         """After serving the next matching request, hold every later request until `thaw()`."""
         self._freeze_after = (method, path_contains)
-        self._thawed = asyncio.Event()
         self._frozen = asyncio.Event()
 
     async def wait_frozen(self) -> None:
@@ -234,7 +231,9 @@ class FakeKubernetes:
             return web.json_response(await self._replace(resource, namespace, name, await request.json()))
         if method == "PATCH":
             if request.content_type != "application/merge-patch+json":
-                raise ApiError(415, "UnsupportedMediaType", f"the fake only does merge patches, not {request.content_type}")
+                raise ApiError(
+                    415, "UnsupportedMediaType", f"the fake only does merge patches, not {request.content_type}"
+                )
             return web.json_response(await self._patch(resource, namespace, name, await request.json()))
         if method == "DELETE":
             raw = await request.read()
@@ -320,8 +319,10 @@ class FakeKubernetes:
     def _check_version(self, current: Obj, wanted: str | None) -> None:
         if wanted and wanted != current["metadata"]["resourceVersion"]:
             raise ApiError(
-                409, "Conflict", "Operation cannot be fulfilled: the object has been modified; please apply your"
-                " changes to the latest version and try again"
+                409,
+                "Conflict",
+                "Operation cannot be fulfilled: the object has been modified; please apply your"
+                " changes to the latest version and try again",
             )
 
     async def _store_update(self, resource: Resource, namespace: str, current: Obj, new: Obj) -> Obj:
@@ -411,11 +412,15 @@ class FakeKubernetes:
                 break
             async with self._changed:
                 if not any(entry[0] > position for entry in self.history):
-                    try:
+                    with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._changed.wait(), remaining)
-                    except TimeoutError:
-                        pass
         if _flag(request, "allowWatchBookmarks"):
-            await send("BOOKMARK", {"kind": resource.kind, "apiVersion": resource.api_version,
-                                    "metadata": {"resourceVersion": str(position)}})
+            await send(
+                "BOOKMARK",
+                {
+                    "kind": resource.kind,
+                    "apiVersion": resource.api_version,
+                    "metadata": {"resourceVersion": str(position)},
+                },
+            )
         return response

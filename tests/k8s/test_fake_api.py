@@ -36,7 +36,9 @@ async def test_stale_resource_version_and_failed_preconditions_conflict(fake: Fa
     )
     with pytest.raises(ApiException) as stale:
         await core.patch_persistent_volume(
-            "pv1", {"metadata": {"labels": {"a": "c"}, "resourceVersion": old}}, _content_type="application/merge-patch+json"
+            "pv1",
+            {"metadata": {"labels": {"a": "c"}, "resourceVersion": old}},
+            _content_type="application/merge-patch+json",
         )
     assert stale.value.status == 409
     with pytest.raises(ApiException) as wrong_uid:
@@ -68,14 +70,22 @@ async def test_watch_resumes_from_a_version_and_expires_after_compaction(fake: F
     await fake.put("nodes", objects.node("n2"))
     seen: list[tuple[str, str]] = []
     async with Watch() as watch:
-        async for event in watch.stream(core.list_node, resource_version=listed.metadata.resource_version, timeout_seconds=1):
+        async for event in watch.stream(
+            core.list_node, resource_version=listed.metadata.resource_version, timeout_seconds=1
+        ):
             seen.append((event["type"], event["raw_object"]["metadata"]["name"]))
     assert seen == [("ADDED", "n1"), ("ADDED", "n2")]
     fake.compact()
-    with pytest.raises(ApiException) as gone:
+
+    async def watch_from_the_old_version() -> None:
         async with Watch() as watch:
-            async for _ in watch.stream(core.list_node, resource_version=listed.metadata.resource_version, timeout_seconds=1):
+            async for _ in watch.stream(
+                core.list_node, resource_version=listed.metadata.resource_version, timeout_seconds=1
+            ):
                 pass
+
+    with pytest.raises(ApiException) as gone:
+        await watch_from_the_old_version()
     assert gone.value.status == 410
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -42,7 +43,7 @@ class Timeline:
 
     def assert_no_overlap(self) -> None:
         spans = sorted(self.spans, key=lambda s: s[1])
-        for (a, _, a_end), (b, b_begin, _) in zip(spans, spans[1:], strict=False):
+        for (a, _, a_end), (b, b_begin, _) in itertools.pairwise(spans):
             assert a_end <= b_begin, f"{a} and {b} acted at the same time"
 
 

@@ -35,7 +35,11 @@ class ControllerSettings:
 
 
 async def main(settings: ControllerSettings) -> None:
-    """`run_controller` until SIGTERM or SIGINT, which stop it cleanly (the Lease is released on the way out)."""
+    """`run_controller` until SIGTERM or SIGINT, which stop it cleanly (the Lease is released on the way out).
+
+    Its errors are raised as they are, not wrapped in an exception group, so the CLI can print them.
+    """
+    failure: list[Exception] = []
     async with anyio.create_task_group() as group:
 
         async def stop_on_signal() -> None:
@@ -45,9 +49,18 @@ async def main(settings: ControllerSettings) -> None:
                     group.cancel_scope.cancel()
                     return
 
+        async def control() -> None:
+            try:
+                await run_controller(settings)
+            except Exception as exc:
+                failure.append(exc)
+            finally:
+                group.cancel_scope.cancel()
+
         group.start_soon(stop_on_signal)
-        await run_controller(settings)
-        group.cancel_scope.cancel()
+        group.start_soon(control)
+    if failure:
+        raise failure[0]
 
 
 async def run_controller(settings: ControllerSettings) -> None:

@@ -171,8 +171,9 @@ class NodeLossController:
     async def _release_volume(self, node: str, pv: Any, classes: dict[str, bool | None]) -> bool:
         name = pv.metadata.name
         claim = await self._bound_claim(pv)
-        if claim is None and pv.metadata.deletion_timestamp and PROVISIONER_FINALIZER not in _finalizers(pv):
-            return False  # released on an earlier pass; Kubernetes' pv-protection controller finishes the deletion
+        claim_going = claim is None or claim.metadata.deletion_timestamp is not None
+        if claim_going and pv.metadata.deletion_timestamp and PROVISIONER_FINALIZER not in _finalizers(pv):
+            return False  # released on an earlier pass; Kubernetes' protection controllers finish the deletion
         keep = keeps_claims(claim.metadata.annotations) if claim is not None else None
         if keep is None:
             keep = await self._class_keeps(pv.spec.storage_class_name, classes)
