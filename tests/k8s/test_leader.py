@@ -131,3 +131,31 @@ async def test_leader_that_cannot_renew_stops_before_another_takes_over(
 async def test_settings_refuse_a_deadline_past_the_lease() -> None:
     with pytest.raises(ConfigError):
         LeaseSettings("ns", "name", "me", lease_duration=5, renew_deadline=10, retry_period=2)
+
+
+async def test_a_hanging_renewal_still_stops_the_leader_in_time(
+    fake: FakeKubernetes, api_factory: Callable[[], Any]
+) -> None:
+    timeline = Timeline()
+    started, never = anyio.Event(), anyio.Event()
+    elector = LeaderElector(api_factory(), settings("a"))
+    lost_at: list[float] = []
+
+    async def run() -> None:
+        try:
+            await elector.run(timeline.work("a", never, started))
+        except LeadershipLost:
+            lost_at.append(time.monotonic())
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            group.start_soon(run)
+            await started.wait()
+            fake.freeze_after("PUT", "/leases/")  # the next renewal is served, every later request hangs
+            await fake.wait_frozen()
+            frozen_at = time.monotonic()
+            while not lost_at:
+                await anyio.sleep(0.02)
+            fake.thaw()
+    assert lost_at[0] - frozen_at <= FAST["renew_deadline"] + 0.2, "stopped within renew_deadline of the last renewal"
+    assert timeline.spans and timeline.spans[0][2] <= lost_at[0]

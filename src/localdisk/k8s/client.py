@@ -20,7 +20,9 @@ from localdisk.k8s import COMPONENT
 
 log = logging.getLogger(__name__)
 
-ApiClient = client.ApiClient
+REQUEST_TIMEOUT = 30.0
+"""Seconds any single API call may take: kubernetes-asyncio waits forever by default, and a hung call would stall
+a controller (or let a leader act past its lease)."""
 
 
 def in_cluster() -> bool:
@@ -91,7 +93,7 @@ class EventRecorder:
             "count": 1,
         }
         try:
-            await self.core.create_namespaced_event(namespace, body)
+            await self.core.create_namespaced_event(namespace, body, _request_timeout=REQUEST_TIMEOUT)
         except ApiException as exc:
             what = f"{involved['kind']} {involved['name']}"
             log.warning("could not record event %s on %s: %s", reason, what, exc.reason)

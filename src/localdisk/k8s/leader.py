@@ -23,7 +23,7 @@ import anyio
 from kubernetes_asyncio import client
 
 from localdisk.errors import ConfigError
-from localdisk.k8s.client import micro_time
+from localdisk.k8s.client import REQUEST_TIMEOUT, micro_time
 from localdisk.k8s.watch import TRANSIENT
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,9 @@ class LeaderElector:
         """
         s = self.settings
         while True:
-            if await self._try_acquire_or_renew():
-                break
+            with anyio.move_on_after(s.renew_deadline):
+                if await self._try_acquire_or_renew():
+                    break
             await anyio.sleep(s.retry_period)
         log.info("%s became the leader (lease %s/%s)", s.identity, s.namespace, s.name)
         self.is_leader = True
@@ -94,7 +95,11 @@ class LeaderElector:
         last_renewal = time.monotonic()
         while True:
             await anyio.sleep(s.retry_period)
-            if await self._try_acquire_or_renew():
+            renewed = False
+            # A renewal that hangs must not outlive the deadline: past it, this replica may no longer act.
+            with anyio.move_on_after(max(0.0, last_renewal + s.renew_deadline - time.monotonic())):
+                renewed = await self._try_acquire_or_renew()
+            if renewed:
                 last_renewal = time.monotonic()
             elif self._observed is not None and self._observed[0] not in ("", s.identity):
                 log.error("lease %s/%s was taken over by %s", s.namespace, s.name, self._observed[0])
@@ -107,7 +112,7 @@ class LeaderElector:
         """One attempt; True when this candidate holds the Lease afterwards."""
         s = self.settings
         try:
-            lease = await self.coordination.read_namespaced_lease(s.name, s.namespace)
+            lease = await self.coordination.read_namespaced_lease(s.name, s.namespace, _request_timeout=REQUEST_TIMEOUT)
         except TRANSIENT as exc:
             if getattr(exc, "status", None) == 404:
                 return await self._create()
@@ -140,7 +145,9 @@ class LeaderElector:
             },
         }
         try:
-            await self.coordination.replace_namespaced_lease(s.name, s.namespace, body)
+            await self.coordination.replace_namespaced_lease(
+                s.name, s.namespace, body, _request_timeout=REQUEST_TIMEOUT
+            )
         except TRANSIENT as exc:
             log.info("could not update lease %s/%s: %s", s.namespace, s.name, getattr(exc, "reason", exc))
             return False
@@ -163,7 +170,7 @@ class LeaderElector:
             },
         }
         try:
-            await self.coordination.create_namespaced_lease(s.namespace, body)
+            await self.coordination.create_namespaced_lease(s.namespace, body, _request_timeout=REQUEST_TIMEOUT)
         except TRANSIENT as exc:
             log.info("could not create lease %s/%s: %s", s.namespace, s.name, getattr(exc, "reason", exc))
             return False
@@ -173,7 +180,7 @@ class LeaderElector:
         """Hand the Lease back (empty holder, 1 s duration) if this candidate still holds it."""
         s = self.settings
         try:
-            lease = await self.coordination.read_namespaced_lease(s.name, s.namespace)
+            lease = await self.coordination.read_namespaced_lease(s.name, s.namespace, _request_timeout=REQUEST_TIMEOUT)
             if lease.spec is None or lease.spec.holder_identity != s.identity:
                 return
             body = {
@@ -192,7 +199,9 @@ class LeaderElector:
                     "leaseTransitions": lease.spec.lease_transitions or 0,
                 },
             }
-            await self.coordination.replace_namespaced_lease(s.name, s.namespace, body)
+            await self.coordination.replace_namespaced_lease(
+                s.name, s.namespace, body, _request_timeout=REQUEST_TIMEOUT
+            )
             log.info("%s released lease %s/%s", s.identity, s.namespace, s.name)
         except TRANSIENT as exc:
             log.warning("could not release lease %s/%s: %s", s.namespace, s.name, exc)

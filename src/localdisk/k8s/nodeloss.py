@@ -30,7 +30,7 @@ from kubernetes_asyncio import client
 from prometheus_client import CollectorRegistry, Counter
 
 from localdisk.k8s import DRIVER_NAME, PROVISIONER_FINALIZER, RELEASE_ON_NODE_LOSS, TOPOLOGY_KEY
-from localdisk.k8s.client import EventRecorder, is_status, reference
+from localdisk.k8s.client import REQUEST_TIMEOUT, EventRecorder, is_status, reference
 from localdisk.k8s.watch import TRANSIENT, Pacer, list_and_watch
 
 log = logging.getLogger(__name__)
@@ -116,11 +116,13 @@ class NodeLossController:
                 await self.resync()
             except TRANSIENT as exc:
                 log.warning("periodic resync failed (%s); next one in %.0fs", exc, self.settings.resync_period)
+            except Exception:  # a bug or a surprising object: logged, and the next pass tries again
+                log.exception("periodic resync failed; next one in %.0fs", self.settings.resync_period)
 
     async def resync(self) -> int:
         """One full pass: release the volumes of every node that is gone. Returns how many were released."""
         async with self._lock:
-            nodes = {n.metadata.name for n in (await self.core.list_node()).items or []}
+            nodes = {n.metadata.name for n in (await self.core.list_node(_request_timeout=REQUEST_TIMEOUT)).items or []}
             by_node: dict[str, list[Any]] = {}
             for pv in await self._our_volumes():
                 node = volume_node(pv, self.settings.topology_key)
@@ -141,12 +143,12 @@ class NodeLossController:
             return await self._release(node, volumes)
 
     async def _our_volumes(self) -> list[Any]:
-        volumes = (await self.core.list_persistent_volume()).items or []
+        volumes = (await self.core.list_persistent_volume(_request_timeout=REQUEST_TIMEOUT)).items or []
         return [pv for pv in volumes if pv.spec.csi is not None and pv.spec.csi.driver == self.settings.driver]
 
     async def _node_is_gone(self, node: str) -> bool:
         try:
-            await self.core.read_node(node)
+            await self.core.read_node(node, _request_timeout=REQUEST_TIMEOUT)
         except TRANSIENT as exc:
             if is_status(exc, 404):
                 return True
@@ -204,7 +206,9 @@ class NodeLossController:
             await self._delete_claim(claim)
         if pv.metadata.deletion_timestamp is None:
             try:
-                await self.core.delete_persistent_volume(name, body={"preconditions": {"uid": pv.metadata.uid}})
+                await self.core.delete_persistent_volume(
+                    name, body={"preconditions": {"uid": pv.metadata.uid}}, _request_timeout=REQUEST_TIMEOUT
+                )
             except TRANSIENT as exc:
                 if not is_status(exc, 404, 409):  # gone, or a newer PV of the same name: nothing left to do here
                     raise
@@ -219,7 +223,9 @@ class NodeLossController:
         if ref is None or not ref.name or not ref.namespace:
             return None
         try:
-            claim = await self.core.read_namespaced_persistent_volume_claim(ref.name, ref.namespace)
+            claim = await self.core.read_namespaced_persistent_volume_claim(
+                ref.name, ref.namespace, _request_timeout=REQUEST_TIMEOUT
+            )
         except TRANSIENT as exc:
             if is_status(exc, 404):
                 return None
@@ -232,7 +238,7 @@ class NodeLossController:
         meta = claim.metadata
         try:
             await self.core.delete_namespaced_persistent_volume_claim(
-                meta.name, meta.namespace, body={"preconditions": {"uid": meta.uid}}
+                meta.name, meta.namespace, body={"preconditions": {"uid": meta.uid}}, _request_timeout=REQUEST_TIMEOUT
             )
             log.info("deleted PVC %s/%s", meta.namespace, meta.name)
         except TRANSIENT as exc:
@@ -244,7 +250,7 @@ class NodeLossController:
             return None
         if name not in cache:
             try:
-                storage_class = await self.storage.read_storage_class(name)
+                storage_class = await self.storage.read_storage_class(name, _request_timeout=REQUEST_TIMEOUT)
                 cache[name] = keeps_claims(storage_class.metadata.annotations)
             except TRANSIENT as exc:
                 if not is_status(exc, 404):
@@ -256,7 +262,7 @@ class NodeLossController:
         """Remove the external-provisioner's finalizer; the PV's resourceVersion guards against lost updates."""
         for _ in range(5):
             try:
-                pv = await self.core.read_persistent_volume(name)
+                pv = await self.core.read_persistent_volume(name, _request_timeout=REQUEST_TIMEOUT)
             except TRANSIENT as exc:
                 if is_status(exc, 404):
                     return
@@ -267,7 +273,9 @@ class NodeLossController:
             finalizers.remove(PROVISIONER_FINALIZER)
             patch = {"metadata": {"finalizers": finalizers, "resourceVersion": pv.metadata.resource_version}}
             try:
-                await self.core.patch_persistent_volume(name, patch, _content_type="application/merge-patch+json")
+                await self.core.patch_persistent_volume(
+                    name, patch, _content_type="application/merge-patch+json", _request_timeout=REQUEST_TIMEOUT
+                )
                 return
             except TRANSIENT as exc:
                 if is_status(exc, 404):

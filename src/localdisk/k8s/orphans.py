@@ -26,7 +26,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Gauge
 
 from localdisk.errors import ConfigError, LocalDiskError
 from localdisk.k8s import DRIVER_NAME
-from localdisk.k8s.client import EventRecorder, connect, is_status
+from localdisk.k8s.client import REQUEST_TIMEOUT, EventRecorder, connect, is_status
 from localdisk.k8s.watch import TRANSIENT
 from localdisk.manager import VolumeManager
 from localdisk.model import Volume
@@ -127,7 +127,7 @@ class OrphanReporter:
         """One scan; returns the orphans old enough to report."""
         now = self.clock()
         volumes = await self.manager.list_volumes()  # before the PVs: see the module docstring
-        pvs = (await self.core.list_persistent_volume()).items or []
+        pvs = (await self.core.list_persistent_volume(_request_timeout=REQUEST_TIMEOUT)).items or []
         result = find_orphans(volumes, pvs, self.first_seen, now, self.settings.driver)
         self.first_seen = result.first_seen
         reportable = [o for o in result.orphans if o.age(now) >= self.settings.report_after]
@@ -163,7 +163,7 @@ class OrphanReporter:
 
     async def _delete(self, due: list[Orphan]) -> None:
         # Ask the API once more, right before deleting: the scan's list may be minutes old by now.
-        pvs = (await self.core.list_persistent_volume()).items or []
+        pvs = (await self.core.list_persistent_volume(_request_timeout=REQUEST_TIMEOUT)).items or []
         still = find_orphans([o.volume for o in due], pvs, {}, self.clock(), self.settings.driver)
         for orphan in still.orphans:
             volume = orphan.volume
@@ -186,7 +186,7 @@ class OrphanReporter:
 
     async def _pv_named(self, name: str) -> bool:
         try:
-            await self.core.read_persistent_volume(name)
+            await self.core.read_persistent_volume(name, _request_timeout=REQUEST_TIMEOUT)
         except TRANSIENT as exc:
             if is_status(exc, 404):
                 return False
