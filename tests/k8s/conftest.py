@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,3 +40,19 @@ async def api_factory(fake: FakeKubernetes) -> AsyncIterator[Callable[[], Any]]:
 @pytest.fixture
 async def api(api_factory: Callable[[], Any]) -> Any:
     return api_factory()  # made inside the event loop: aiohttp's session wants a running one
+
+
+@pytest.fixture
+def kubeconfig(fake: FakeKubernetes, tmp_path: Path) -> str:
+    """A kubeconfig file for the fake server, as a process outside the cluster would use."""
+    path = tmp_path / "kubeconfig"
+    path.write_text(
+        f"""apiVersion: v1
+kind: Config
+clusters: [{{name: fake, cluster: {{server: "{fake.url}"}}}}]
+users: [{{name: test, user: {{token: not-checked}}}}]
+contexts: [{{name: fake, context: {{cluster: fake, user: test}}}}]
+current-context: fake
+"""
+    )
+    return str(path)

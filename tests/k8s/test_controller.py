@@ -29,21 +29,7 @@ def free_port() -> int:
         return port
 
 
-def kubeconfig(tmp_path: Path, server: str) -> str:
-    path = tmp_path / "kubeconfig"
-    path.write_text(
-        f"""apiVersion: v1
-kind: Config
-clusters: [{{name: fake, cluster: {{server: "{server}"}}}}]
-users: [{{name: test, user: {{token: not-checked}}}}]
-contexts: [{{name: fake, context: {{cluster: fake, user: test}}}}]
-current-context: fake
-"""
-    )
-    return str(path)
-
-
-async def test_controller_end_to_end_and_sigterm(fake: FakeKubernetes, tmp_path: Path) -> None:
+async def test_controller_end_to_end_and_sigterm(fake: FakeKubernetes, kubeconfig: str) -> None:
     await fake.put("storageclasses", objects.storage_class("localdisk-lvm"))
     pvc = await fake.put("persistentvolumeclaims", objects.claim("apps", "data-db-0", volume="pv-1"))
     await fake.put("persistentvolumes", objects.volume("pv-1", "gone", bound_to=pvc))
@@ -53,7 +39,7 @@ async def test_controller_end_to_end_and_sigterm(fake: FakeKubernetes, tmp_path:
         identity="replica-1",
         http_host="127.0.0.1",
         http_port=port,
-        kubeconfig=kubeconfig(tmp_path, fake.url),
+        kubeconfig=kubeconfig,
     )
     async with aiohttp.ClientSession() as http:
         with anyio.fail_after(10):

@@ -6,13 +6,14 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import anyio
 import pytest
 from kubernetes_asyncio import client
 from prometheus_client import CollectorRegistry
 
 from localdisk import config
 from localdisk.errors import ConfigError
-from localdisk.k8s.orphans import OrphanReporter, OrphanSettings, find_orphans
+from localdisk.k8s.orphans import OrphanReporter, OrphanSettings, find_orphans, report_orphans
 from localdisk.manager import CreateRequest, VolumeManager
 from localdisk.model import ObjectRef, Volume
 from tests.k8s import objects
@@ -122,3 +123,21 @@ async def test_opted_in_deletion_after_the_grace_period(fake: FakeKubernetes, ap
 async def test_deletion_grace_shorter_than_the_report_delay_is_refused(api: Any, manager: VolumeManager) -> None:
     with pytest.raises(ConfigError):
         OrphanReporter(api, manager, OrphanSettings("n1", report_after=600, delete_after=60), registry=None)
+
+
+async def test_report_orphans_runs_beside_the_server(
+    fake: FakeKubernetes, kubeconfig: str, manager: VolumeManager
+) -> None:
+    """The entry point `localdisk serve` would start: connects by itself and scans periodically until cancelled."""
+    orphan = await manager.create_volume(CreateRequest("pvc-orphan", "fake", required_bytes=1 << 20))
+    settings = OrphanSettings("n1", interval=0.05, report_after=0)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as group:
+            group.start_soon(report_orphans, manager, settings, kubeconfig, CollectorRegistry())
+            while not [e for e in fake.items("events") if e["reason"] == "OrphanVolume"]:
+                await anyio.sleep(0.02)
+            while fake.count("GET", "/persistentvolumes") < 3:  # it keeps scanning
+                await anyio.sleep(0.02)
+            group.cancel_scope.cancel()
+    [event] = [e for e in fake.items("events") if e["reason"] == "OrphanVolume"]
+    assert orphan.id in event["message"]

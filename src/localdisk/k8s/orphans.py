@@ -199,8 +199,13 @@ class OrphanReporter:
         await self.events.record(node, reason, message, warning=reason != "OrphanVolumeDeleted")
 
 
-async def report_orphans(manager: VolumeManager, settings: OrphanSettings, kubeconfig: str | None = None) -> None:
+async def report_orphans(
+    manager: VolumeManager,
+    settings: OrphanSettings,
+    kubeconfig: str | None = None,
+    registry: CollectorRegistry | None = REGISTRY,
+) -> None:
     """Run the reporter beside `localdisk serve` (in its task group, with its opened manager) until cancelled."""
     api = await connect(kubeconfig)
     async with api:
-        await OrphanReporter(api, manager, settings).run()
+        await OrphanReporter(api, manager, settings, registry=registry).run()
