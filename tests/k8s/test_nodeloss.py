@@ -62,7 +62,8 @@ async def cluster(fake: FakeKubernetes) -> None:
 
 async def test_resync_releases_the_claims_of_a_deleted_node_only(fake: FakeKubernetes, api: Any) -> None:
     await cluster(fake)
-    loss = controller(api)
+    registry = CollectorRegistry()
+    loss = NodeLossController(api, registry=registry)
     assert await loss.resync() == 1
     pvc = fake.get("persistentvolumeclaims", "data-db-0", "apps")
     assert pvc is not None and pvc["metadata"]["deletionTimestamp"], "deleted (pvc-protection holds it for now)"
@@ -79,7 +80,7 @@ async def test_resync_releases_the_claims_of_a_deleted_node_only(fake: FakeKuber
     assert other is not None and not other["metadata"].get("deletionTimestamp")
     [event] = events(fake, "NodeLost")
     assert event["involvedObject"]["name"] == "data-db-0" and event["type"] == "Warning"
-    assert loss.released._value.get() == 1
+    assert registry.get_sample_value("localdisk_node_loss_released_volumes_total") == 1
 
 
 async def test_a_second_pass_does_nothing_more(fake: FakeKubernetes, api: Any) -> None:
