@@ -34,7 +34,7 @@ def root(
 ) -> None:
     """localdisk: dynamically provisioned, capacity-aware local volumes for Kubernetes."""
     ctx.meta["debug"] = debug
-    if ctx.invoked_subcommand != "serve":
+    if ctx.invoked_subcommand not in ("serve", "controller"):
         from localdisk import logs
 
         logs.configure("debug" if debug else "warning")
@@ -82,6 +82,52 @@ def serve(
         anyio.run(run_server, manager, node_id or socket.gethostname(), endpoint, metrics, metrics_address)
     except LocalDiskError as exc:
         raise fail(exc.message) from None
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def controller(
+    namespace: Annotated[
+        str, typer.Option(envvar="POD_NAMESPACE", help="Namespace of the leader-election Lease.")
+    ] = "localdisk",
+    identity: Annotated[
+        str, typer.Option(envvar="POD_NAME", help="This replica's name in the Lease (default: host name).")
+    ] = "",
+    lease_name: Annotated[str, typer.Option(help="Name of the Lease the replicas compete for.")] = (
+        "localdisk-controller"
+    ),
+    resync_period: Annotated[float, typer.Option(help="Seconds between full node-loss passes.", min=1)] = 300.0,
+    http_port: Annotated[int, typer.Option(help="Port for /healthz and /metrics; 0 turns them off.")] = 8080,
+    kubeconfig: Annotated[
+        str | None, typer.Option(help="Kubeconfig to use outside a pod (default: in-cluster, then $KUBECONFIG).")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_format: Annotated[str, typer.Option(help="json (for log collectors) or text.")] = "json",
+) -> None:
+    """Run the cluster-wide controller: releases the claims of deleted nodes; one replica leads (Lease)."""
+    import anyio
+
+    from localdisk import logs
+    from localdisk.errors import LocalDiskError
+    from localdisk.k8s.controller import ControllerSettings, main
+    from localdisk.k8s.leader import LeadershipLost
+
+    logs.configure(log_level, json_format=log_format == "json")
+    settings = ControllerSettings(
+        namespace=namespace,
+        identity=identity or socket.gethostname(),
+        lease_name=lease_name,
+        resync_period=resync_period,
+        http_port=http_port,
+        kubeconfig=kubeconfig,
+    )
+    try:
+        anyio.run(main, settings)
+    except LocalDiskError as exc:
+        raise fail(exc.message) from None
+    except LeadershipLost as exc:
+        raise fail(f"{exc}; exiting so that a fresh start competes again") from None
     except KeyboardInterrupt:
         pass
 

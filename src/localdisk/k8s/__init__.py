@@ -1,0 +1,19 @@
+"""The Kubernetes adapter: what localdisk does through the Kubernetes API rather than through CSI.
+
+The CSI sidecars cover provisioning, resizing and snapshots. What they leave undone lives here: releasing the
+claims of a node that was deleted (`nodeloss`), finding volumes on a node's disks that no PersistentVolume points to
+(`orphans`), and the leader election (`leader`) and watch plumbing (`watch`) the cluster-wide `localdisk controller`
+runs on. This package talks to the API server with kubernetes-asyncio and never speaks gRPC, so the names the CSI
+layer defines are repeated here and a test keeps both in step.
+"""
+
+DRIVER_NAME = "localdisk.csi.io"
+"""Must equal `localdisk.csi.DRIVER_NAME`: PersistentVolumes carry it in `spec.csi.driver`."""
+TOPOLOGY_KEY = "topology.localdisk.io/node"
+"""Must equal `localdisk.csi.TOPOLOGY_KEY`: PersistentVolumes name their node through it in `spec.nodeAffinity`."""
+
+RELEASE_ON_NODE_LOSS = "localdisk.csi.io/release-on-node-loss"
+"""Annotation on a StorageClass or a PVC; `"false"` keeps the claims of a deleted node (the PVC's value wins)."""
+PROVISIONER_FINALIZER = "external-provisioner.volume.kubernetes.io/finalizer"
+"""Put on PVs by the external-provisioner; only the provisioner of the PV's own node would ever remove it."""
+COMPONENT = "localdisk-controller"

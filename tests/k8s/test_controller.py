@@ -1,0 +1,77 @@
+"""The assembled `localdisk controller`: connects through a kubeconfig, leads, cleans up, serves health and metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from pathlib import Path
+
+import aiohttp
+import anyio
+import pytest
+from typer.testing import CliRunner
+
+import localdisk.csi
+import localdisk.k8s
+from localdisk.cli import app
+from localdisk.k8s.controller import ControllerSettings, main
+from tests.k8s import objects
+from tests.k8s.fake_api import FakeKubernetes
+
+pytestmark = pytest.mark.anyio
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def test_controller_end_to_end_and_sigterm(fake: FakeKubernetes, kubeconfig: str) -> None:
+    await fake.put("storageclasses", objects.storage_class("localdisk-lvm"))
+    pvc = await fake.put("persistentvolumeclaims", objects.claim("apps", "data-db-0", volume="pv-1"))
+    await fake.put("persistentvolumes", objects.volume("pv-1", "gone", bound_to=pvc))
+    port = free_port()
+    settings = ControllerSettings(
+        namespace="localdisk",
+        identity="replica-1",
+        http_host="127.0.0.1",
+        http_port=port,
+        kubeconfig=kubeconfig,
+    )
+    async with aiohttp.ClientSession() as http:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as group:
+                group.start_soon(main, settings)
+                while not (fake.get("persistentvolumes", "pv-1") or {}).get("metadata", {}).get("deletionTimestamp"):
+                    await anyio.sleep(0.05)
+                async with http.get(f"http://127.0.0.1:{port}/healthz") as health:
+                    assert health.status == 200
+                async with http.get(f"http://127.0.0.1:{port}/metrics") as metrics:
+                    text = await metrics.text()
+                assert "localdisk_controller_leader 1.0" in text
+                assert "localdisk_node_loss_released_volumes_total 1.0" in text
+                os.kill(os.getpid(), signal.SIGTERM)  # what the kubelet sends: main() must stop cleanly
+    lease = fake.get("leases", "localdisk-controller", "localdisk")
+    assert lease is not None and lease["spec"]["holderIdentity"] == "", "released on the way out"
+
+
+def test_cli_controller_command_is_there() -> None:
+    result = CliRunner().invoke(app, ["controller", "--help"])
+    assert result.exit_code == 0
+    assert "--resync-period" in result.output and "--lease-name" in result.output
+
+
+def test_cli_controller_without_a_cluster_fails_with_a_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    missing = tmp_path / "no-such-kubeconfig"
+    result = CliRunner().invoke(app, ["controller", "--kubeconfig", str(missing), "--http-port", "0"])
+    assert result.exit_code == 1
+    assert "cannot reach Kubernetes" in result.output
+
+
+def test_names_match_the_csi_layer() -> None:
+    assert localdisk.k8s.DRIVER_NAME == localdisk.csi.DRIVER_NAME
+    assert localdisk.k8s.TOPOLOGY_KEY == localdisk.csi.TOPOLOGY_KEY
