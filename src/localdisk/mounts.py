@@ -378,10 +378,11 @@ class Mounter:
 
         `device`, when known, is the volume's device: once its last read-only block publication is gone it is
         made writable again."""
-        was_block = self.mount_at(target) is not None and _is_block_node(target)
+        mount = self.mount_at(target)
+        was_readonly_block = mount is not None and mount.readonly and _is_block_node(target)
         await self._unmount_all(target)
         self._remove_target(target)
-        if was_block and device is not None and not any(m.readonly for m in self.block_binds(device)):
+        if was_readonly_block and device is not None and not any(m.readonly for m in self.block_binds(device)):
             await self.runner.run(["blockdev", "--setrw", device], check=False)  # the device may be gone
 
     # -- stats / expansion ----------------------------------------------------------------------------------
