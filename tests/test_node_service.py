@@ -18,6 +18,7 @@ from grpclib.const import Status
 from localdisk import CreateRequest, ObjectRef, VolumeManager, parse_config
 from localdisk._proto.csi.v1 import (
     CapacityRange,
+    DeleteVolumeRequest,
     NodeExpandVolumeRequest,
     NodeGetCapabilitiesRequest,
     NodeGetVolumeStatsRequest,
@@ -36,7 +37,7 @@ from localdisk.errors import InvalidArgument
 from localdisk.mounts import Mounter, mount_flags, parse_mountinfo
 from localdisk.registry import PoolConfig
 from localdisk.runner import CommandRunner
-from tests.contract import BackendContract
+from tests.contract import BackendContract, manager_for
 from tests.csi_helpers import Csi, Mode, block_cap, create_request, csi_for, mount_cap
 from tests.loopbackend import LoopBackend, require_loop_devices
 from tests.node_lifecycle import NodeLifecycle, expect, kubelet_paths, release_mounts
@@ -91,6 +92,31 @@ class TestLoopNode(NodeLifecycle):
             listed = await runner.run(["losetup", "--list", "--noheadings", "--output", "NAME"])
             assert device not in listed.text.split()
             assert Mounter(runner).mounts_under(str(kubelet_root)) == []
+
+    @pytest.mark.parametrize(("pool_fs", "expected"), [("xfs", "xfs"), (None, "btrfs")])
+    async def test_filesystem_of_an_empty_device_comes_from_pool_then_node(
+        self, backend: LoopBackend, kubelet_root: Path, runner: CommandRunner, pool_fs: str | None, expected: str
+    ) -> None:
+        config = NodeConfig(
+            node=NodeSettings(kubelet_dir=str(kubelet_root), default_fs="btrfs"),
+            pools=(PoolEntry(backend.kind, backend.pool, PoolConfig(fs_type=pool_fs)),),
+        )
+        async with csi_for(manager_for(backend), config=config) as csi:
+            volume_id = await self.create(csi, backend, "pvc-default-fs", mount_cap(""))
+            paths = kubelet_paths(kubelet_root, "pvc-default-fs", block=False)
+            await self.stage_and_publish(csi, volume_id, paths, mount_cap(""))
+            device = await self.device_of(csi, volume_id)
+            assert (await Mounter(runner).probe(device)).fs_type == expected
+            await self.unpublish_and_unstage(csi, volume_id, paths)
+        # Without fs_type, a device that has a filesystem keeps it, whatever the defaults say now (ext4 here).
+        plain = NodeConfig(node=NodeSettings(kubelet_dir=str(kubelet_root)))
+        async with csi_for(manager_for(backend), config=plain) as csi:
+            await self.stage_and_publish(csi, volume_id, paths, mount_cap(""))
+            staged = Mounter(runner).mount_at(paths.staging)
+            assert staged is not None and staged.fs_type == expected
+            assert (await Mounter(runner).probe(device)).fs_type == expected
+            await self.unpublish_and_unstage(csi, volume_id, paths)
+            await csi.controller.delete_volume(DeleteVolumeRequest(volume_id=volume_id))
 
     async def test_resized_loop_shows_in_block_stats(self, csi: Csi, backend: LoopBackend, kubelet_root: Path) -> None:
         volume_id = await self.create(csi, backend, "pvc-block-size", block_cap())
@@ -386,7 +412,6 @@ async def test_default_filesystem_comes_from_pool_then_node(tmp_path: Path) -> N
     service = NodeService(fake_manager(), "node-1", config)
     manager = service.manager
     volume = await manager.create_volume(CreateRequest(name="pvc-fs", backend="fake", required_bytes=1 << 20))
-    assert service._fs_type(volume, mount_cap("")) == "btrfs"
-    assert service._fs_type(volume, mount_cap("ext4")) == "ext4"
+    assert service._default_fs(volume) == "btrfs"
     in_fast = replace(volume, ref=ObjectRef("fake", "fast", volume.ref.handle))
-    assert service._fs_type(in_fast, mount_cap("")) == "xfs"
+    assert service._default_fs(in_fast) == "xfs"

@@ -258,46 +258,61 @@ class Mounter:
         return int(result.text.strip())
 
     # -- formatting -----------------------------------------------------------------------------------------
-    async def ensure_filesystem(self, device: str, fs_type: str) -> bool:
-        """Make sure `device` holds `fs_type`: format it if it carries no signature at all, accept it if it holds
-        that filesystem, refuse otherwise. Returns whether it was formatted."""
-        if fs_type not in MKFS:
-            raise InvalidArgument(f"filesystem {fs_type!r} is not supported; use one of {', '.join(FILESYSTEMS)}")
+    async def ensure_filesystem(self, device: str, fs_type: str | None, default_fs: str = "ext4") -> str:
+        """Make sure `device` holds a filesystem and return its type.
+
+        With `fs_type` given, the device must hold that filesystem or nothing at all (then it is formatted with
+        it). Without, any supported filesystem on the device is kept, and an empty device gets `default_fs`.
+        Anything else is refused: a device with data is never formatted."""
+        for wanted in (fs_type, default_fs):
+            if wanted is not None and wanted not in MKFS:
+                raise InvalidArgument(f"filesystem {wanted!r} is not supported; use one of {', '.join(FILESYSTEMS)}")
         found = await self.probe(device)
-        if found.fs_type == fs_type:
-            return False
+        if found.fs_type is not None and found.fs_type == (fs_type or found.fs_type) and found.fs_type in MKFS:
+            return found.fs_type
         if found.fs_type:
             raise FailedPrecondition(
                 f"device {device} already holds {found.description}, not {fs_type}; localdisk never reformats a"
                 f" device. Ask for fs_type {found.fs_type!r} if that is the volume's filesystem, or wipe the device"
                 " yourself if its data is not needed"
+                if fs_type
+                else f"device {device} holds {found.description}, which localdisk does not mount"
+                f" ({', '.join(FILESYSTEMS)}); localdisk never reformats a device"
             )
         if not found.empty:
             raise FailedPrecondition(
-                f"device {device} holds {found.description}; localdisk formats only devices without any signature."
-                " Wipe the device yourself if its content is not needed"
+                f"device {device} holds {found.description}; localdisk formats only devices without any signature"
+                " and never reformats one. Wipe the device yourself if its content is not needed"
             )
-        await self.runner.run([*MKFS[fs_type], "--", device], timeout=600)
+        chosen = fs_type or default_fs
+        await self.runner.run([*MKFS[chosen], "--", device], timeout=600)
         again = await self.probe(device)
-        if again.fs_type != fs_type:
-            raise BackendFailure(f"mkfs of {fs_type} on {device} finished, but blkid now finds {again.description}")
-        return True
+        if again.fs_type != chosen:
+            raise BackendFailure(f"mkfs of {chosen} on {device} finished, but blkid now finds {again.description}")
+        return chosen
 
     # -- stage / unstage ------------------------------------------------------------------------------------
     async def stage(
-        self, device: str, staging: str, fs_type: str, flags: Sequence[str] = (), readonly: bool = False
-    ) -> None:
-        """Mount `device` (formatted on first use) at the staging directory; idempotent."""
+        self,
+        device: str,
+        staging: str,
+        fs_type: str | None,
+        flags: Sequence[str] = (),
+        readonly: bool = False,
+        default_fs: str = "ext4",
+    ) -> str:
+        """Mount `device` at the staging directory, formatted on first use; idempotent. `fs_type` None accepts
+        the filesystem already on the device, or formats an empty one with `default_fs`. Returns the type."""
         rdev = device_number(device)
         existing = self.mount_at(staging)
         if existing is not None:
-            if self.mounted_from(existing, rdev) and existing.fs_type == fs_type:
-                return
+            if self.mounted_from(existing, rdev) and existing.fs_type == (fs_type or existing.fs_type):
+                return existing.fs_type
             raise AlreadyExists(
-                f"{staging} already has {existing.fs_type} from {existing.source} mounted, not {fs_type} from"
-                f" {device}; unstage it first"
+                f"{staging} already has {existing.fs_type} from {existing.source} mounted, not"
+                f" {fs_type or 'a filesystem'} from {device}; unstage it first"
             )
-        await self.ensure_filesystem(device, fs_type)
+        fs_type = await self.ensure_filesystem(device, fs_type, default_fs)
         options = list(mount_flags(flags))
         if readonly:
             options.append("ro")
@@ -306,6 +321,7 @@ class Mounter:
         os.makedirs(staging, exist_ok=True)
         argv = ["mount", "-t", fs_type, *(["-o", ",".join(options)] if options else []), "--", device, staging]
         await self._mount(argv, staging)
+        return fs_type
 
     async def unstage(self, staging: str) -> None:
         """Unmount whatever is mounted at the staging directory; nothing mounted is success."""

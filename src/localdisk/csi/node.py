@@ -2,8 +2,9 @@
 
 Backend-agnostic: the `VolumeManager` says which device a volume is (`Volume.device_path`), `localdisk.mounts`
 formats, mounts, binds, grows and measures it. This module validates each request (fields, access mode, paths
-inside the kubelet root), picks the filesystem (capability, else the pool's `fs_type`, else `node.default_fs`),
-and refuses a second concurrent call for the same volume with ABORTED, as CSI asks.
+inside the kubelet root), picks the filesystem for an empty device (capability, else the pool's `fs_type`, else
+`node.default_fs`; a capability without fs_type keeps whatever supported filesystem the device already has), and
+refuses a second concurrent call for the same volume with ABORTED, as CSI asks.
 """
 
 from __future__ import annotations
@@ -92,9 +93,8 @@ class NodeService(NodeBase):
         except NotFound:
             return None
 
-    def _fs_type(self, volume: Volume, cap: VolumeCapability) -> str:
-        if cap.mount is not None and cap.mount.fs_type:
-            return cap.mount.fs_type
+    def _default_fs(self, volume: Volume) -> str:
+        """The filesystem an empty device of `volume` gets when the capability names none."""
         return self.pool_fs.get((volume.ref.backend, volume.ref.pool)) or self.default_fs
 
     # -- stage ------------------------------------------------------------------------------------------------
@@ -111,7 +111,12 @@ class NodeService(NodeBase):
                 device_number(device)
                 return NodeStageVolumeResponse()
             await self.mounter.stage(
-                device, staging, self._fs_type(volume, cap), cap.mount.mount_flags, readonly=_reader_only(cap)
+                device,
+                staging,
+                cap.mount.fs_type or None,
+                cap.mount.mount_flags,
+                readonly=_reader_only(cap),
+                default_fs=self._default_fs(volume),
             )
         return NodeStageVolumeResponse()
 
@@ -139,7 +144,7 @@ class NodeService(NodeBase):
             staged = self.mounter.mount_at(staging)
             if staged is not None and not self.mounter.mounted_from(staged, device_number(device)):
                 raise FailedPrecondition(f"{staging} is not where volume {volume.id} is staged")
-            wanted = self._fs_type(volume, cap) if cap.mount.fs_type else None
+            wanted = cap.mount.fs_type
             if staged is not None and wanted and staged.fs_type != wanted:
                 raise FailedPrecondition(f"volume {volume.id} is staged as {staged.fs_type}, not {wanted}")
             await self.mounter.publish_filesystem(staging, target, readonly, cap.mount.mount_flags)
