@@ -327,6 +327,22 @@ class NodeLifecycle:
         assert (await Mounter(runner).probe(device)).description == "a swap other signature"
         await csi.controller.delete_volume(DeleteVolumeRequest(volume_id=volume_id))
 
+    async def test_published_raw_block_is_never_formatted(
+        self, csi: Csi, backend: VolumeBackend, kubelet_root: Path, runner: CommandRunner
+    ) -> None:
+        volume_id = await self.create(csi, backend, "pvc-raw-busy", capability("block"))
+        raw = kubelet_paths(kubelet_root, "pvc-raw-busy", block=True)
+        await self.stage_and_publish(csi, volume_id, raw, capability("block"))
+        as_fs = kubelet_paths(kubelet_root, "pvc-raw-busy", block=False)
+        request = NodeStageVolumeRequest(
+            volume_id=volume_id, staging_target_path=as_fs.staging, volume_capability=capability("ext4")
+        )
+        error = await expect(Status.FAILED_PRECONDITION, csi.node.node_stage_volume(request))
+        assert "raw block" in error
+        assert (await Mounter(runner).probe(await self.device_of(csi, volume_id))).empty
+        await self.unpublish_and_unstage(csi, volume_id, raw)
+        await csi.controller.delete_volume(DeleteVolumeRequest(volume_id=volume_id))
+
     async def test_restage_with_other_filesystem_is_already_exists(
         self, csi: Csi, backend: VolumeBackend, kubelet_root: Path
     ) -> None:

@@ -284,6 +284,12 @@ class Mounter:
                 f"device {device} holds {found.description}; localdisk formats only devices without any signature"
                 " and never reformats one. Wipe the device yourself if its content is not needed"
             )
+        published = self.block_binds(device)
+        if published:
+            raise FailedPrecondition(
+                f"device {device} is published as a raw block volume at {published[0].mount_point}; its data is"
+                " not a filesystem blkid can see, so it is not formatted"
+            )
         chosen = fs_type or default_fs
         await self.runner.run([*MKFS[chosen], "--", device], timeout=600)
         again = await self.probe(device)

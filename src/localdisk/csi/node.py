@@ -9,6 +9,8 @@ refuses a second concurrent call for the same volume with ABORTED, as CSI asks.
 
 from __future__ import annotations
 
+import logging
+
 from localdisk._proto.csi.v1 import (
     NodeBase,
     NodeExpandVolumeRequest,
@@ -39,12 +41,13 @@ from localdisk.config import NodeConfig
 from localdisk.csi import convert, validate
 from localdisk.csi.paths import KubeletPaths
 from localdisk.csi.status import rpc
-from localdisk.errors import AlreadyExists, FailedPrecondition, NotFound, OutOfRange
+from localdisk.errors import AlreadyExists, FailedPrecondition, LocalDiskError, NotFound, OutOfRange
 from localdisk.manager import KeyedGuard, VolumeManager
 from localdisk.model import Volume
 from localdisk.mounts import Mounter, device_number, mount_flags
 
 Cap = NodeServiceCapabilityRpcType
+log = logging.getLogger(__name__)
 
 
 def _capability(cap: VolumeCapability | None) -> VolumeCapability:
@@ -88,9 +91,11 @@ class NodeService(NodeBase):
         return volume, volume.device_path
 
     async def _device_if_known(self, volume_id: str) -> str | None:
+        """The volume's device for clean-up work: unknown (None) must never keep a pod's mount from going."""
         try:
             return (await self.manager.get_volume(volume_id)).device_path
-        except NotFound:
+        except LocalDiskError as exc:
+            log.info("volume %s: device unknown during clean-up: %s", volume_id, exc.message)
             return None
 
     def _default_fs(self, volume: Volume) -> str:
