@@ -34,7 +34,7 @@ from localdisk._proto.csi.v1 import (
 from localdisk.config import NodeConfig, NodeSettings, PoolEntry
 from localdisk.csi.node import NodeService
 from localdisk.errors import InvalidArgument
-from localdisk.mounts import Mounter, mount_flags, parse_mountinfo
+from localdisk.mounts import Mounter, Signature, mount_flags, parse_mountinfo, parse_probe
 from localdisk.registry import PoolConfig
 from localdisk.runner import CommandRunner
 from tests.contract import BackendContract, manager_for
@@ -415,3 +415,19 @@ async def test_default_filesystem_comes_from_pool_then_node(tmp_path: Path) -> N
     assert service._default_fs(volume) == "btrfs"
     in_fast = replace(volume, ref=ObjectRef("fake", "fast", volume.ref.handle))
     assert service._default_fs(in_fast) == "xfs"
+
+
+def test_parse_probe() -> None:
+    partition_entry_only = (  # recorded: blkid -p -o export on an empty GPT partition made by the partition backend
+        "DEVNAME=/dev/loop0p1\nPART_ENTRY_SCHEME=gpt\nPART_ENTRY_NAME=ld-fvyrmqvxe2yeialcpsu7xlbs6xefgd5r\n"
+        "PART_ENTRY_UUID=92c188e4-a004-4fc3-b09a-bd30ad67b7ed\nPART_ENTRY_TYPE=0fc63daf-8483-4772-8e79-3d69d8477de4\n"
+        "PART_ENTRY_NUMBER=1\nPART_ENTRY_OFFSET=2048\nPART_ENTRY_SIZE=655360\nPART_ENTRY_DISK=7:0\n"
+    )
+    assert parse_probe(partition_entry_only).empty
+    xfs = "DEVNAME=/dev/loop0\nUUID=1f6bbcea\nBLOCK_SIZE=512\nTYPE=xfs\nUSAGE=filesystem\n"
+    assert parse_probe(xfs) == Signature("xfs", "an xfs filesystem")
+    assert parse_probe(partition_entry_only + "TYPE=ext4\nUSAGE=filesystem\n").fs_type == "ext4"
+    assert parse_probe("DEVNAME=/dev/loop0\nPTUUID=ab\nPTTYPE=gpt\n").description == "a gpt partition table"
+    swap = parse_probe("DEVNAME=/dev/loop0\nVERSION=1\nTYPE=swap\nUSAGE=other\n")
+    assert swap.fs_type is None and not swap.empty
+    assert not parse_probe("DEVNAME=/dev/loop0\nSBMAGIC=xyz\n").empty

@@ -165,6 +165,22 @@ class Signature:
         return self.description is None
 
 
+def parse_probe(text: str) -> Signature:
+    """Read `blkid -p -o export` output. On a partition blkid also describes the partition's own entry in the
+    parent table (PART_ENTRY_*): that is not a signature on the device and says nothing about its content."""
+    values = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    fs_type = values.get("TYPE")
+    usage = values.get("USAGE", "")
+    if fs_type:
+        kind = "filesystem" if usage == "filesystem" else f"{usage or 'unknown'} signature"
+        return Signature(fs_type if usage == "filesystem" else None, f"{_article(fs_type)} {fs_type} {kind}")
+    if values.get("PTTYPE"):
+        return Signature(description=f"{_article(values['PTTYPE'])} {values['PTTYPE']} partition table")
+    if any(key != "DEVNAME" and not key.startswith("PART_ENTRY_") for key in values):
+        return Signature(description="an unidentified signature (" + ", ".join(sorted(values)) + ")")
+    return Signature()
+
+
 @dataclass(frozen=True)
 class PathStats:
     """Usage of a staged or published volume, and what is wrong with it, if anything."""
@@ -242,15 +258,7 @@ class Mounter:
             return Signature(description="several conflicting signatures (blkid: ambivalent result)")
         if result.returncode != 0:
             raise CommandFailed(result.argv, result.returncode, result.error_text)
-        values = dict(line.split("=", 1) for line in result.text.splitlines() if "=" in line)
-        fs_type = values.get("TYPE")
-        usage = values.get("USAGE", "")
-        if fs_type:
-            kind = "filesystem" if usage == "filesystem" else f"{usage or 'unknown'} signature"
-            return Signature(fs_type if usage == "filesystem" else None, f"{_article(fs_type)} {fs_type} {kind}")
-        if values.get("PTTYPE"):
-            return Signature(description=f"{_article(values['PTTYPE'])} {values['PTTYPE']} partition table")
-        return Signature(description="an unidentified signature")
+        return parse_probe(result.text)
 
     async def device_size(self, path: str) -> int:
         # blockdev takes no `--`; _absolute keeps the path from reading as an option.
@@ -420,7 +428,10 @@ class Mounter:
         rdev = os.stat(path).st_rdev if block else None
         problem = self._device_problem(device, mount, rdev)
         if block:
-            size = await self.device_size(path)
+            try:
+                size = await self.device_size(path)
+            except CommandFailed as exc:  # ENXIO: the node names a device number that no longer exists
+                return PathStats(block=True, problem=problem or f"the device published at {path} is gone: {exc}")
             if size == 0 and problem is None:
                 problem = f"the device published at {path} has size 0: it was detached"
             return PathStats(block=True, total_bytes=size, problem=problem)
@@ -446,6 +457,11 @@ class Mounter:
             raise NotFound(f"volume path {path} does not exist")
         rdev = device_number(device)
         if _is_block_node(path):
+            if not self._is_node_of(path, rdev):
+                raise FailedPrecondition(
+                    f"{path} no longer refers to {device} ({_dev_name(rdev)}): the device was removed or renumbered"
+                    " while published; unpublish and publish the volume again"
+                )
             return await self.device_size(device)
         mount = self.mount_at(path)
         if mount is None:
