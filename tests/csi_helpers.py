@@ -20,6 +20,7 @@ from localdisk._proto.csi.v1 import (
     VolumeCapabilityBlockVolume,
     VolumeCapabilityMountVolume,
 )
+from localdisk.config import NodeConfig
 from localdisk.csi.server import services
 from localdisk.manager import VolumeManager
 
@@ -63,6 +64,8 @@ class Csi:
 
 
 @asynccontextmanager
-async def csi_for(manager: VolumeManager, node_id: str = "node-1") -> AsyncIterator[Csi]:
-    async with manager.session(), ChannelFor(services(manager, node_id)) as channel:
+async def csi_for(
+    manager: VolumeManager, node_id: str = "node-1", config: NodeConfig | None = None
+) -> AsyncIterator[Csi]:
+    async with manager.session(), ChannelFor(services(manager, node_id, config=config)) as channel:
         yield Csi(IdentityStub(channel), ControllerStub(channel), NodeStub(channel), manager)

@@ -79,7 +79,7 @@ def serve(
             log.warning("no --config given: serving one in-memory 'fake' pool (development only, data is not kept)")
         metrics = Metrics()
         manager = VolumeManager.from_config(cfg, CommandRunner(observers=[metrics.observe_command]))
-        anyio.run(run_server, manager, node_id or socket.gethostname(), endpoint, metrics, metrics_address)
+        anyio.run(run_server, manager, node_id or socket.gethostname(), endpoint, metrics, metrics_address, cfg)
     except LocalDiskError as exc:
         raise fail(exc.message) from None
     except KeyboardInterrupt:

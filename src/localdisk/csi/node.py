@@ -1,24 +1,230 @@
-"""CSI Node service: identity of this node and its topology."""
+"""CSI Node service: makes a volume's device usable by pods on this node.
+
+Backend-agnostic: the `VolumeManager` says which device a volume is (`Volume.device_path`), `localdisk.mounts`
+formats, mounts, binds, grows and measures it. This module validates each request (fields, access mode, paths
+inside the kubelet root), picks the filesystem for an empty device (capability, else the pool's `fs_type`, else
+`node.default_fs`; a capability without fs_type keeps whatever supported filesystem the device already has), and
+refuses a second concurrent call for the same volume with ABORTED, as CSI asks.
+"""
 
 from __future__ import annotations
 
+import logging
+
 from localdisk._proto.csi.v1 import (
     NodeBase,
+    NodeExpandVolumeRequest,
+    NodeExpandVolumeResponse,
     NodeGetCapabilitiesRequest,
     NodeGetCapabilitiesResponse,
     NodeGetInfoRequest,
     NodeGetInfoResponse,
+    NodeGetVolumeStatsRequest,
+    NodeGetVolumeStatsResponse,
+    NodePublishVolumeRequest,
+    NodePublishVolumeResponse,
+    NodeServiceCapability,
+    NodeServiceCapabilityRpc,
+    NodeServiceCapabilityRpcType,
+    NodeStageVolumeRequest,
+    NodeStageVolumeResponse,
+    NodeUnpublishVolumeRequest,
+    NodeUnpublishVolumeResponse,
+    NodeUnstageVolumeRequest,
+    NodeUnstageVolumeResponse,
+    VolumeCapability,
+    VolumeCondition,
+    VolumeUsage,
+    VolumeUsageUnit,
 )
-from localdisk.csi import convert
+from localdisk.config import NodeConfig
+from localdisk.csi import convert, validate
+from localdisk.csi.paths import KubeletPaths
 from localdisk.csi.status import rpc
-from localdisk.manager import VolumeManager
+from localdisk.errors import AlreadyExists, FailedPrecondition, LocalDiskError, NotFound, OutOfRange
+from localdisk.manager import KeyedGuard, VolumeManager
+from localdisk.model import Volume
+from localdisk.mounts import Mounter, device_number, mount_flags
+
+Cap = NodeServiceCapabilityRpcType
+log = logging.getLogger(__name__)
+
+
+def _capability(cap: VolumeCapability | None) -> VolumeCapability:
+    validate.require(cap, "volume_capability")
+    assert cap is not None
+    validate.check_capability(cap, "volume_capability")
+    if cap.mount is not None:
+        mount_flags(cap.mount.mount_flags, "volume_capability.mount.mount_flags")
+    return cap
+
+
+def _reader_only(cap: VolumeCapability) -> bool:
+    return cap.access_mode is not None and cap.access_mode.mode == validate.Mode.SINGLE_NODE_READER_ONLY
 
 
 class NodeService(NodeBase):
-    def __init__(self, manager: VolumeManager, node_id: str) -> None:
+    def __init__(
+        self,
+        manager: VolumeManager,
+        node_id: str,
+        config: NodeConfig | None = None,
+        mounter: Mounter | None = None,
+    ) -> None:
+        config = config or NodeConfig()
         self.manager = manager
         self.node_id = node_id
+        self.paths = KubeletPaths(config.node.kubelet_dir)
+        self.default_fs: str = config.node.default_fs
+        self.pool_fs = {(p.backend, p.name): p.config.fs_type for p in config.pools if p.config.fs_type}
+        self.mounter = mounter or Mounter()
+        self._guard = KeyedGuard()
 
+    async def _device(self, volume_id: str) -> tuple[Volume, str]:
+        volume = await self.manager.get_volume(volume_id)
+        if volume.abnormal is not None:
+            raise FailedPrecondition(f"volume {volume_id} is not usable: {volume.abnormal}")
+        if not volume.device_path:
+            raise FailedPrecondition(
+                f"volume {volume_id} has no device on this node (backend {volume.ref.backend!r} gives none)"
+            )
+        return volume, volume.device_path
+
+    async def _device_if_known(self, volume_id: str) -> str | None:
+        """The volume's device for clean-up work: unknown (None) must never keep a pod's mount from going."""
+        try:
+            return (await self.manager.get_volume(volume_id)).device_path
+        except LocalDiskError as exc:
+            log.info("volume %s: device unknown during clean-up: %s", volume_id, exc.message)
+            return None
+
+    def _default_fs(self, volume: Volume) -> str:
+        """The filesystem an empty device of `volume` gets when the capability names none."""
+        return self.pool_fs.get((volume.ref.backend, volume.ref.pool)) or self.default_fs
+
+    # -- stage ------------------------------------------------------------------------------------------------
+    @rpc
+    async def node_stage_volume(self, message: NodeStageVolumeRequest) -> NodeStageVolumeResponse:
+        validate.require(message.volume_id, "volume_id")
+        staging = self.paths.check(message.staging_target_path, "staging_target_path")
+        cap = _capability(message.volume_capability)
+        with self._guard.hold(message.volume_id):
+            volume, device = await self._device(message.volume_id)
+            if cap.mount is None:  # raw block: published straight from the device, nothing to stage
+                if self.mounter.mount_at(staging) is not None:
+                    raise AlreadyExists(f"{staging} has a filesystem mounted; unstage it before staging a block volume")
+                device_number(device)
+                return NodeStageVolumeResponse()
+            await self.mounter.stage(
+                device,
+                staging,
+                cap.mount.fs_type or None,
+                cap.mount.mount_flags,
+                readonly=_reader_only(cap),
+                default_fs=self._default_fs(volume),
+            )
+        return NodeStageVolumeResponse()
+
+    @rpc
+    async def node_unstage_volume(self, message: NodeUnstageVolumeRequest) -> NodeUnstageVolumeResponse:
+        validate.require(message.volume_id, "volume_id")
+        staging = self.paths.check(message.staging_target_path, "staging_target_path")
+        with self._guard.hold(message.volume_id):
+            await self.mounter.unstage(staging)
+        return NodeUnstageVolumeResponse()
+
+    # -- publish ----------------------------------------------------------------------------------------------
+    @rpc
+    async def node_publish_volume(self, message: NodePublishVolumeRequest) -> NodePublishVolumeResponse:
+        validate.require(message.volume_id, "volume_id")
+        target = self.paths.check(message.target_path, "target_path")
+        staging = self.paths.check(message.staging_target_path, "staging_target_path")
+        cap = _capability(message.volume_capability)
+        readonly = message.readonly or _reader_only(cap)
+        with self._guard.hold(message.volume_id):
+            volume, device = await self._device(message.volume_id)
+            if cap.mount is None:
+                await self.mounter.publish_block(device, target, readonly)
+                return NodePublishVolumeResponse()
+            staged = self.mounter.mount_at(staging)
+            if staged is not None and not self.mounter.mounted_from(staged, device_number(device)):
+                raise FailedPrecondition(f"{staging} is not where volume {volume.id} is staged")
+            wanted = cap.mount.fs_type
+            if staged is not None and wanted and staged.fs_type != wanted:
+                raise FailedPrecondition(f"volume {volume.id} is staged as {staged.fs_type}, not {wanted}")
+            await self.mounter.publish_filesystem(staging, target, readonly, cap.mount.mount_flags)
+        return NodePublishVolumeResponse()
+
+    @rpc
+    async def node_unpublish_volume(self, message: NodeUnpublishVolumeRequest) -> NodeUnpublishVolumeResponse:
+        validate.require(message.volume_id, "volume_id")
+        target = self.paths.check(message.target_path, "target_path")
+        with self._guard.hold(message.volume_id):
+            await self.mounter.unpublish(target, await self._device_if_known(message.volume_id))
+        return NodeUnpublishVolumeResponse()
+
+    # -- stats and expansion ----------------------------------------------------------------------------------
+    @rpc
+    async def node_get_volume_stats(self, message: NodeGetVolumeStatsRequest) -> NodeGetVolumeStatsResponse:
+        validate.require(message.volume_id, "volume_id")
+        path = self.paths.check(message.volume_path, "volume_path")
+        self.paths.check_optional(message.staging_target_path, "staging_target_path")
+        problem: str | None = None
+        device: str | None = None
+        try:
+            volume = await self.manager.get_volume(message.volume_id)
+        except NotFound as exc:
+            problem = f"the volume no longer exists: {exc.message}"
+        else:
+            device, problem = volume.device_path, volume.abnormal
+        stats = await self.mounter.stats(path, device)
+        problem = problem or stats.problem
+        usage = [VolumeUsage(unit=VolumeUsageUnit.BYTES, total=stats.total_bytes)]
+        if not stats.block:
+            usage = [
+                VolumeUsage(
+                    unit=VolumeUsageUnit.BYTES,
+                    total=stats.total_bytes,
+                    available=stats.available_bytes,
+                    used=stats.used_bytes,
+                )
+            ]
+            if stats.total_inodes:  # btrfs allocates inodes dynamically and reports none
+                usage.append(
+                    VolumeUsage(
+                        unit=VolumeUsageUnit.INODES,
+                        total=stats.total_inodes,
+                        available=stats.free_inodes,
+                        used=stats.used_inodes,
+                    )
+                )
+        return NodeGetVolumeStatsResponse(
+            usage=usage,
+            volume_condition=VolumeCondition(abnormal=problem is not None, message=problem or "volume is healthy"),
+        )
+
+    @rpc
+    async def node_expand_volume(self, message: NodeExpandVolumeRequest) -> NodeExpandVolumeResponse:
+        validate.require(message.volume_id, "volume_id")
+        path = self.paths.check(message.volume_path, "volume_path")
+        self.paths.check_optional(message.staging_target_path, "staging_target_path")
+        required, limit = validate.capacity(message.capacity_range)
+        if message.volume_capability is not None:
+            validate.check_capability(message.volume_capability, "volume_capability")
+        with self._guard.hold(message.volume_id):
+            _, device = await self._device(message.volume_id)
+            size = await self.mounter.device_size(device)
+            if required and size < required:
+                raise FailedPrecondition(
+                    f"the device of volume {message.volume_id} has {size} bytes, less than the {required} asked;"
+                    " ControllerExpandVolume must grow the volume first"
+                )
+            if limit and size > limit:
+                raise OutOfRange(f"the device of volume {message.volume_id} has {size} bytes, over limit {limit}")
+            capacity = await self.mounter.expand(path, device)
+        return NodeExpandVolumeResponse(capacity_bytes=capacity)
+
+    # -- identity ---------------------------------------------------------------------------------------------
     @rpc
     async def node_get_info(self, message: NodeGetInfoRequest) -> NodeGetInfoResponse:
         return NodeGetInfoResponse(
@@ -27,4 +233,13 @@ class NodeService(NodeBase):
 
     @rpc
     async def node_get_capabilities(self, message: NodeGetCapabilitiesRequest) -> NodeGetCapabilitiesResponse:
-        return NodeGetCapabilitiesResponse(capabilities=[])
+        caps = [
+            Cap.STAGE_UNSTAGE_VOLUME,
+            Cap.GET_VOLUME_STATS,
+            Cap.EXPAND_VOLUME,
+            Cap.VOLUME_CONDITION,
+            Cap.SINGLE_NODE_MULTI_WRITER,
+        ]
+        return NodeGetCapabilitiesResponse(
+            capabilities=[NodeServiceCapability(rpc=NodeServiceCapabilityRpc(type=c)) for c in caps]
+        )

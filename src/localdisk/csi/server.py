@@ -12,6 +12,7 @@ from grpclib._typing import IServable
 from grpclib.server import Server
 from grpclib.utils import graceful_exit
 
+from localdisk.config import NodeConfig
 from localdisk.csi.controller import ControllerService
 from localdisk.csi.identity import IdentityService
 from localdisk.csi.node import NodeService
@@ -45,11 +46,13 @@ def remove_stale_socket(path: Path) -> None:
     path.unlink()
 
 
-def services(manager: VolumeManager, node_id: str, metrics: Metrics | None = None) -> list[IServable]:
+def services(
+    manager: VolumeManager, node_id: str, metrics: Metrics | None = None, config: NodeConfig | None = None
+) -> list[IServable]:
     servicers: list[IServable] = [
         IdentityService(),
         ControllerService(manager, node_id),
-        NodeService(manager, node_id),
+        NodeService(manager, node_id, config),
     ]
     for servicer in servicers:
         servicer.metrics = metrics  # type: ignore[attr-defined]
@@ -62,12 +65,13 @@ async def serve(
     endpoint: str,
     metrics: Metrics | None = None,
     metrics_address: str | None = None,
+    config: NodeConfig | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting, finish in-flight calls and remove the socket."""
     path = socket_path(endpoint)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_socket(path)
-    server = Server(services(manager, node_id, metrics))
+    server = Server(services(manager, node_id, metrics, config))
     async with manager.session():
         if metrics is not None and metrics_address:
             metrics.watch_pools(manager, asyncio.get_running_loop())
