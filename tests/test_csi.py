@@ -270,7 +270,8 @@ async def test_controller_capabilities(csi: Csi) -> None:
     caps = await csi.controller.controller_get_capabilities(ControllerGetCapabilitiesRequest())
     types = {c.rpc.type for c in caps.capabilities if c.rpc is not None}
     Rpc = ControllerServiceCapabilityRpcType
-    assert {Rpc.CREATE_DELETE_VOLUME, Rpc.LIST_VOLUMES, Rpc.GET_CAPACITY, Rpc.EXPAND_VOLUME, Rpc.GET_VOLUME} <= types
+    assert {Rpc.CREATE_DELETE_VOLUME, Rpc.LIST_VOLUMES, Rpc.GET_CAPACITY, Rpc.GET_VOLUME} <= types
+    assert Rpc.EXPAND_VOLUME not in types  # expansion is node-side: see ControllerService
     assert {Rpc.CREATE_DELETE_SNAPSHOT, Rpc.LIST_SNAPSHOTS, Rpc.CLONE_VOLUME} <= types  # the fake has them
     assert Rpc.PUBLISH_UNPUBLISH_VOLUME not in types  # local volumes need no attach
 

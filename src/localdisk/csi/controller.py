@@ -148,6 +148,10 @@ class ControllerService(ControllerBase):
             maximum_volume_size=max((c.maximum_volume_bytes for c in capacities), default=0),
         )
 
+    # EXPAND_VOLUME is deliberately not advertised: each node serves only its own volumes and the external-resizer
+    # has no per-node mode, so with it advertised a single leader would send every ControllerExpandVolume to its own
+    # node. Without it the resizer only records the new size and kubelet calls NodeExpandVolume on the right node,
+    # which grows the volume and then the filesystem. ControllerExpandVolume stays served for direct callers.
     @rpc
     async def controller_get_capabilities(
         self, message: ControllerGetCapabilitiesRequest
@@ -156,7 +160,6 @@ class ControllerService(ControllerBase):
             Cap.CREATE_DELETE_VOLUME,
             Cap.LIST_VOLUMES,
             Cap.GET_CAPACITY,
-            Cap.EXPAND_VOLUME,
             Cap.GET_VOLUME,
             Cap.VOLUME_CONDITION,
             Cap.SINGLE_NODE_MULTI_WRITER,

@@ -212,12 +212,18 @@ class NodeService(NodeBase):
         if message.volume_capability is not None:
             validate.check_capability(message.volume_capability, "volume_capability")
         with self._guard.hold(message.volume_id):
-            _, device = await self._device(message.volume_id)
+            volume, device = await self._device(message.volume_id)
+            if required and volume.size_bytes < required:
+                # Node-side expansion: in a per-node deployment only this node can reach the volume, and the
+                # external-resizer has no per-node mode, so the driver does not advertise controller expansion and
+                # kubelet's NodeExpandVolume grows the volume itself, then the filesystem (see docs/deploy.md).
+                await self.manager.expand_volume(message.volume_id, required, limit)
+                volume, device = await self._device(message.volume_id)
             size = await self.mounter.device_size(device)
             if required and size < required:
                 raise FailedPrecondition(
-                    f"the device of volume {message.volume_id} has {size} bytes, less than the {required} asked;"
-                    " ControllerExpandVolume must grow the volume first"
+                    f"the device of volume {message.volume_id} has {size} bytes, less than the {required} asked,"
+                    f" although the volume is {volume.size_bytes} bytes; retry once the kernel sees the new size"
                 )
             if limit and size > limit:
                 raise OutOfRange(f"the device of volume {message.volume_id} has {size} bytes, over limit {limit}")
