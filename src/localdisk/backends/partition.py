@@ -453,12 +453,16 @@ class PartitionBackend:
                     " data to a new, larger volume"
                 )
             # sfdisk, not parted: parted's resizepart asks for a confirmation when the partition is in use (mounted
-            # for online expansion), which --script answers with "no". sfdisk changes the table only; `partx`
-            # (in `_settle`) then resizes the kernel's partition in place, which works while it is mounted.
+            # for online expansion), which --script answers with "no". sfdisk changes the table only; util-linux
+            # `resizepart` (BLKPG_RESIZE_PARTITION) then grows the kernel's partition in place. Not `partx -u`:
+            # on recent kernels it deletes and re-adds a partition nobody holds open (a raw block publication holds
+            # none), which gives it a new device number and leaves the published node pointing at nothing.
             quiet = ["--quiet", "--no-reread", "--no-tell-kernel", "--wipe", "never", "--wipe-partitions", "never"]
             await self.runner.run(
                 ["sfdisk", *quiet, "-N", str(part.number), "--", table.device], input=f",{sectors}\n".encode()
             )
+            kernel_sectors = sectors * table.sector_size // 512  # resizepart counts 512-byte sectors
+            await self.runner.run(["resizepart", table.device, str(part.number), str(kernel_sectors)])
             table = await self._read(disk)
             await self._settle(table.device, table)
             grown = table.by_uuid(handle)
