@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from localdisk.commands.csi_client import csi_app
+from localdisk.commands.demo import demo
 from localdisk.commands.doctor import doctor
 from localdisk.commands.volumes import capacity, snapshot_app, volume_app
 
@@ -137,6 +138,7 @@ app.add_typer(snapshot_app, name="snapshot")
 app.command("capacity")(capacity)
 app.add_typer(csi_app, name="csi")
 app.command("doctor")(doctor)
+app.command("demo")(demo)
 
 
 def main() -> None:
