@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -13,6 +13,9 @@ from localdisk.commands.csi_client import csi_app
 from localdisk.commands.demo import demo
 from localdisk.commands.doctor import doctor
 from localdisk.commands.volumes import capacity, snapshot_app, volume_app
+
+if TYPE_CHECKING:
+    from localdisk.metrics import Metrics
 
 app = typer.Typer(help="localdisk: a CSI driver for node-local disks.", no_args_is_help=True)
 
@@ -58,6 +61,14 @@ def serve(
     metrics_address: Annotated[
         str | None, typer.Option(envvar="METRICS_ADDRESS", help="Serve Prometheus metrics on HOST:PORT.")
     ] = None,
+    orphan_report: Annotated[
+        bool | None,
+        typer.Option(help="Report volumes with no PV as a metric and Node events (default: when in a cluster)."),
+    ] = None,
+    orphan_delete_after: Annotated[
+        float | None,
+        typer.Option(help="Delete an orphan this many seconds after it was reported (default: never delete)."),
+    ] = None,
 ) -> None:
     """Run the CSI server (Identity, Controller and Node) on a unix socket."""
     import anyio
@@ -80,7 +91,9 @@ def serve(
             log.warning("no --config given: serving one in-memory 'fake' pool (development only, data is not kept)")
         metrics = Metrics()
         manager = VolumeManager.from_config(cfg, CommandRunner(observers=[metrics.observe_command]))
-        anyio.run(run_server, manager, node_id or socket.gethostname(), endpoint, metrics, metrics_address, cfg)
+        node = node_id or socket.gethostname()
+        background = _orphan_reporter(node, orphan_report, orphan_delete_after, metrics)
+        anyio.run(run_server, manager, node, endpoint, metrics, metrics_address, cfg, background)
     except LocalDiskError as exc:
         raise fail(exc.message) from None
     except KeyboardInterrupt:
@@ -139,6 +152,23 @@ app.command("capacity")(capacity)
 app.add_typer(csi_app, name="csi")
 app.command("doctor")(doctor)
 app.command("demo")(demo)
+
+
+def _orphan_reporter(node: str, enabled: bool | None, delete_after: float | None, metrics: Metrics) -> list[Any]:
+    """The orphan reporter as a background task of `serve`, when running in a cluster (or asked for)."""
+    from localdisk.k8s.client import in_cluster
+
+    if enabled is False or (enabled is None and not in_cluster()):
+        return []
+    from localdisk.k8s.orphans import OrphanSettings, report_orphans
+    from localdisk.manager import VolumeManager
+
+    settings = OrphanSettings(node, delete_after=delete_after)
+
+    async def orphan_reporter(manager: VolumeManager) -> None:
+        await report_orphans(manager, settings, registry=metrics.registry)
+
+    return [orphan_reporter]
 
 
 def main() -> None:

@@ -6,8 +6,10 @@ import asyncio
 import logging
 import os
 import stat
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
+import anyio
 from grpclib._typing import IServable
 from grpclib.server import Server
 from grpclib.utils import graceful_exit
@@ -66,8 +68,13 @@ async def serve(
     metrics: Metrics | None = None,
     metrics_address: str | None = None,
     config: NodeConfig | None = None,
+    background: Sequence[Callable[[VolumeManager], Awaitable[None]]] = (),
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then stop accepting, finish in-flight calls and remove the socket."""
+    """Serve until SIGTERM or SIGINT, then stop accepting, finish in-flight calls and remove the socket.
+
+    `background` tasks (the orphan reporter, say) run beside the server on the opened manager and are cancelled
+    when it stops; one failing is logged and does not take the CSI socket down with it.
+    """
     path = socket_path(endpoint)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_socket(path)
@@ -76,10 +83,21 @@ async def serve(
         if metrics is not None and metrics_address:
             metrics.watch_pools(manager, asyncio.get_running_loop())
             metrics.serve(metrics_address)
-        with graceful_exit([server]):
-            await server.start(path=str(path))
-            os.chmod(path, 0o660)
-            log.info("serving CSI on %s as node %s", path, node_id)
-            await server.wait_closed()
+        async with anyio.create_task_group() as tasks:
+            for task in background:
+                tasks.start_soon(_logged, task, manager)
+            with graceful_exit([server]):
+                await server.start(path=str(path))
+                os.chmod(path, 0o660)
+                log.info("serving CSI on %s as node %s", path, node_id)
+                await server.wait_closed()
+            tasks.cancel_scope.cancel()
     remove_stale_socket(path)
     log.info("stopped")
+
+
+async def _logged(task: Callable[[VolumeManager], Awaitable[None]], manager: VolumeManager) -> None:
+    try:
+        await task(manager)
+    except Exception:
+        log.exception("background task %s failed; the CSI server keeps serving", getattr(task, "__name__", task))
