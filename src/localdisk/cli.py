@@ -70,6 +70,11 @@ def serve(
         pass
 
 
+from localdisk.sandbox import sandbox_app  # noqa: E402 - light: typer and the standard library only
+
+app.add_typer(sandbox_app, name="sandbox")
+
+
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     app()
