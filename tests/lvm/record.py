@@ -37,8 +37,8 @@ async def record() -> None:
 
     await report("empty", EMPTY_VG)
     owned = ["localdisk.csi.io/owned", "localdisk.csi.io/kind=volume", "localdisk.csi.io/name.0=MFRGG"]
-    await lvm.create_linear(VG, "lin1", 8 << 20, owned)
-    await lvm.create_linear(VG, "foreign", 8 << 20, ["someone.else"])
+    await lvm.create_linear(VG, "lin1", 8 << 20, owned, wipe=True)
+    await lvm.create_linear(VG, "foreign", 8 << 20, ["someone.else"], wipe=True)
     await lvm.create_thin(VG, "pool", "thin1", 1 << 30, owned)
     await lvm.create_thin_snapshot(VG, "thin1", "snap1", ["localdisk.csi.io/kind=snapshot"], activate=False)
     await lvm.create_thin_snapshot(VG, "snap1", "clone1", ["localdisk.csi.io/kind=volume"], activate=True)

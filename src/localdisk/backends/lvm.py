@@ -32,6 +32,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import Annotated
 
 import anyio
 from pydantic import Field, field_validator
@@ -58,7 +59,7 @@ NAME_TAG = TAG_ROOT + "name."
 SOURCE_TAG = TAG_ROOT + "source="
 VOLUME, SNAPSHOT = "volume", "snapshot"
 PREFIXES = {VOLUME: "ldv-", SNAPSHOT: "lds-"}
-HANDLE = re.compile(r"^ld[vs]-[0-9a-f]{32}$")
+HANDLE = re.compile(r"ld[vs]-[0-9a-f]{32}")
 NAME_CHUNK = 512  # characters of base32 per tag; LVM allows 1024 per tag
 MAX_NAME_BYTES = 1024
 ZERO_BYTES_PER_SECOND = 100 * MiB  # a floor for the zeroing timeout, not a promise about any disk
@@ -113,7 +114,7 @@ def source_of(tags: Iterable[str]) -> tuple[str, str] | None:
     if value is None:
         return None
     kind, _, lv = value.partition(":")
-    return (kind, lv) if kind in PREFIXES and HANDLE.match(lv) else None
+    return (kind, lv) if kind in PREFIXES and HANDLE.fullmatch(lv) else None
 
 
 # -- thin pool arithmetic (pure) --------------------------------------------------------------------------------------
@@ -188,7 +189,7 @@ def _lvm_name(value: str) -> str:
 class LinearPoolConfig(PoolConfig):
     volume_group: str
     """The VG whose free extents become volumes."""
-    spare_bytes: int = Field(0, ge=0)
+    spare_bytes: Annotated[int, Field(ge=0)] = 0
     """Free space in the VG that volumes never take (for snapshots an administrator takes by hand, say)."""
 
     _check_vg = field_validator("volume_group")(_lvm_name)
@@ -198,9 +199,9 @@ class ThinPoolConfig(PoolConfig):
     volume_group: str
     thin_pool: str
     """The thin pool LV in `volume_group`; it must have zeroing on (`lvcreate -Z y` / `lvchange -Z y`)."""
-    overprovision_ratio: float = Field(10.0, ge=1.0)
+    overprovision_ratio: Annotated[float, Field(ge=1.0)] = 10.0
     """How many times its real data size the pool may promise in thin volumes and snapshots."""
-    threshold_percent: float = Field(90.0, gt=0, le=100)
+    threshold_percent: Annotated[float, Field(gt=0, le=100)] = 90.0
     """New volumes and snapshots are refused once the pool's data or metadata use reaches this percentage."""
 
     _check_names = field_validator("volume_group", "thin_pool")(_lvm_name)
@@ -326,7 +327,7 @@ class _LvmBackend:
         )
 
     async def delete_volume(self, handle: str) -> None:
-        if not handle.startswith(PREFIXES[VOLUME]) or not HANDLE.match(handle):
+        if not handle.startswith(PREFIXES[VOLUME]) or not HANDLE.fullmatch(handle):
             return
         async with self._lock:
             report = await self._report()
@@ -347,7 +348,7 @@ class _LvmBackend:
         return replace(volume, size_bytes=align_up(size_bytes, self.extent))
 
     def _get(self, report: VgReport, handle: str, kind: str) -> LogicalVolume:
-        lv = report.lv(handle) if HANDLE.match(handle) else None
+        lv = report.lv(handle) if HANDLE.fullmatch(handle) else None
         if lv is None or not self._ready(lv, kind):
             raise NotFound(f"{kind} {handle!r} not found in {self.kind} pool {self.pool!r}")
         return lv
@@ -415,7 +416,9 @@ class LinearBackend(_LvmBackend):
     async def _create(self, report: VgReport, lv: str, spec: VolumeSpec) -> bool:
         # The tags go into the same lvcreate: a crash can then never leave an LV of ours without them (it would
         # hold space nobody can see or delete). The pending tag keeps it from being handed out before it is zeroed.
-        await self.lvm.create_linear(self.vg, lv, spec.size_bytes, [*identity_tags(VOLUME, spec.name), PENDING_TAG])
+        # No wipe here: `_finish` zeroes all of it, and LVM's wipe would only repeat the first 4 KiB of that.
+        tags = [*identity_tags(VOLUME, spec.name), PENDING_TAG]
+        await self.lvm.create_linear(self.vg, lv, spec.size_bytes, tags, wipe=False)
         return True
 
     async def _finish(self, lv: str, spec: VolumeSpec, current_size: int) -> None:
@@ -486,7 +489,7 @@ class ThinBackend(_LvmBackend):
             await self.lvm.create_thin(self.vg, self.thin_pool, lv, spec.size_bytes, identity_tags(VOLUME, spec.name))
             return False
         kind = spec.source.kind.value
-        source = report.lv(spec.source_handle) if HANDLE.match(spec.source_handle) else None
+        source = report.lv(spec.source_handle) if HANDLE.fullmatch(spec.source_handle) else None
         if source is None or not self._ready(source, kind):
             raise NotFound(f"{kind} {spec.source.id!r} not found in thin pool {self.pool!r}")
         grow = align_up(spec.size_bytes, self.extent) > source.size
@@ -541,7 +544,7 @@ class ThinBackend(_LvmBackend):
         return self._snapshot(self._get(report, lv_name, SNAPSHOT))
 
     async def delete_snapshot(self, handle: str) -> None:
-        if not handle.startswith(PREFIXES[SNAPSHOT]) or not HANDLE.match(handle):
+        if not handle.startswith(PREFIXES[SNAPSHOT]) or not HANDLE.fullmatch(handle):
             return
         async with self._lock:
             report = await self._report()
