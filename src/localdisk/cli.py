@@ -171,6 +171,11 @@ def _orphan_reporter(node: str, enabled: bool | None, delete_after: float | None
     return [orphan_reporter]
 
 
+from localdisk.sandbox import sandbox_app  # noqa: E402 - light: typer and the standard library only
+
+app.add_typer(sandbox_app, name="sandbox")
+
+
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     app()

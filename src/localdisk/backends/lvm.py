@@ -1,0 +1,581 @@
+"""The `lvm` and `thin` backends: one logical volume per CSI volume, in a configured VG or thin pool.
+
+Everything localdisk knows about a volume is on the disk, in LV tags, so a restarted or reinstalled node finds its
+volumes again and nothing is lost with a side database:
+
+- `localdisk.csi.io/owned` marks an LV as ours. LVs without it are invisible: never listed, changed or removed, even
+  when they sit in the same VG or thin pool, or carry a name that looks like ours.
+- `localdisk.csi.io/kind=volume|snapshot`, `localdisk.csi.io/name.<i>=<base32>` (the CSI name, any Unicode, in
+  chunks: LVM tags allow only [A-Za-z0-9_+.-/=!:&#]) and `localdisk.csi.io/source=<kind>:<lv>` (what a snapshot was
+  taken of, what a volume was restored or cloned from).
+- `localdisk.csi.io/pending` marks a volume that exists but is not ready to hand out (a thick LV not yet zeroed, a
+  restored volume not yet grown to its size). Pending volumes are not found by name, so a retried CreateVolume
+  finishes them instead of returning them half made.
+
+The LV name is derived from the CSI name (`ldv-` or `lds-` and 32 hex digits of its SHA-256), so any CSI name works,
+none reaches a command line, and a lookup by name is one report. The volume ID is `lvm:<pool>:<lv>` or
+`thin:<pool>:<lv>`.
+
+A new thick LV would show whatever the disk held before (`lvcreate -Z y` clears only its first 4 KiB), so it is
+zeroed in full (`blkdiscard -z`: WRITE ZEROES where the device offers it, written zeros otherwise) before it is
+handed out: on the order of a second per GiB on SSDs, which is why it happens under the pending tag and not in a
+hurry. Thin volumes need no wipe: unprovisioned blocks read as zeros and a pool with zeroing on (checked at open)
+zeroes each block it provisions.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Annotated
+
+import anyio
+from pydantic import Field, field_validator
+
+from localdisk.backends.lvmcmd import LogicalVolume, Lvm, VgReport, check_name
+from localdisk.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InsufficientCapacity,
+    InvalidArgument,
+    NotFound,
+    Unsupported,
+)
+from localdisk.model import Capacity, ContentSource, Features, ObjectRef, Snapshot, SourceKind, Volume, VolumeSpec
+from localdisk.registry import BackendSpec, PoolConfig
+from localdisk.runner import CommandRunner
+from localdisk.sizes import MiB, align_up, human
+
+TAG_ROOT = "localdisk.csi.io/"
+OWNER_TAG = TAG_ROOT + "owned"
+PENDING_TAG = TAG_ROOT + "pending"
+KIND_TAG = TAG_ROOT + "kind="
+NAME_TAG = TAG_ROOT + "name."
+SOURCE_TAG = TAG_ROOT + "source="
+VOLUME, SNAPSHOT = "volume", "snapshot"
+PREFIXES = {VOLUME: "ldv-", SNAPSHOT: "lds-"}
+HANDLE = re.compile(r"ld[vs]-[0-9a-f]{32}")
+NAME_CHUNK = 512  # characters of base32 per tag; LVM allows 1024 per tag
+MAX_NAME_BYTES = 1024
+ZERO_BYTES_PER_SECOND = 100 * MiB  # a floor for the zeroing timeout, not a promise about any disk
+
+
+# -- identity on disk (pure) ------------------------------------------------------------------------------------------
+def lv_name_for(kind: str, name: str) -> str:
+    """The LV name of the volume or snapshot with CSI name `name`: safe for LVM whatever the name holds."""
+    return PREFIXES[kind] + hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def name_tags(name: str) -> list[str]:
+    raw = name.encode("utf-8", "surrogatepass")
+    if not raw or len(raw) > MAX_NAME_BYTES:
+        raise InvalidArgument(f"names must be 1 to {MAX_NAME_BYTES} bytes of UTF-8; this one has {len(raw)}")
+    encoded = base64.b32encode(raw).decode("ascii").rstrip("=")
+    chunks = [encoded[i : i + NAME_CHUNK] for i in range(0, len(encoded), NAME_CHUNK)]
+    return [f"{NAME_TAG}{index}={chunk}" for index, chunk in enumerate(chunks)]
+
+
+def decode_name(tags: Iterable[str]) -> str | None:
+    """The CSI name held by `name_tags`, or None if the tags do not hold a readable one."""
+    chunks: dict[int, str] = {}
+    for tag in tags:
+        if tag.startswith(NAME_TAG):
+            index, sep, chunk = tag[len(NAME_TAG) :].partition("=")
+            if sep and index.isdigit():
+                chunks[int(index)] = chunk
+    if not chunks or sorted(chunks) != list(range(len(chunks))):
+        return None
+    encoded = "".join(chunks[i] for i in range(len(chunks)))
+    try:
+        return base64.b32decode(encoded + "=" * (-len(encoded) % 8)).decode("utf-8", "surrogatepass")
+    except ValueError:
+        return None
+
+
+def identity_tags(kind: str, name: str, source: tuple[str, str] | None = None) -> list[str]:
+    tags = [OWNER_TAG, KIND_TAG + kind, *name_tags(name)]
+    if source is not None:
+        tags.append(f"{SOURCE_TAG}{source[0]}:{source[1]}")
+    return tags
+
+
+def tag_value(tags: Iterable[str], prefix: str) -> str | None:
+    return next((tag[len(prefix) :] for tag in tags if tag.startswith(prefix)), None)
+
+
+def source_of(tags: Iterable[str]) -> tuple[str, str] | None:
+    """(`volume` or `snapshot`, LV name) from a source tag, or None."""
+    value = tag_value(tags, SOURCE_TAG)
+    if value is None:
+        return None
+    kind, _, lv = value.partition(":")
+    return (kind, lv) if kind in PREFIXES and HANDLE.fullmatch(lv) else None
+
+
+# -- thin pool arithmetic (pure) --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ThinUse:
+    """What a thin pool holds and may still give, by the overprovision ratio and by its real free space."""
+
+    data_bytes: int  # the pool's real data size
+    used_bytes: int  # provisioned data blocks
+    virtual_bytes: int  # sum of the sizes of every thin LV in the pool (ours, foreign, snapshots)
+    data_percent: float
+    metadata_percent: float
+    ratio: float
+    threshold_percent: float
+
+    @property
+    def past_threshold(self) -> bool:
+        return self.data_percent >= self.threshold_percent or self.metadata_percent >= self.threshold_percent
+
+    @property
+    def ratio_room(self) -> int:
+        return max(int(self.data_bytes * self.ratio) - self.virtual_bytes, 0)
+
+    @property
+    def real_room(self) -> int:
+        return max(self.data_bytes - self.used_bytes, 0)
+
+    def available(self, extent: int) -> int:
+        if self.past_threshold:
+            return 0
+        return min(self.ratio_room, self.real_room) // extent * extent
+
+    def refusal(self, size: int, extent: int, where: str) -> str | None:
+        """Why a new thin LV of `size` virtual bytes must be refused, or None if it fits."""
+        if self.past_threshold:
+            return (
+                f"thin pool {where} is {self.data_percent:.1f}% full of data and {self.metadata_percent:.1f}% of"
+                f" metadata, past the {self.threshold_percent:g}% threshold; free space in it or extend it"
+            )
+        if size > self.available(extent):
+            return (
+                f"thin pool {where} can give {human(self.available(extent))} more ({human(self.ratio_room)} by the"
+                f" overprovision ratio {self.ratio:g}, {human(self.real_room)} really free); {human(size)} requested"
+            )
+        return None
+
+
+def thin_use(report: VgReport, pool: str, ratio: float, threshold: float) -> ThinUse:
+    found = report.lv(pool)
+    if found is None:
+        raise FailedPrecondition(f"thin pool {report.vg.name}/{pool} not found")
+    data_percent = found.data_percent or 0.0
+    return ThinUse(
+        data_bytes=found.size,
+        used_bytes=int(found.size * data_percent / 100),
+        virtual_bytes=sum(lv.size for lv in report.in_pool(pool)),
+        data_percent=data_percent,
+        metadata_percent=found.metadata_percent or 0.0,
+        ratio=ratio,
+        threshold_percent=threshold,
+    )
+
+
+# -- configuration ---------------------------------------------------------------------------------------------------
+def _lvm_name(value: str) -> str:
+    try:
+        return check_name(value)
+    except InvalidArgument as exc:
+        raise ValueError(exc.message) from None
+
+
+class LinearPoolConfig(PoolConfig):
+    volume_group: str
+    """The VG whose free extents become volumes."""
+    spare_bytes: Annotated[int, Field(ge=0)] = 0
+    """Free space in the VG that volumes never take (for snapshots an administrator takes by hand, say)."""
+
+    _check_vg = field_validator("volume_group")(_lvm_name)
+
+
+class ThinPoolConfig(PoolConfig):
+    volume_group: str
+    thin_pool: str
+    """The thin pool LV in `volume_group`; it must have zeroing on (`lvcreate -Z y` / `lvchange -Z y`)."""
+    overprovision_ratio: Annotated[float, Field(ge=1.0)] = 10.0
+    """How many times its real data size the pool may promise in thin volumes and snapshots."""
+    threshold_percent: Annotated[float, Field(gt=0, le=100)] = 90.0
+    """New volumes and snapshots are refused once the pool's data or metadata use reaches this percentage."""
+
+    _check_names = field_validator("volume_group", "thin_pool")(_lvm_name)
+
+
+# -- the backends --------------------------------------------------------------------------------------------------
+class _LvmBackend:
+    """What both backends share: identity, lookups, deletion, activation; subclasses decide placement and room."""
+
+    kind: str
+
+    def __init__(self, pool: str, vg: str, lvm: Lvm, runner: CommandRunner, features: Features) -> None:
+        self.pool = pool
+        self.vg = vg
+        self.lvm = lvm
+        self.runner = runner
+        self.features = features
+        self.extent = features.alignment  # replaced by the VG's extent size at open()
+        self._lock = anyio.Lock()  # check-then-change on this pool's space happens one at a time
+
+    # hooks
+    def _belongs(self, lv: LogicalVolume) -> bool:
+        raise NotImplementedError
+
+    async def _activate(self, report: VgReport) -> None:
+        raise NotImplementedError
+
+    def _check_room(self, report: VgReport, size: int) -> None:
+        raise NotImplementedError
+
+    async def _create(self, report: VgReport, lv: str, spec: VolumeSpec) -> bool:
+        """Create the LV for `spec`; True if it was created pending and needs `_finish`."""
+        raise NotImplementedError
+
+    async def _finish(self, lv: str, spec: VolumeSpec, current_size: int) -> None:
+        raise NotImplementedError
+
+    def _abnormal(self, report: VgReport, lv: LogicalVolume) -> str | None:
+        return None if lv.active else f"logical volume {self.vg}/{lv.name} is not active"
+
+    # lifecycle
+    async def open(self) -> None:
+        try:
+            report = await self.lvm.report(self.vg)
+        except NotFound:
+            raise FailedPrecondition(
+                f"{self.kind} pool {self.pool!r}: volume group {self.vg!r} not found on this node;"
+                f" create it or fix pools.{self.kind}.{self.pool}.volume_group"
+            ) from None
+        self.extent = report.vg.extent_size
+        self.features = replace(self.features, alignment=self.extent, minimum_size=self.extent)
+        await self._activate(report)
+
+    async def aclose(self) -> None:
+        return None
+
+    # reading
+    async def _report(self) -> VgReport:
+        return await self.lvm.report(self.vg)
+
+    def _ours(self, lv: LogicalVolume | None, kind: str) -> bool:
+        return (
+            lv is not None
+            and OWNER_TAG in lv.tags
+            and tag_value(lv.tags, KIND_TAG) == kind
+            and lv.name.startswith(PREFIXES[kind])
+            and self._belongs(lv)
+        )
+
+    def _ready(self, lv: LogicalVolume | None, kind: str) -> bool:
+        return self._ours(lv, kind) and PENDING_TAG not in lv.tags  # type: ignore[union-attr]
+
+    def _ref(self, lv_name: str) -> ObjectRef:
+        return ObjectRef(self.kind, self.pool, lv_name)
+
+    def _volume(self, report: VgReport, lv: LogicalVolume) -> Volume:
+        source = source_of(lv.tags)
+        return Volume(
+            ref=self._ref(lv.name),
+            name=decode_name(lv.tags) or "",
+            size_bytes=lv.size,
+            source=ContentSource(SourceKind(source[0]), str(self._ref(source[1]))) if source else None,
+            device_path=f"/dev/{self.vg}/{lv.name}",
+            abnormal=self._abnormal(report, lv),
+        )
+
+    def _claim(self, lv: LogicalVolume, kind: str, name: str) -> None:
+        """Refuse to reuse an existing LV that is not our object of that name."""
+        if not self._ours(lv, kind):
+            raise AlreadyExists(
+                f"LV {self.vg}/{lv.name} exists but is not a localdisk {kind} of {self.kind} pool {self.pool!r};"
+                " localdisk will not touch it"
+            )
+        if decode_name(lv.tags) != name:
+            raise AlreadyExists(f"LV {self.vg}/{lv.name} holds another {kind} (a name hash collision)")
+
+    # volumes
+    async def create_volume(self, spec: VolumeSpec) -> Volume:
+        lv_name = lv_name_for(VOLUME, spec.name)
+        name_tags(spec.name)  # refuse an unstorable name before touching anything
+        async with self._lock:
+            report = await self._report()
+            existing = report.lv(lv_name)
+            if existing is None:
+                self._check_room(report, spec.size_bytes)
+                pending = await self._create(report, lv_name, spec)
+                size = align_up(spec.size_bytes, self.extent)
+            else:
+                self._claim(existing, VOLUME, spec.name)
+                if PENDING_TAG not in existing.tags:
+                    return self._volume(report, existing)
+                pending, size = True, max(existing.size, align_up(spec.size_bytes, self.extent))
+            if pending:
+                await self._finish(lv_name, spec, existing.size if existing else 0)
+                await self.lvm.change_tags(self.vg, lv_name, delete=[PENDING_TAG])
+        source = (spec.source.kind.value, spec.source_handle) if spec.source and spec.source_handle else None
+        return Volume(
+            ref=self._ref(lv_name),
+            name=spec.name,
+            size_bytes=size,
+            source=ContentSource(SourceKind(source[0]), str(self._ref(source[1]))) if source else None,
+            device_path=f"/dev/{self.vg}/{lv_name}",
+        )
+
+    async def delete_volume(self, handle: str) -> None:
+        if not handle.startswith(PREFIXES[VOLUME]) or not HANDLE.fullmatch(handle):
+            return
+        async with self._lock:
+            report = await self._report()
+            if not self._ours(report.lv(handle), VOLUME):
+                return  # gone already, or not ours to remove
+            with contextlib.suppress(NotFound):
+                await self.lvm.remove(self.vg, handle)
+
+    async def expand_volume(self, handle: str, size_bytes: int) -> Volume:
+        async with self._lock:
+            report = await self._report()
+            lv = self._get(report, handle, VOLUME)
+            volume = self._volume(report, lv)
+            if size_bytes <= lv.size:
+                return volume
+            self._check_room(report, size_bytes - lv.size)
+            await self.lvm.extend(self.vg, handle, size_bytes)
+        return replace(volume, size_bytes=align_up(size_bytes, self.extent))
+
+    def _get(self, report: VgReport, handle: str, kind: str) -> LogicalVolume:
+        lv = report.lv(handle) if HANDLE.fullmatch(handle) else None
+        if lv is None or not self._ready(lv, kind):
+            raise NotFound(f"{kind} {handle!r} not found in {self.kind} pool {self.pool!r}")
+        return lv
+
+    async def get_volume(self, handle: str) -> Volume:
+        report = await self._report()
+        return self._volume(report, self._get(report, handle, VOLUME))
+
+    async def find_volume(self, name: str) -> Volume | None:
+        report = await self._report()
+        lv = report.lv(lv_name_for(VOLUME, name))
+        if lv is None or not self._ready(lv, VOLUME) or decode_name(lv.tags) != name:
+            return None
+        return self._volume(report, lv)
+
+    async def list_volumes(self) -> list[Volume]:
+        report = await self._report()
+        return [self._volume(report, lv) for lv in report.lvs.values() if self._ready(lv, VOLUME)]
+
+    # snapshots: the linear backend has none (features.snapshots is False, so the core refuses before calling)
+    async def create_snapshot(self, source_handle: str, name: str) -> Snapshot:
+        raise Unsupported(f"backend {self.kind!r} does not support snapshots; use a thin pool")
+
+    async def delete_snapshot(self, handle: str) -> None:
+        raise Unsupported(f"backend {self.kind!r} does not support snapshots")
+
+    async def get_snapshot(self, handle: str) -> Snapshot:
+        raise NotFound(f"snapshot {handle!r} not found: backend {self.kind!r} has no snapshots")
+
+    async def find_snapshot(self, name: str) -> Snapshot | None:
+        return None
+
+    async def list_snapshots(self) -> list[Snapshot]:
+        return []
+
+
+class LinearBackend(_LvmBackend):
+    """Thick (linear) LVs in one volume group: fixed space per volume, zeroed before first use."""
+
+    kind = "lvm"
+
+    def __init__(self, pool: str, config: LinearPoolConfig, lvm: Lvm, runner: CommandRunner) -> None:
+        super().__init__(pool, config.volume_group, lvm, runner, Features(snapshots=False, clones=False))
+        self.config = config
+
+    def _belongs(self, lv: LogicalVolume) -> bool:
+        return not lv.pool and not lv.is_thin and not lv.is_thin_pool and not lv.hidden
+
+    async def _activate(self, report: VgReport) -> None:
+        if any(self._ours(lv, VOLUME) and not lv.active for lv in report.lvs.values()):
+            await self.lvm.activate_vg(self.vg)
+
+    def _free(self, report: VgReport) -> int:
+        return max(report.vg.free - self.config.spare_bytes, 0) // self.extent * self.extent
+
+    def _check_room(self, report: VgReport, size: int) -> None:
+        free = self._free(report)
+        if align_up(size, self.extent) > free:
+            raise InsufficientCapacity(
+                f"volume group {self.vg} has {human(free)} free for volumes"
+                + (f" ({human(self.config.spare_bytes)} kept spare)" if self.config.spare_bytes else "")
+                + f"; {human(size)} requested"
+            )
+
+    async def _create(self, report: VgReport, lv: str, spec: VolumeSpec) -> bool:
+        # The tags go into the same lvcreate: a crash can then never leave an LV of ours without them (it would
+        # hold space nobody can see or delete). The pending tag keeps it from being handed out before it is zeroed.
+        # No wipe here: `_finish` zeroes all of it, and LVM's wipe would only repeat the first 4 KiB of that.
+        tags = [*identity_tags(VOLUME, spec.name), PENDING_TAG]
+        await self.lvm.create_linear(self.vg, lv, spec.size_bytes, tags, wipe=False)
+        return True
+
+    async def _finish(self, lv: str, spec: VolumeSpec, current_size: int) -> None:
+        size = max(spec.size_bytes, current_size)
+        await self.runner.run(
+            ["blkdiscard", "-z", "--", f"/dev/{self.vg}/{lv}"], timeout=120 + size / ZERO_BYTES_PER_SECOND
+        )
+
+    async def capacity(self) -> Capacity:
+        report = await self._report()
+        free = self._free(report)
+        details = {"vg_size": report.vg.size, "vg_free": report.vg.free, "spare_bytes": self.config.spare_bytes}
+        return Capacity(report.vg.size, free, free, details | {"extent_size": report.vg.extent_size})
+
+
+class ThinBackend(_LvmBackend):
+    """Thin LVs in one thin pool, with snapshots and clones, overprovisioned up to a ratio and a use threshold."""
+
+    kind = "thin"
+
+    def __init__(self, pool: str, config: ThinPoolConfig, lvm: Lvm, runner: CommandRunner) -> None:
+        super().__init__(pool, config.volume_group, lvm, runner, Features(snapshots=True, clones=True))
+        self.config = config
+        self.thin_pool = config.thin_pool
+
+    @property
+    def _where(self) -> str:
+        return f"{self.vg}/{self.thin_pool}"
+
+    def _belongs(self, lv: LogicalVolume) -> bool:
+        return lv.pool == self.thin_pool
+
+    def _use(self, report: VgReport) -> ThinUse:
+        return thin_use(report, self.thin_pool, self.config.overprovision_ratio, self.config.threshold_percent)
+
+    async def _activate(self, report: VgReport) -> None:
+        pool = report.lv(self.thin_pool)
+        if pool is None or not pool.is_thin_pool:
+            raise FailedPrecondition(
+                f"thin pool {self._where} not found (or not a thin pool); create it with"
+                f" `lvcreate --type thin-pool -Z y -L <size> -n {self.thin_pool} {self.vg}` or fix"
+                f" pools.thin.{self.pool}.thin_pool"
+            )
+        if not pool.zeroing:
+            raise FailedPrecondition(
+                f"thin pool {self._where} does not zero newly provisioned blocks, so a new volume could show another"
+                f" volume's old data; turn zeroing on with `lvchange -Z y {self._where}`"
+            )
+        if not pool.active:
+            await self.lvm.activate_lv(self.vg, self.thin_pool)
+        if any(self._ours(lv, VOLUME) and not lv.active for lv in report.lvs.values()):
+            await self.lvm.activate_vg(self.vg)  # snapshots keep their activation-skip flag and stay inactive
+
+    def _abnormal(self, report: VgReport, lv: LogicalVolume) -> str | None:
+        use = self._use(report)
+        if use.data_percent >= 100 or use.metadata_percent >= 100:
+            return f"thin pool {self._where} is out of space: writes to the volume fail"
+        return super()._abnormal(report, lv)
+
+    def _check_room(self, report: VgReport, size: int) -> None:
+        refusal = self._use(report).refusal(align_up(size, self.extent), self.extent, self._where)
+        if refusal:
+            raise InsufficientCapacity(refusal)
+
+    async def _create(self, report: VgReport, lv: str, spec: VolumeSpec) -> bool:
+        # Tags are set by the creating lvcreate itself, so a crash can never leave an untagged LV of ours behind.
+        if spec.source is None or spec.source_handle is None:
+            await self.lvm.create_thin(self.vg, self.thin_pool, lv, spec.size_bytes, identity_tags(VOLUME, spec.name))
+            return False
+        kind = spec.source.kind.value
+        source = report.lv(spec.source_handle) if HANDLE.fullmatch(spec.source_handle) else None
+        if source is None or not self._ready(source, kind):
+            raise NotFound(f"{kind} {spec.source.id!r} not found in thin pool {self.pool!r}")
+        grow = align_up(spec.size_bytes, self.extent) > source.size
+        tags = identity_tags(VOLUME, spec.name, (kind, spec.source_handle)) + ([PENDING_TAG] if grow else [])
+        await self.lvm.create_thin_snapshot(self.vg, spec.source_handle, lv, tags, activate=True)
+        return grow
+
+    async def _finish(self, lv: str, spec: VolumeSpec, current_size: int) -> None:
+        if align_up(spec.size_bytes, self.extent) > current_size:
+            await self.lvm.extend(self.vg, lv, spec.size_bytes)
+
+    async def capacity(self) -> Capacity:
+        report = await self._report()
+        use = self._use(report)
+        available = use.available(self.extent)
+        details = {
+            "data_bytes": use.data_bytes,
+            "used_bytes": use.used_bytes,
+            "virtual_bytes": use.virtual_bytes,
+            "data_percent_x100": round(use.data_percent * 100),
+            "metadata_percent_x100": round(use.metadata_percent * 100),
+        }
+        return Capacity(use.data_bytes, available, available, details)
+
+    # snapshots
+    def _snapshot(self, lv: LogicalVolume) -> Snapshot:
+        source = source_of(lv.tags)
+        return Snapshot(
+            ref=self._ref(lv.name),
+            name=decode_name(lv.tags) or "",
+            source_volume_id=str(self._ref(source[1])) if source else "",
+            size_bytes=lv.size,
+            created_at=lv.created_at or datetime.fromtimestamp(0, UTC),
+            ready=True,
+        )
+
+    async def create_snapshot(self, source_handle: str, name: str) -> Snapshot:
+        lv_name = lv_name_for(SNAPSHOT, name)
+        name_tags(name)
+        async with self._lock:
+            report = await self._report()
+            existing = report.lv(lv_name)
+            if existing is not None:
+                self._claim(existing, SNAPSHOT, name)
+                return self._snapshot(existing)
+            source = self._get(report, source_handle, VOLUME)
+            self._check_room(report, source.size)
+            tags = identity_tags(SNAPSHOT, name, (VOLUME, source_handle))
+            # A snapshot stays inactive (LVM's activation-skip flag); volumes restored from it are activated.
+            await self.lvm.create_thin_snapshot(self.vg, source_handle, lv_name, tags, activate=False)
+            report = await self._report()  # for its creation time as LVM recorded it
+        return self._snapshot(self._get(report, lv_name, SNAPSHOT))
+
+    async def delete_snapshot(self, handle: str) -> None:
+        if not handle.startswith(PREFIXES[SNAPSHOT]) or not HANDLE.fullmatch(handle):
+            return
+        async with self._lock:
+            report = await self._report()
+            if not self._ours(report.lv(handle), SNAPSHOT):
+                return
+            with contextlib.suppress(NotFound):
+                await self.lvm.remove(self.vg, handle)
+
+    async def get_snapshot(self, handle: str) -> Snapshot:
+        return self._snapshot(self._get(await self._report(), handle, SNAPSHOT))
+
+    async def find_snapshot(self, name: str) -> Snapshot | None:
+        lv = (await self._report()).lv(lv_name_for(SNAPSHOT, name))
+        if lv is None or not self._ready(lv, SNAPSHOT) or decode_name(lv.tags) != name:
+            return None
+        return self._snapshot(lv)
+
+    async def list_snapshots(self) -> list[Snapshot]:
+        report = await self._report()
+        return [self._snapshot(lv) for lv in report.lvs.values() if self._ready(lv, SNAPSHOT)]
+
+
+def _linear(pool: str, config: PoolConfig, runner: CommandRunner) -> LinearBackend:
+    assert isinstance(config, LinearPoolConfig)
+    return LinearBackend(pool, config, Lvm(runner), runner)
+
+
+def _thin(pool: str, config: PoolConfig, runner: CommandRunner) -> ThinBackend:
+    assert isinstance(config, ThinPoolConfig)
+    return ThinBackend(pool, config, Lvm(runner), runner)
+
+
+LINEAR_BACKEND = BackendSpec("lvm", LinearPoolConfig, _linear, "linear LVs in a volume group, zeroed before use")
+THIN_BACKEND = BackendSpec("thin", ThinPoolConfig, _thin, "thin LVs in a zeroing thin pool, with snapshots and clones")

@@ -1,0 +1,395 @@
+"""Every LVM command localdisk runs, in one place: the `Lvm` class.
+
+Each method is one LVM invocation with a fixed argument list: names are checked against LVM's own rules and passed
+after `--`, sizes in bytes, tags checked against LVM's tag alphabet; nothing a user typed reaches argv unchecked.
+State is read with ONE report command per call (`lvm fullreport` in JSON, bytes, no suffixes), never one command per
+volume. A failing command becomes a domain error through small pure classifiers of LVM's (LC_ALL=C) messages:
+not found, insufficient space, already exists, in use; anything else is a `CommandFailed` that keeps argv and stderr.
+
+Commands go through an `LvmExecutor`. Today that is one `lvm <command>` process per call (`ProcessExecutor`); a later
+executor can feed the same argument lists to one long-lived `lvm` shell without the backends noticing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from localdisk.errors import (
+    AlreadyExists,
+    BackendFailure,
+    Busy,
+    CommandFailed,
+    InsufficientCapacity,
+    InvalidArgument,
+    LocalDiskError,
+    NotFound,
+)
+from localdisk.runner import CommandResult, CommandRunner
+
+REPORT_OPTIONS = ("--reportformat", "json", "--units", "b", "--nosuffix")
+VG_FIELDS = ("vg_name", "vg_uuid", "vg_size", "vg_free", "vg_extent_size")
+LV_FIELDS = (
+    "lv_name",
+    "lv_uuid",
+    "lv_size",
+    "lv_tags",
+    "lv_attr",
+    "pool_lv",
+    "origin",
+    "data_percent",
+    "metadata_percent",
+    "lv_time",
+    "lv_path",
+)
+# fullreport always prints its five subreports; the three we do not read are kept down to one short column each.
+FULLREPORT_ARGS = (
+    "fullreport",
+    *REPORT_OPTIONS,
+    *("--configreport", "vg", "-o", ",".join(VG_FIELDS)),
+    *("--configreport", "lv", "-o", ",".join(LV_FIELDS)),
+    *("--configreport", "pv", "-o", "pv_name"),
+    *("--configreport", "pvseg", "-o", "pvseg_start"),
+    *("--configreport", "seg", "-o", "seg_start"),
+)
+
+NAME = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}")  # LVM's VG/LV name alphabet; never starts with '-'
+RESERVED_LV = re.compile(
+    r"^(snapshot|pvmove)$|_(cdata|cmeta|corig|cpool|cvol|imeta|iorig|mimage|mlog|pmspare|rimage|rmeta|tdata|tmeta|vdata|vorigin|wcorig)"
+)
+TAG = re.compile(r"[A-Za-z0-9_+.\-/=!:&#]{1,1024}")
+
+# Classifiers of LVM's messages (LC_ALL=C), checked against messages recorded from LVM 2.03 in tests/lvm/data.
+_NOT_FOUND = re.compile(
+    r"Failed to find logical volume|not found in volume group|Volume group \"[^\"]*\" not found",
+    re.IGNORECASE,
+)
+_NO_SPACE = re.compile(
+    r"insufficient free space|Insufficient free space|Insufficient suitable allocatable extents"
+    r"|free space in thin-pool \S+ reached threshold|Thin pool \S+ is out of (data|metadata) space"
+)
+_EXISTS = re.compile(r"already exists in volume group")
+_IN_USE = re.compile(
+    r" in use\b|Can't remove open logical volume|is used by another device"
+    r"|remove ioctl on .* failed: Device or resource busy"
+)
+
+
+def is_not_found(stderr: str) -> bool:
+    return bool(_NOT_FOUND.search(stderr))
+
+
+def is_insufficient_space(stderr: str) -> bool:
+    return bool(_NO_SPACE.search(stderr))
+
+
+def is_already_exists(stderr: str) -> bool:
+    return bool(_EXISTS.search(stderr))
+
+
+def is_in_use(stderr: str) -> bool:
+    return bool(_IN_USE.search(stderr))
+
+
+def _detail(stderr: str) -> str:
+    """The lines of LVM's stderr that explain the failure, without its WARNINGs and usage hints."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("WARNING:", "Run `"))]
+    return "; ".join(useful[-3:] or lines[-3:])
+
+
+def classify(argv: Sequence[str], returncode: int | None, stderr: str) -> LocalDiskError:
+    """The domain error for a failed LVM command (pure: decided from its stderr alone)."""
+    command = " ".join(argv[:2])
+    detail = _detail(stderr)
+    if is_not_found(stderr):
+        return NotFound(f"{command}: {detail}")
+    if is_insufficient_space(stderr):
+        return InsufficientCapacity(f"{command}: {detail}")
+    if is_already_exists(stderr):
+        return AlreadyExists(f"{command}: {detail}")
+    if is_in_use(stderr):
+        return Busy(f"{command}: {detail}; retry once it is no longer in use")
+    return CommandFailed(list(argv), returncode, stderr)
+
+
+# -- parsed state --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VolumeGroup:
+    name: str
+    uuid: str
+    size: int
+    free: int
+    extent_size: int
+
+
+@dataclass(frozen=True)
+class LogicalVolume:
+    name: str
+    uuid: str
+    size: int
+    tags: frozenset[str]
+    attr: str
+    pool: str  # the thin pool of a thin LV, "" otherwise
+    origin: str
+    data_percent: float | None
+    metadata_percent: float | None
+    created_at: datetime | None
+    path: str
+
+    def _attr(self, index: int) -> str:
+        return self.attr[index] if len(self.attr) > index else "-"
+
+    @property
+    def hidden(self) -> bool:
+        return self.name.startswith("[")
+
+    @property
+    def is_thin_pool(self) -> bool:
+        return self._attr(0) == "t"
+
+    @property
+    def is_thin(self) -> bool:
+        return self._attr(0) == "V"
+
+    @property
+    def active(self) -> bool:
+        return self._attr(4) == "a"
+
+    @property
+    def open(self) -> bool:
+        return self._attr(5) == "o"
+
+    @property
+    def zeroing(self) -> bool:
+        """For a thin pool: newly provisioned blocks are zeroed before use."""
+        return self._attr(7) == "z"
+
+    @property
+    def skip_activation(self) -> bool:
+        return self._attr(9) == "k"
+
+
+@dataclass(frozen=True)
+class VgReport:
+    """One volume group and all its logical volumes (hidden ones keep their [brackets]), as one report saw them."""
+
+    vg: VolumeGroup
+    lvs: Mapping[str, LogicalVolume]
+
+    def lv(self, name: str) -> LogicalVolume | None:
+        return self.lvs.get(name)
+
+    def in_pool(self, pool: str) -> list[LogicalVolume]:
+        return [lv for lv in self.lvs.values() if lv.pool == pool]
+
+
+def _int(value: Any, what: str) -> int:
+    try:
+        return int(str(value))
+    except ValueError:
+        raise BackendFailure(f"lvm report: {what} is {value!r}, not a number of bytes") from None
+
+
+def _percent(value: Any) -> float | None:
+    text = str(value or "").strip()
+    return float(text) if text else None
+
+
+def parse_time(value: str) -> datetime | None:
+    """`lv_time` as LVM prints it (`2026-11-27 08:39:45 +0000`), or None when LVM has none."""
+    if not value:
+        return None
+    try:
+        return datetime.strptime(value, "%Y-%m-%d %H:%M:%S %z").astimezone(UTC)
+    except ValueError:
+        return None
+
+
+def parse_lv(row: Mapping[str, Any]) -> LogicalVolume:
+    tags = str(row.get("lv_tags", ""))
+    return LogicalVolume(
+        name=str(row["lv_name"]),
+        uuid=str(row.get("lv_uuid", "")),
+        size=_int(row.get("lv_size", "0"), "lv_size"),
+        tags=frozenset(t for t in tags.split(",") if t),
+        attr=str(row.get("lv_attr", "")),
+        pool=str(row.get("pool_lv", "")),
+        origin=str(row.get("origin", "")),
+        data_percent=_percent(row.get("data_percent")),
+        metadata_percent=_percent(row.get("metadata_percent")),
+        created_at=parse_time(str(row.get("lv_time", ""))),
+        path=str(row.get("lv_path", "")),
+    )
+
+
+def parse_report_json(text: str) -> list[dict[str, Any]]:
+    """The `report` list of an LVM JSON report; BackendFailure if the output is not one."""
+    try:
+        data = json.loads(text)
+        reports = data["report"]
+        if not isinstance(reports, list):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise BackendFailure(f"lvm printed something that is not a JSON report: {text[:200]!r}") from None
+    return reports
+
+
+def parse_fullreport(text: str, vg: str) -> VgReport:
+    """The state of `vg` from `lvm fullreport` JSON output; NotFound if the report does not contain that VG."""
+    for entry in parse_report_json(text):
+        vgs = entry.get("vg") or []
+        if not vgs or vgs[0].get("vg_name") != vg:
+            continue
+        row = vgs[0]
+        group = VolumeGroup(
+            name=vg,
+            uuid=str(row.get("vg_uuid", "")),
+            size=_int(row.get("vg_size"), "vg_size"),
+            free=_int(row.get("vg_free"), "vg_free"),
+            extent_size=_int(row.get("vg_extent_size"), "vg_extent_size"),
+        )
+        lvs = {lv.name: lv for lv in (parse_lv(r) for r in entry.get("lv") or [])}
+        return VgReport(group, lvs)
+    raise NotFound(f"volume group {vg!r} not found")
+
+
+# -- checks on what goes into argv ------------------------------------------------------------------------------------
+def check_name(name: str, what: str = "name") -> str:
+    if not NAME.fullmatch(name) or name in {".", ".."}:
+        raise InvalidArgument(f"{what} {name!r} is not a valid LVM name ([A-Za-z0-9+_.-], not starting with '-')")
+    return name
+
+
+def check_lv_name(name: str) -> str:
+    check_name(name, "logical volume name")
+    if RESERVED_LV.search(name):
+        raise InvalidArgument(f"logical volume name {name!r} uses a name LVM reserves for itself")
+    return name
+
+
+def check_tags(tags: Iterable[str]) -> list[str]:
+    checked = list(tags)
+    for tag in checked:
+        if not TAG.fullmatch(tag):
+            raise InvalidArgument(f"LVM tag {tag!r} has characters outside [A-Za-z0-9_+.-/=!:&#] or is too long")
+    return checked
+
+
+def _tag_args(option: str, tags: Iterable[str]) -> list[str]:
+    return [arg for tag in check_tags(tags) for arg in (option, tag)]
+
+
+def _size(size: int) -> str:
+    if size <= 0:
+        raise InvalidArgument(f"size {size} must be positive")
+    return f"{size}b"
+
+
+# -- executing -----------------------------------------------------------------------------------------------------
+class LvmExecutor(Protocol):
+    """Runs one LVM command (`["lvcreate", ...]`) and returns its result, whatever its exit code."""
+
+    async def run(self, args: Sequence[str]) -> CommandResult: ...
+
+
+class ProcessExecutor:
+    """One `lvm <command> ...` process per call, through the shared CommandRunner."""
+
+    def __init__(self, runner: CommandRunner, *, binary: str = "lvm", timeout: float | None = None) -> None:
+        self.runner = runner
+        self.binary = binary
+        self.timeout = timeout
+
+    async def run(self, args: Sequence[str]) -> CommandResult:
+        return await self.runner.run([self.binary, *args], check=False, timeout=self.timeout)
+
+
+class Lvm:
+    """The LVM commands localdisk uses, one method per command."""
+
+    def __init__(self, runner: CommandRunner | None = None, *, executor: LvmExecutor | None = None) -> None:
+        if executor is None:
+            executor = ProcessExecutor(runner or CommandRunner())
+        self.executor = executor
+
+    async def _run(self, args: list[str]) -> CommandResult:
+        result = await self.executor.run(args)
+        if result.returncode != 0:
+            raise classify(result.argv, result.returncode, result.error_text)
+        return result
+
+    # state
+    async def report(self, vg: str) -> VgReport:
+        """Everything about one VG and its LVs, from one `lvm fullreport`."""
+        result = await self._run([*FULLREPORT_ARGS, "--", check_name(vg, "volume group")])
+        return parse_fullreport(result.text, vg)
+
+    # logical volumes
+    async def create_linear(self, vg: str, lv: str, size: int, tags: Iterable[str], *, wipe: bool) -> None:
+        """A linear LV. `wipe` clears old signatures and its first 4 KiB (`-W y -Z y`); either way the choice is
+        explicit, because an LVM left to decide asks "Wipe it? [y/n]" and, with no terminal, fails."""
+        choice = "y" if wipe else "n"
+        await self._run(
+            [
+                *("lvcreate", "-y", "-W", choice, "-Z", choice, "-a", "y", "-L", _size(size)),
+                *("-n", check_lv_name(lv), *_tag_args("--addtag", tags)),
+                *("--", check_name(vg, "volume group")),
+            ]
+        )
+
+    async def create_thin(self, vg: str, pool: str, lv: str, size: int, tags: Iterable[str]) -> None:
+        # A new thin LV reads as zeros (unprovisioned blocks): no signature to wipe, and -W n saves a write.
+        await self._run(
+            [
+                *("lvcreate", "-y", "-W", "n", "-a", "y", "-V", _size(size)),
+                *("--thinpool", check_name(pool, "thin pool"), "-n", check_lv_name(lv), *_tag_args("--addtag", tags)),
+                *("--", check_name(vg, "volume group")),
+            ]
+        )
+
+    async def create_thin_snapshot(self, vg: str, origin: str, lv: str, tags: Iterable[str], *, activate: bool) -> None:
+        """A thin snapshot of `origin`; `activate` also clears the activation-skip flag LVM sets on snapshots."""
+        activation = ("-k", "n", "-a", "y") if activate else ("-k", "y", "-a", "n")
+        await self._run(
+            [
+                *("lvcreate", "-y", "-s", *activation, "-n", check_lv_name(lv), *_tag_args("--addtag", tags)),
+                *("--", f"{check_name(vg, 'volume group')}/{check_name(origin, 'origin')}"),
+            ]
+        )
+
+    async def extend(self, vg: str, lv: str, size: int) -> None:
+        await self._run(["lvextend", "-L", _size(size), "--", f"{check_name(vg, 'volume group')}/{check_name(lv)}"])
+
+    async def remove(self, vg: str, lv: str) -> None:
+        await self._run(["lvremove", "-y", "--", f"{check_name(vg, 'volume group')}/{check_name(lv)}"])
+
+    async def change_tags(self, vg: str, lv: str, *, add: Iterable[str] = (), delete: Iterable[str] = ()) -> None:
+        target = f"{check_name(vg, 'volume group')}/{check_name(lv)}"
+        await self._run(["lvchange", *_tag_args("--addtag", add), *_tag_args("--deltag", delete), "--", target])
+
+    async def activate_lv(self, vg: str, lv: str) -> None:
+        await self._run(["lvchange", "-a", "y", "--", f"{check_name(vg, 'volume group')}/{check_name(lv)}"])
+
+    async def activate_vg(self, vg: str) -> None:
+        await self._run(["vgchange", "-a", "y", "--", check_name(vg, "volume group")])
+
+    # volume groups and pools (set-up: the sandbox, tests, an administrator's tooling)
+    async def create_vg(self, vg: str, devices: Sequence[str]) -> None:
+        """A VG on fresh devices (vgcreate initialises them as PVs itself)."""
+        if not devices or any(not d.startswith("/dev/") for d in devices):
+            raise InvalidArgument(f"devices {list(devices)} must be paths under /dev")
+        await self._run(["vgcreate", "-y", "--", check_name(vg, "volume group"), *devices])
+
+    async def create_thin_pool(self, vg: str, pool: str, size: int, *, zero: bool = True) -> None:
+        zeroing = "y" if zero else "n"
+        await self._run(
+            [
+                *("lvcreate", "-y", "--type", "thin-pool", "-Z", zeroing, "-L", _size(size)),
+                *("-n", check_lv_name(pool), "--", check_name(vg, "volume group")),
+            ]
+        )

@@ -1,0 +1,159 @@
+"""The `lvm` (linear) backend on real LVM, inside the UML sandbox (`nox -s e2e`); skipped elsewhere.
+
+It passes the shared backend contract; the rest covers what linear LVs add: tags and device, extent alignment,
+spare space, no snapshots, activation at open, foreign LVs left alone, and no data of a deleted volume in a new one
+(including after a crash between creating and zeroing).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from localdisk import ContentSource, SourceKind
+from localdisk.backends.lvm import PENDING_TAG, VOLUME, LinearBackend, LinearPoolConfig, identity_tags, lv_name_for
+from localdisk.backends.lvmcmd import Lvm
+from localdisk.errors import AlreadyExists, Busy, FailedPrecondition, InsufficientCapacity, NotFound, Unsupported
+from localdisk.model import VolumeSpec
+from localdisk.runner import CommandRunner
+from localdisk.sizes import MiB
+from tests.contract import BackendContract, manager_for
+from tests.lvm.conftest import LINEAR_VG
+from tests.lvm.helpers import device_size, make, pattern, read, request, write
+
+pytestmark = [pytest.mark.uml, pytest.mark.anyio]
+
+
+class TestLinearContract(BackendContract):
+    @pytest.fixture
+    def backend(self, linear: LinearBackend) -> LinearBackend:
+        return linear
+
+
+async def test_volume_is_a_tagged_lv_with_a_device(linear: LinearBackend, lvm: Lvm) -> None:
+    manager = manager_for(linear)
+    volume = await manager.create_volume(request(linear, "pvc-dev", 12 * MiB))
+    lv_name = lv_name_for(VOLUME, "pvc-dev")
+    assert volume.id == f"lvm:fast:{lv_name}"
+    assert volume.device_path == f"/dev/{LINEAR_VG}/{lv_name}"
+    assert Path(volume.device_path).resolve().is_block_device()
+    assert device_size(volume.device_path) == volume.size_bytes == 12 * MiB
+    lv = (await lvm.report(LINEAR_VG)).lvs[lv_name]
+    assert set(identity_tags(VOLUME, "pvc-dev")) == lv.tags  # the pending tag is gone once it is zeroed
+
+
+async def test_linear_refuses_snapshots_and_clones(linear: LinearBackend) -> None:
+    manager = manager_for(linear)
+    volume_id = await make(manager, linear, "pvc-lin")
+    with pytest.raises(Unsupported):
+        await manager.create_snapshot(volume_id, "snap")
+    with pytest.raises(Unsupported):
+        await manager.create_volume(request(linear, "pvc-clone", 8 * MiB, ContentSource(SourceKind.VOLUME, volume_id)))
+
+
+async def test_expand_beyond_free_space_is_refused(linear: LinearBackend) -> None:
+    manager = manager_for(linear)
+    volume_id = await make(manager, linear, "pvc-grow")
+    with pytest.raises(InsufficientCapacity, match=LINEAR_VG):
+        await manager.expand_volume(volume_id, 1024 * MiB)
+    assert (await manager.get_volume(volume_id)).size_bytes == 8 * MiB
+
+
+async def test_spare_space_is_kept(runner: CommandRunner, lvm: Lvm, linear: LinearBackend) -> None:
+    spared = LinearBackend("spared", LinearPoolConfig(volume_group=LINEAR_VG, spare_bytes=100 * MiB), lvm, runner)
+    await spared.open()
+    full, kept = await linear.capacity(), await spared.capacity()
+    assert full.available_bytes - kept.available_bytes == 100 * MiB
+    with pytest.raises(InsufficientCapacity, match="kept spare"):
+        await spared.create_volume(VolumeSpec("pvc-spare", full.available_bytes))
+
+
+async def test_delete_of_a_volume_in_use_is_busy(linear: LinearBackend) -> None:
+    manager = manager_for(linear)
+    volume = await manager.get_volume(await make(manager, linear, "pvc-busy"))
+    assert volume.device_path
+    with open(volume.device_path, "rb"), pytest.raises(Busy, match="in use"):
+        await manager.delete_volume(volume.id)
+    await manager.delete_volume(volume.id)
+    assert await manager.list_volumes() == []
+
+
+async def test_linear_new_volume_never_shows_old_data(linear: LinearBackend, lvm: Lvm) -> None:
+    manager = manager_for(linear)
+    size = 16 * MiB
+    old = await manager.get_volume(await make(manager, linear, "pvc-tenant-a", size))
+    assert old.device_path
+    write(old.device_path, pattern(size))
+    await manager.delete_volume(old.id)
+    # The freed extents really still hold the data: an LV made without zeroing shows it...
+    await lvm._run(["lvcreate", "-y", "-W", "n", "-Z", "n", "-L", f"{size}b", "-n", "raw", "--", LINEAR_VG])
+    assert read(f"/dev/{LINEAR_VG}/raw", 4096, size - 4096) == pattern(size)[-4096:]
+    await lvm.remove(LINEAR_VG, "raw")
+    # ...and a volume of the backend over the same extents shows none of it, anywhere.
+    new = await manager.get_volume(await make(manager, linear, "pvc-tenant-b", size))
+    assert new.device_path
+    assert read(new.device_path, size) == bytes(size)
+
+
+async def test_pending_linear_volume_is_zeroed_on_retry(linear: LinearBackend, lvm: Lvm) -> None:
+    """A crash between lvcreate and the zeroing leaves a pending LV: it is not handed out, a retry finishes it."""
+    lv_name = lv_name_for(VOLUME, "pvc-crashed")
+    await lvm.create_linear(
+        LINEAR_VG, lv_name, 8 * MiB, [*identity_tags(VOLUME, "pvc-crashed"), PENDING_TAG], wipe=False
+    )
+    write(f"/dev/{LINEAR_VG}/{lv_name}", pattern(8 * MiB))  # stands for a previous tenant's data
+    manager = manager_for(linear)
+    assert await linear.find_volume("pvc-crashed") is None
+    assert await manager.list_volumes() == []
+    with pytest.raises(NotFound):
+        await linear.get_volume(lv_name)
+    volume = await manager.create_volume(request(linear, "pvc-crashed", 8 * MiB))
+    assert volume.id.endswith(lv_name)
+    assert read(f"/dev/{LINEAR_VG}/{lv_name}", 8 * MiB) == bytes(8 * MiB)
+    assert PENDING_TAG not in (await lvm.report(LINEAR_VG)).lvs[lv_name].tags
+    assert await manager.get_volume(volume.id) == volume
+
+
+async def test_alignment_is_the_extent_size(linear: LinearBackend) -> None:
+    assert linear.features.alignment == linear.features.minimum_size == 4 * MiB
+    volume = await manager_for(linear).create_volume(request(linear, "pvc-odd-size", 5 * MiB + 1))
+    assert volume.size_bytes == 8 * MiB
+
+
+async def test_foreign_lvs_are_invisible_and_untouched(linear: LinearBackend, lvm: Lvm) -> None:
+    squatter = lv_name_for(VOLUME, "pvc-squat")  # an LV that merely carries a name like ours
+    await lvm.create_linear(LINEAR_VG, "someone-elses", 8 * MiB, ["their.tag"], wipe=True)
+    await lvm.create_linear(LINEAR_VG, squatter, 8 * MiB, ["localdisk.csi.io/kind=volume"], wipe=True)
+    write(f"/dev/{LINEAR_VG}/{squatter}", pattern(4096, b"theirs "))
+    before = (await lvm.report(LINEAR_VG)).lvs
+    manager = manager_for(linear)
+    assert await manager.list_volumes() == []
+    assert await linear.find_volume("pvc-squat") is None
+    with pytest.raises(NotFound):
+        await linear.get_volume(squatter)
+    with pytest.raises(NotFound):
+        await linear.expand_volume(squatter, 16 * MiB)
+    await linear.delete_volume(squatter)  # not ours: deleting it is a no-op
+    with pytest.raises(AlreadyExists, match="will not touch it"):
+        await manager.create_volume(request(linear, "pvc-squat", 8 * MiB))
+    report = await lvm.report(LINEAR_VG)
+    assert report.lvs == before
+    assert read(f"/dev/{LINEAR_VG}/{squatter}", 4096) == pattern(4096, b"theirs ")
+    assert (await linear.capacity()).available_bytes == report.vg.free  # their space is not ours to promise
+
+
+async def test_open_activates_the_volumes(runner: CommandRunner, lvm: Lvm, linear: LinearBackend) -> None:
+    volume = await manager_for(linear).create_volume(request(linear, "pvc-act", 8 * MiB))
+    await runner.run(["lvm", "vgchange", "-a", "n", "--", LINEAR_VG])
+    inactive = await linear.get_volume(volume.ref.handle)
+    assert inactive.abnormal == f"logical volume {LINEAR_VG}/{volume.ref.handle} is not active"
+    reopened = LinearBackend("fast", LinearPoolConfig(volume_group=LINEAR_VG), lvm, runner)
+    await reopened.open()
+    assert await reopened.get_volume(volume.ref.handle) == volume
+    assert volume.device_path and Path(volume.device_path).resolve().is_block_device()
+
+
+async def test_open_names_a_missing_vg(runner: CommandRunner, lvm: Lvm) -> None:
+    with pytest.raises(FailedPrecondition, match=r"'no-such-vg' not found.*pools\.lvm\.x\.volume_group"):
+        await LinearBackend("x", LinearPoolConfig(volume_group="no-such-vg"), lvm, runner).open()
