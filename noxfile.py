@@ -67,7 +67,17 @@ def e2e(session: nox.Session) -> None:
     runs: dict[str, subprocess.Popen[bytes]] = {}
     printers = []
     for shard, paths in E2E_SHARDS.items():
-        pytest_argv = [str(bin_dir / "python"), "-m", "pytest", "-m", "uml", "-p", "no:cacheprovider", "-q"]
+        pytest_argv = [
+            str(bin_dir / "python"),
+            "-m",
+            "pytest",
+            "-m",
+            "uml",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "--timeout=900",
+        ]
         argv = [str(bin_dir / "localdisk"), "sandbox", "run", *E2E_SANDBOX, "--", *pytest_argv, *paths]
         run = subprocess.Popen(
             [*argv, *session.posargs], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT

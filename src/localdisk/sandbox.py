@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -391,7 +392,8 @@ async def run_sandbox(
 
     The command runs in the current directory with the current environment, plus `LOCALDISK_SANDBOX=1`, a private
     `LVM_SYSTEM_DIR`, `TMPDIR` on a guest tmpfs, and `LOCALDISK_SANDBOX_VGS` / `LOCALDISK_SANDBOX_THIN` naming what
-    was created. Its combined output is copied to `echo` while it runs.
+    was created. Its combined output is copied to `echo` while it runs. With `LOCALDISK_SANDBOX_KEEP=1` in the
+    environment the run directory (console log, guest log, images) is kept for a post-mortem.
     """
     import anyio
 
@@ -418,7 +420,7 @@ async def run_sandbox(
         with open(layout.console, "wb") as console:  # noqa: ASYNC230 - creating an empty file
             process = await anyio.open_process(
                 _uml_argv(layout, tools["linux.uml"], memory),
-                stdin=None,
+                stdin=subprocess.DEVNULL,  # UML would take over a terminal given as its console's input
                 stdout=console,
                 stderr=console,
                 env=env,
@@ -614,8 +616,6 @@ async def _prepare_guest(spec: dict[str, Any]) -> None:
 
 
 def _run_payload(spec: dict[str, Any], output: Path) -> int:
-    import subprocess
-
     with open(output, "ab", buffering=0) as out:
         try:
             child = subprocess.Popen(

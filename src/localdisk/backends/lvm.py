@@ -18,9 +18,10 @@ none reaches a command line, and a lookup by name is one report. The volume ID i
 
 A new thick LV would show whatever the disk held before (`lvcreate -Z y` clears only its first 4 KiB), so it is
 zeroed in full (`blkdiscard -z`: WRITE ZEROES where the device offers it, written zeros otherwise) before it is
-handed out: on the order of a second per GiB on SSDs, which is why it happens under the pending tag and not in a
-hurry. Thin volumes need no wipe: unprovisioned blocks read as zeros and a pool with zeroing on (checked at open)
-zeroes each block it provisions.
+handed out, under the pending tag. Its cost is the device's: in the UML sandbox 0.4 s for 8 MiB (mostly process
+start-up) and 0.5 s for 256 MiB; on a disk without WRITE ZEROES it is a full write of the volume. Thin volumes need
+no wipe: unprovisioned blocks read as zeros and a pool with zeroing on (checked at open) zeroes each block it
+provisions.
 """
 
 from __future__ import annotations
@@ -272,7 +273,7 @@ class _LvmBackend:
         )
 
     def _ready(self, lv: LogicalVolume | None, kind: str) -> bool:
-        return self._ours(lv, kind) and PENDING_TAG not in lv.tags  # type: ignore[union-attr]
+        return lv is not None and self._ours(lv, kind) and PENDING_TAG not in lv.tags
 
     def _ref(self, lv_name: str) -> ObjectRef:
         return ObjectRef(self.kind, self.pool, lv_name)
@@ -313,6 +314,9 @@ class _LvmBackend:
                 self._claim(existing, VOLUME, spec.name)
                 if PENDING_TAG not in existing.tags:
                     return self._volume(report, existing)
+                wanted = (spec.source.kind.value, spec.source_handle) if spec.source and spec.source_handle else None
+                if source_of(existing.tags) != wanted:
+                    raise AlreadyExists(f"volume {spec.name!r} is being created with another content source")
                 pending, size = True, max(existing.size, align_up(spec.size_bytes, self.extent))
             if pending:
                 await self._finish(lv_name, spec, existing.size if existing else 0)
@@ -473,8 +477,8 @@ class ThinBackend(_LvmBackend):
             await self.lvm.activate_vg(self.vg)  # snapshots keep their activation-skip flag and stay inactive
 
     def _abnormal(self, report: VgReport, lv: LogicalVolume) -> str | None:
-        use = self._use(report)
-        if use.data_percent >= 100 or use.metadata_percent >= 100:
+        pool = report.lv(self.thin_pool)
+        if pool is not None and max(pool.data_percent or 0.0, pool.metadata_percent or 0.0) >= 100:
             return f"thin pool {self._where} is out of space: writes to the volume fail"
         return super()._abnormal(report, lv)
 
