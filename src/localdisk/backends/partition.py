@@ -296,6 +296,11 @@ class PartitionBackend:
                     " is a partition held open? check with lsblk and retry"
                 )
             if now >= next_repair:
+                # `partx -u` adds and resizes but never deletes: a partition the table no longer holds (parted was
+                # killed between writing the table and telling the kernel) is deleted by number.
+                for number in sorted(set(kernel_partitions(device)) - {p.number for p in table.partitions}):
+                    stale = ["partx", "--delete", "--nr", f"{number}:{number}", "--", device]
+                    await self.runner.run(stale, check=False)
                 await self.runner.run(["partx", "--update", "--", device], check=False)
                 next_repair = now + 1.0
             await anyio.sleep(0.05)
