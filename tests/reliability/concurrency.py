@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -86,6 +88,11 @@ async def until_answered(call: Callable[[], Awaitable[Any]], tries: int = 100) -
                 raise
             await asyncio.sleep(0.02)
     raise AssertionError(f"still ABORTED after {tries} tries")
+
+
+async def staggered(delay: float, call: Awaitable[Any]) -> Any:
+    await asyncio.sleep(delay)
+    return await call
 
 
 @asynccontextmanager
@@ -165,13 +172,15 @@ class ConcurrencySuite:
                 "snapshot": {"OK", "ABORTED", "NOT_FOUND"} if pool.snapshots else {"INVALID_ARGUMENT", "NOT_FOUND"},
             }
             seen: Counter[str] = Counter()
+            rng = random.Random(round(time.time()))
             for round_ in range(5):
                 volume = (
                     await csi.controller.create_volume(create_request(f"pvc-race-{round_}", pool.volume_bytes, **where))
                 ).volume
                 assert volume is not None
                 calls = self._racing_calls(csi, volume.volume_id, pool.volume_bytes, round_)
-                results = await answers([call for _, call in calls])
+                rng.shuffle(calls)  # who wins the race differs per round; staggered starts land mid-operation
+                results = await answers([staggered(rng.uniform(0, 0.3), call) for _, call in calls])
                 for (kind, _), (code, answer) in zip(calls, results, strict=True):
                     assert code in allowed[kind], f"{kind}: {code} {answer}"
                     seen[f"{kind} {code}"] += 1
