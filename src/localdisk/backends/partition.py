@@ -466,6 +466,9 @@ class PartitionBackend:
             await self.runner.run(
                 ["sfdisk", *quiet, "-N", str(part.number), "--", table.device], input=f",{sectors}\n".encode()
             )
+            # A crash between the table write and resizepart leaves the table grown and the kernel not. The retried
+            # expand finds the volume big enough and is answered without coming here, and the restart the crash
+            # implies runs `_settle` in `open`, which sees the kernel's size differ and resizes it (partx -u).
             kernel_sectors = sectors * table.sector_size // 512  # resizepart counts 512-byte sectors
             await self.runner.run(["resizepart", table.device, str(part.number), str(kernel_sectors)])
             table = await self._read(disk)
