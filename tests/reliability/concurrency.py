@@ -78,15 +78,16 @@ async def answers(calls: Sequence[Awaitable[Any]]) -> list[tuple[str, Any]]:
     return [(status(r), r) if isinstance(r, BaseException) else ("OK", r) for r in results]
 
 
-async def until_answered(call: Callable[[], Awaitable[Any]], tries: int = 100) -> Any:
-    """Retry ABORTED, as the sidecars do."""
-    for _ in range(tries):
+async def until_answered(call: Callable[[], Awaitable[Any]], tries: int = 40) -> Any:
+    """Retry ABORTED with jittered exponential backoff, as the sidecars do: without the jitter, 50 callers that
+    were refused together come back together and are refused together again."""
+    for attempt in range(tries):
         try:
             return await call()
         except GRPCError as exc:
             if exc.status != Status.ABORTED:
                 raise
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(random.uniform(0, min(1.0, 0.01 * 2**attempt)))
     raise AssertionError(f"still ABORTED after {tries} tries")
 
 
