@@ -15,13 +15,12 @@ that it lists exactly those (ListVolumes, ListSnapshots, ControllerGetVolume of 
 returning the same ID), and that the backend's own on-disk view (`DiskView`: the GPT tables, `lvs`) holds exactly
 one object per acknowledged name and nothing else: no volume lost, none leaked, nothing left pending.
 
-Runs on the host for the partition backend (`test_crash.py`) and inside one long-running User-Mode Linux guest for
-LVM, where starting a process is slow: `python -m tests.reliability.crashloop --help`.
+Runs on the host for the partition backend (`test_crash.py`) and inside one User-Mode Linux guest for LVM and thin
+together (`test_uml_crash.py`), where one server serves both pools and each kill interrupts both loops.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -76,34 +75,78 @@ class ServerDied(AssertionError):
 
 
 class Server:
-    """One `localdisk serve` process at a time, killed and restarted on demand."""
+    """One `localdisk serve` process at a time, killed and restarted on demand.
 
-    def __init__(self, config: Path, workdir: Path, node_id: str = "crash-node") -> None:
+    By default each server is a fresh `python -m localdisk.cli serve`. With `fork=True` (for UML, where starting
+    Python takes tens of seconds) each is forked from a zygote that has imported localdisk once (see `zygote.py`).
+    """
+
+    def __init__(self, config: Path, workdir: Path, node_id: str = "crash-node", *, fork: bool = False) -> None:
         self.config = config
         self.socket = workdir / "csi.sock"
         self.log = workdir / "server.log"
         self.node_id = node_id
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.fork = fork
+        self.pid: int | None = None
+        self.killed_by_us = False  # whether the current (or last) server died of our SIGKILL
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._zygote: subprocess.Popen[str] | None = None
         self.starts = 0
         self.start_seconds: list[float] = []
 
+    def _serve_args(self) -> list[str]:
+        return [
+            "--endpoint",
+            f"unix://{self.socket}",
+            "--node-id",
+            self.node_id,
+            "--config",
+            str(self.config),
+            "--log-format",
+            "text",
+        ]
+
     def spawn(self) -> None:
-        argv = [sys.executable, "-m", "localdisk.cli", "serve", "--endpoint", f"unix://{self.socket}"]
-        argv += ["--node-id", self.node_id, "--config", str(self.config), "--log-format", "text"]
         with self.log.open("ab") as log:
             log.write(f"\n==== start {self.starts + 1} ====\n".encode())
             log.flush()
-            # A session of its own, so a kill takes the server's children (parted, lvm, ...) with it.
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+            if self.fork:
+                self.pid = self._fork()
+            else:
+                argv = [sys.executable, "-m", "localdisk.cli", "serve", *self._serve_args()]
+                # A session of its own, so a kill takes the server's children (parted, lvm, ...) with it.
+                self._popen = subprocess.Popen(
+                    argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+                )
+                self.pid = self._popen.pid
+        self.killed_by_us = False
         self.starts += 1
+
+    def _fork(self) -> int:
+        if self._zygote is None:
+            argv = [sys.executable, "-m", "tests.reliability.zygote", *self._serve_args()]
+            self._zygote = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert self._zygote.stdout is not None
+            assert self._zygote.stdout.readline().strip() == "ready", "the zygote did not start"
+        assert self._zygote.stdin is not None and self._zygote.stdout is not None
+        self._zygote.stdin.write(f"spawn {self.log}\n")
+        self._zygote.stdin.flush()
+        return int(self._zygote.stdout.readline())
+
+    def close(self) -> None:
+        """Stop the zygote, if any (after `kill`)."""
+        if self._zygote is not None:
+            assert self._zygote.stdin is not None
+            self._zygote.stdin.close()
+            self._zygote.wait(timeout=30)
+            self._zygote = None
 
     async def wait_ready(self) -> None:
         """Until Probe answers on the new process; the old socket file may still be there until it binds."""
-        assert self.proc is not None
         began = time.monotonic()
         while True:
-            if self.proc.poll() is not None:
-                raise ServerDied(f"the server exited with {self.proc.returncode} while starting:\n{self.log_tail()}")
+            if not self.alive():
+                raise ServerDied(f"the server exited{self._exit_status()} while starting:\n{self.log_tail()}")
             if time.monotonic() - began > START_TIMEOUT:
                 raise AssertionError(f"the server did not answer within {START_TIMEOUT}s:\n{self.log_tail()}")
             channel = Channel(path=str(self.socket))
@@ -117,35 +160,43 @@ class Server:
             self.start_seconds.append(time.monotonic() - began)
             return
 
+    def _exit_status(self) -> str:
+        if self._popen is not None and self._popen.returncode is not None:
+            return f" with {self._popen.returncode}"
+        return ""
+
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        if self.pid is None:
+            return False
+        if self._popen is not None:
+            return self._popen.poll() is None
+        return _state(self.pid) not in (None, "Z", "X")
 
     def kill(self) -> None:
-        """SIGKILL the server's process group and reap it."""
-        if self.proc is None:
+        """SIGKILL the server's process group and wait until every process of it is dead."""
+        if self.pid is None:
             return
-        if self.proc.poll() is None:
+        if self.alive():
+            self.killed_by_us = True
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-        _reap_group(self.proc.pid)
-
-    def stop(self) -> None:
-        """Graceful stop (SIGTERM), as a rolling update does; SIGKILL if it hangs."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"the server ignored SIGTERM for 30s:\n{self.log_tail()}") from None
+                os.killpg(self.pid, signal.SIGKILL)
+        if self._popen is not None:
+            self._popen.wait()
+        _reap_group(self.pid)
 
     def log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+def _state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
 
 
 def _reap_group(pgid: int) -> None:
@@ -195,6 +246,8 @@ class Settings:
     max_seconds: float = 600.0  # stop earlier if this much time has passed (the test then fails on `kills`)
     seed: int = 0
     kill_probability: float = 0.6  # of arming the kill timer for an RPC attempt
+    kills_per_operation: int = 3  # then the operation is let through, so the loop makes progress
+    first_guess_seconds: float = 0.3  # an RPC's duration before one has been measured
     startup_kill_probability: float = 0.1  # of killing a restart while it opens its pools
     sizes: tuple[int, ...] = (1 * MiB, 2 * MiB, 3 * MiB + 12345, 4 * MiB)
     growth: tuple[int, ...] = (1 * MiB, 2 * MiB - 4096)
@@ -251,6 +304,28 @@ class Report:
         return cls(**raw)
 
 
+async def run_together(loops: list[CrashLoop]) -> list[Report]:
+    """Run crash loops at once against their shared server (one restart then interrupts each loop's call in
+    flight), then restart it cleanly and verify each loop's pool."""
+    supervisor = loops[0].supervisor
+    began = time.monotonic()
+    try:
+        await asyncio.gather(*(loop.churn() for loop in loops))
+        supervisor.killing = False
+        await supervisor.restart()
+        for loop in loops:
+            await loop.verify()
+    finally:
+        supervisor.close()
+        starts = sorted(supervisor.server.start_seconds)
+        for loop in loops:
+            loop.report.seconds = time.monotonic() - began
+            loop.report.restarts = supervisor.restarts
+            loop.report.startup_kills = supervisor.startup_kills
+            loop.report.median_start_seconds = starts[len(starts) // 2] if starts else 0.0
+    return [loop.report for loop in loops]
+
+
 class Refused(Exception):
     """A final answer the client accepts (no room, out of range): the operation did not happen."""
 
@@ -259,12 +334,88 @@ class Refused(Exception):
         self.status = status
 
 
-class CrashLoop:
-    def __init__(self, backend: str, server: Server, view: DiskView, settings: Settings) -> None:
+class Supervisor:
+    """Keeps one server running for one or several crash loops, and kills it when their timers say so.
+
+    Servers are numbered (`generation`); a kill names the generation it means, so a timer armed for one server
+    never kills its successor, and a client whose call broke can tell a kill it should retry after from a crash.
+    """
+
+    def __init__(self, server: Server, seed: int, startup_kill_probability: float) -> None:
         self.server = server
+        self.rng = random.Random(seed)
+        self.startup_kill_probability = startup_kill_probability
+        self.killing = True
+        self.generation = 0
+        self.killed: set[int] = set()
+        self.restarts = 0
+        self.startup_kills = 0
+        self.channel: Channel | None = None
+        self._lock = asyncio.Lock()
+
+    async def ensure(self) -> int:
+        """The generation of a running, answering server, starting one if there is none."""
+        async with self._lock:
+            if self.channel is not None and self.server.alive():
+                return self.generation
+            if self.channel is not None:
+                self.channel.close()
+                self.channel = None
+            while True:
+                self.server.kill()
+                self.server.spawn()
+                self.generation += 1
+                self.restarts += 1
+                timer = None
+                if self.killing and self.rng.random() < self.startup_kill_probability:
+                    starts = sorted(self.server.start_seconds) or [0.5]
+                    delay = self.rng.uniform(0, starts[len(starts) // 2])
+                    timer = asyncio.get_running_loop().call_later(delay, self._kill_at_start, self.generation)
+                try:
+                    await self.server.wait_ready()
+                except ServerDied:
+                    if self.generation in self.killed:
+                        continue  # our start-up kill landed
+                    raise
+                finally:
+                    if timer is not None:
+                        timer.cancel()
+                break
+            self.channel = Channel(path=str(self.server.socket))
+            return self.generation
+
+    def kill(self, generation: int) -> None:
+        if generation == self.generation and self.server.alive():
+            self.killed.add(generation)
+            self.server.kill()
+
+    def _kill_at_start(self, generation: int) -> None:
+        if generation == self.generation and self.server.alive():
+            self.startup_kills += 1
+            self.kill(generation)
+
+    async def restart(self) -> None:
+        """A deliberate restart (no kill counted): the state the next server finds is all on disk."""
+        async with self._lock:
+            self.server.kill()
+        await self.ensure()
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        self.server.kill()
+        self.server.close()
+
+
+class CrashLoop:
+    def __init__(self, backend: str, supervisor: Supervisor, view: DiskView, settings: Settings) -> None:
+        self.backend = backend
+        self.supervisor = supervisor
+        self.server = supervisor.server
         self.view = view
         self.settings = settings
-        self.rng = random.Random(settings.seed)
+        self.rng = random.Random(f"{settings.seed}-{backend}")
         self.report = Report(backend)
         self.live: dict[str, Live] = {}
         self.deleted: dict[str, str] = {}
@@ -272,68 +423,33 @@ class CrashLoop:
         self.snaps: dict[str, tuple[str, str]] = {}  # snapshot name -> (id, source volume id)
         self.deleted_snaps: dict[str, str] = {}
         self.duration: dict[str, float] = {}  # running mean of each RPC's duration, for the kill delays
-        self.killing = True
-        self._channel: Channel | None = None
         self._counter = 0
 
     # -- plumbing ---------------------------------------------------------------------------------------------
-    async def _ensure_server(self) -> None:
-        if self.server.alive() and self._channel is not None:
-            return
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
-        while True:
-            self.server.kill()
-            self.server.spawn()
-            self.report.restarts += 1
-            timer = None
-            if self.killing and self.rng.random() < self.settings.startup_kill_probability:
-                typical = sorted(self.server.start_seconds)[len(self.server.start_seconds) // 2 :][:1] or [0.5]
-                timer = asyncio.get_running_loop().call_later(self.rng.uniform(0, typical[0]), self._kill_at_start)
-            try:
-                await self.server.wait_ready()
-            except ServerDied:
-                if self.server.proc is not None and self.server.proc.returncode == -signal.SIGKILL:
-                    continue  # our start-up kill landed
-                raise
-            finally:
-                if timer is not None:
-                    timer.cancel()
-            break
-        self._channel = Channel(path=str(self.server.socket))
-
-    def _kill_during_call(self, killed: list[bool]) -> None:
-        if self.server.alive():
-            killed.append(True)
-            self.server.kill()
-
-    def _kill_at_start(self) -> None:
-        if self.server.alive():
-            self.report.startup_kills += 1
-            self.server.kill()
-
     async def call(self, kind: str, send: Callable[[ControllerStub], Awaitable[T]], final: set[Status]) -> T:
-        """Send until answered: a lost answer (the server died) or a retryable status is sent again."""
-        attempts = 0
+        """Send until answered: a lost answer (the server was killed) or a retryable status is sent again.
+
+        At most `kills_per_operation` kills are aimed at one operation, so each one is eventually answered."""
+        attempts = kills = 0
         while True:
             attempts += 1
             if attempts > 200:
                 raise AssertionError(f"{kind}: no final answer after 200 attempts; last: {self.report.messages}")
-            await self._ensure_server()
-            assert self._channel is not None
-            killed: list[bool] = []
+            generation = await self.supervisor.ensure()
+            channel = self.supervisor.channel
+            assert channel is not None
             timer = None
-            if self.killing and self.rng.random() < self.settings.kill_probability:
-                delay = self.rng.uniform(0, 1.2 * self.duration.get(kind, 0.3))
-                timer = asyncio.get_running_loop().call_later(delay, self._kill_during_call, killed)
+            aim = kills < self.settings.kills_per_operation and self.rng.random() < self.settings.kill_probability
+            if self.supervisor.killing and aim:
+                delay = self.rng.uniform(0, 1.2 * self.duration.get(kind, self.settings.first_guess_seconds))
+                timer = asyncio.get_running_loop().call_later(delay, self.supervisor.kill, generation)
             began = time.monotonic()
             self.report.rpcs += 1
             try:
-                answer = await send(ControllerStub(self._channel, timeout=CALL_TIMEOUT))
+                answer = await send(ControllerStub(channel, timeout=CALL_TIMEOUT))
             except GRPCError as exc:
-                if killed or not self.server.alive():
-                    self._lost(kind, killed)
+                if generation in self.supervisor.killed or not self.server.alive():
+                    kills += self._lost(kind, generation)
                     continue
                 self.report.answers[exc.status.name] += 1
                 self.report.messages.setdefault(exc.status.name, f"{kind}: {exc.message}")
@@ -346,13 +462,13 @@ class CrashLoop:
                     f"{kind}: unexpected {exc.status.name}: {exc.message}\n{self.server.log_tail()}"
                 ) from exc
             except (OSError, StreamTerminatedError, TimeoutError):
-                self._lost(kind, killed)
+                kills += self._lost(kind, generation)
                 continue
             finally:
                 if timer is not None:
                     timer.cancel()
             self.report.answers["OK"] += 1
-            if killed:  # answered, then the timer fired before we could cancel it: a kill between two RPCs
+            if generation in self.supervisor.killed:  # answered, then killed before the timer was cancelled
                 self.report.late_kills += 1
                 return answer
             elapsed = time.monotonic() - began
@@ -360,20 +476,18 @@ class CrashLoop:
             self.duration[kind] = 0.8 * mean + 0.2 * elapsed
             return answer
 
-    def _lost(self, kind: str, killed: list[bool]) -> None:
-        if killed:
+    def _lost(self, kind: str, generation: int) -> int:
+        if generation in self.supervisor.killed:
             self.report.kills += 1
-        elif self.server.alive():
+            return 1
+        if self.server.alive():
             raise AssertionError(f"{kind}: the connection broke although the server runs:\n{self.server.log_tail()}")
-        else:
-            raise ServerDied(f"{kind}: the server died on its own:\n{self.server.log_tail()}")
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
+        raise ServerDied(f"{kind}: the server died on its own:\n{self.server.log_tail()}")
 
     def _name(self) -> str:
         self._counter += 1
-        styles = [f"pvc-crash-{self._counter:05d}", f"crash {self._counter} ünï 🙂 --force $(id)", f"-{self._counter}"]
+        n, b = self._counter, self.backend  # the backend in the name: names are unique across a node's pools
+        styles = [f"pvc-{b}-crash-{n:05d}", f"crash {b} {n} ünï 🙂 --force $(id)", f"-{b}-{n}"]
         return self.rng.choice(styles)
 
     def _create_request(self, name: str, size: int) -> CreateVolumeRequest:
@@ -442,7 +556,7 @@ class CrashLoop:
     async def snapshot(self) -> None:
         source = self.live[self.rng.choice(sorted(self.live))]
         self._counter += 1
-        name = f"snap-crash-{self._counter:05d}"
+        name = f"snap-{self.backend}-crash-{self._counter:05d}"
         request = CreateSnapshotRequest(source_volume_id=source.id, name=name)
         try:
             answer = await self.call("snapshot", lambda c: c.create_snapshot(request), {Status.RESOURCE_EXHAUSTED})
@@ -478,26 +592,17 @@ class CrashLoop:
         await operation()
 
     # -- the run ----------------------------------------------------------------------------------------------
-    async def run(self) -> Report:
+    async def churn(self) -> None:
+        """Random operations until this loop has seen its kills (or its time is up)."""
         began = time.monotonic()
-        try:
-            while self.report.kills < self.settings.kills and time.monotonic() - began < self.settings.max_seconds:
-                await self.step()
-            self.killing = False
-            await self.verify()
-        finally:
-            if self._channel is not None:
-                self._channel.close()
-            self.server.kill()
-            self.report.seconds = time.monotonic() - began
-            starts = sorted(self.server.start_seconds)
-            self.report.median_start_seconds = starts[len(starts) // 2] if starts else 0.0
-        return self.report
+        while self.report.kills < self.settings.kills and time.monotonic() - began < self.settings.max_seconds:
+            await self.step()
+
+    async def run(self) -> Report:
+        return (await run_together([self]))[0]
 
     async def verify(self) -> None:
-        """A clean restart, then: the server and the disks hold exactly what the client was acknowledged."""
-        self.server.kill()
-        await self._ensure_server()
+        """After a clean restart: the server and the disks hold exactly what the client was acknowledged."""
         report = self.report
         report.live, report.deleted, report.snapshots = len(self.live), len(self.deleted), len(self.snaps)
         wanted = {live.id: live.size for live in self.live.values()}
@@ -563,40 +668,3 @@ class CrashLoop:
         answer = await self.call("create", lambda c: c.create_volume(request), set())
         if answer.volume is None or answer.volume.volume_id != live.id:
             self.report.problems.append(f"CreateVolume {name!r} after restart answered {answer.volume}, not {live.id}")
-
-
-# -- running in a guest -------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run the crash loop against a config; write a JSON report.")
-    parser.add_argument("--config", required=True, type=Path)
-    parser.add_argument("--backend", required=True, choices=["lvm", "thin"])
-    parser.add_argument("--workdir", required=True, type=Path)
-    parser.add_argument("--report", required=True, type=Path)
-    parser.add_argument("--kills", type=int, default=100)
-    parser.add_argument("--seconds", type=float, default=420.0)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    from tests.reliability.views import LvmView
-
-    view = LvmView.from_config(args.config, args.backend)
-    settings = Settings(
-        kills=args.kills,
-        max_seconds=args.seconds,
-        seed=args.seed,
-        snapshots=args.backend == "thin",
-        parameters={"backend": args.backend},
-    )
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    loop = CrashLoop(args.backend, Server(args.config, args.workdir), view, settings)
-    try:
-        report = asyncio.run(loop.run())
-    except AssertionError as exc:
-        loop.report.problems.append(f"aborted: {exc}")
-        report = loop.report
-    args.report.write_text(report.to_json())
-    print(report.summary())
-    return 0 if not (report.lost or report.leaked or report.problems) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

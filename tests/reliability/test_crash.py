@@ -27,7 +27,7 @@ import pytest
 
 from localdisk.sizes import MiB
 from tests.loopdisks import loop_disks, needs_loop_devices
-from tests.reliability.crashloop import CrashLoop, Report, Server, Settings
+from tests.reliability.crashloop import CrashLoop, Report, Server, Settings, Supervisor
 from tests.reliability.tally import TALLY
 from tests.reliability.views import PartitionView
 
@@ -69,19 +69,16 @@ async def test_partition_pool_survives_sigkill(tmp_path: Path) -> None:
             f'[node]\nkubelet_dir = "{tmp_path}/kubelet"\n\n'
             f"[pools.partition.crash]\ndisks = {disks!r}\ndefault = true\n".replace("'", '"')
         )
-        server = Server(config, tmp_path)
-        loop = CrashLoop(
-            "partition",
-            server,
-            PartitionView(disks),
-            Settings(kills=KILLS, seed=run_seed, max_seconds=600, parameters={"backend": "partition"}),
-        )
+        settings = Settings(kills=KILLS, seed=run_seed, max_seconds=600, parameters={"backend": "partition"})
+        server = Server(config, tmp_path, fork=os.environ.get("LOCALDISK_CRASH_FORK") == "1")
+        supervisor = Supervisor(server, run_seed, settings.startup_kill_probability)
+        loop = CrashLoop("partition", supervisor, PartitionView(disks), settings)
         try:
             report = await loop.run()
         except AssertionError as exc:
             raise AssertionError(f"seed {run_seed} (LOCALDISK_CRASH_SEED reproduces it): {exc}") from exc
         finally:
-            server.kill()
+            supervisor.close()
     record(report, "crash partition")
     print(report.summary())
     check(report, KILLS, run_seed)
