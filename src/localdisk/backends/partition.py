@@ -296,6 +296,11 @@ class PartitionBackend:
                     " is a partition held open? check with lsblk and retry"
                 )
             if now >= next_repair:
+                # `partx -u` adds and resizes but never deletes: a partition the table no longer holds (parted was
+                # killed between writing the table and telling the kernel) is deleted by number.
+                for number in sorted(set(kernel_partitions(device)) - {p.number for p in table.partitions}):
+                    stale = ["partx", "--delete", "--nr", f"{number}:{number}", "--", device]
+                    await self.runner.run(stale, check=False)
                 await self.runner.run(["partx", "--update", "--", device], check=False)
                 next_repair = now + 1.0
             await anyio.sleep(0.05)
@@ -461,6 +466,9 @@ class PartitionBackend:
             await self.runner.run(
                 ["sfdisk", *quiet, "-N", str(part.number), "--", table.device], input=f",{sectors}\n".encode()
             )
+            # A crash between the table write and resizepart leaves the table grown and the kernel not. The retried
+            # expand finds the volume big enough and is answered without coming here, and the restart the crash
+            # implies runs `_settle` in `open`, which sees the kernel's size differ and resizes it (partx -u).
             kernel_sectors = sectors * table.sector_size // 512  # resizepart counts 512-byte sectors
             await self.runner.run(["resizepart", table.device, str(part.number), str(kernel_sectors)])
             table = await self._read(disk)

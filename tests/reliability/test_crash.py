@@ -1,0 +1,84 @@
+"""Crash consistency under SIGKILL: the partition backend on loop devices here, LVM and thin inside User-Mode Linux.
+
+See `crashloop.py` for what the client does and checks. Why every cut converges, per backend:
+
+Partition backend (GPT names are the only state; `partition.py` holds the argument in its comments):
+- create: the partition is born pending (`lp-<key>`) and named in the same parted run that creates it, so a kill
+  leaves either no partition or a pending one, never an unnamed one. Pending partitions are invisible to lookups;
+  a retried create of the same name and size resumes it (wipe, then rename to `ld-<key>`), and a server start drops
+  every pending one (`open`). The rename is one table write: before it the volume does not exist for anyone, after
+  it the create is done and its retry answers the same PARTUUID. A kill between parted's table write and its
+  BLKPG call leaves the kernel behind the table, which `_settle` repairs with `partx -u` on the next start.
+- delete: the partition is wiped and then removed; a kill before the removal leaves a ready volume, which the
+  retried delete wipes again and removes; a kill after it leaves nothing, and deleting nothing succeeds.
+- expand: sfdisk rewrites the entry's size (one table write), then `resizepart` tells the kernel. A kill between
+  the two leaves the table grown and the kernel not: the retry finds the volume already big enough and answers it,
+  and the restart that every kill implies runs `_settle`, which sees the kernel's size differ and runs `partx -u`.
+  The end check compares every partition's kernel size with its table size.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from localdisk.sizes import MiB
+from tests.loopdisks import loop_disks, needs_loop_devices
+from tests.reliability.crashloop import CrashLoop, Report, Server, Settings, Supervisor
+from tests.reliability.tally import TALLY
+from tests.reliability.views import PartitionView
+
+KILLS = int(os.environ.get("LOCALDISK_CRASH_KILLS", "100"))
+
+
+def seed() -> int:
+    return int(os.environ.get("LOCALDISK_CRASH_SEED", str(int(time.time()))))
+
+
+def record(report: Report, suite: str) -> None:
+    TALLY.kills[report.backend] += report.kills
+    TALLY.startup_kills[report.backend] += report.startup_kills
+    TALLY.operations[suite] += sum(report.operations.values())
+    TALLY.seconds[suite] = TALLY.seconds.get(suite, 0.0) + report.seconds
+    TALLY.lost += len(report.lost)
+    TALLY.leaked += len(report.leaked)
+    TALLY.notes.append(report.summary())
+
+
+def check(report: Report, kills: int, seed: int) -> None:
+    again = f"(seed {seed}: LOCALDISK_CRASH_SEED={seed} reproduces the run)"
+    assert not report.lost, f"volumes lost {again}: {report.lost}"
+    assert not report.leaked, f"volumes leaked {again}: {report.leaked}"
+    assert not report.problems, f"{again}: {report.problems}"
+    assert report.kills >= kills, f"only {report.kills} kills in {report.seconds:.0f}s {again}"
+    assert "INTERNAL" not in report.answers, f"INTERNAL answers {again}: {report.messages}"
+
+
+@needs_loop_devices
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.anyio
+async def test_partition_pool_survives_sigkill(tmp_path: Path) -> None:
+    run_seed = seed()
+    async with loop_disks(2, 40 * MiB) as disks:
+        config = tmp_path / "node.toml"
+        config.write_text(
+            f'[node]\nkubelet_dir = "{tmp_path}/kubelet"\n\n'
+            f"[pools.partition.crash]\ndisks = {disks!r}\ndefault = true\n".replace("'", '"')
+        )
+        settings = Settings(kills=KILLS, seed=run_seed, max_seconds=600, parameters={"backend": "partition"})
+        server = Server(config, tmp_path, fork=os.environ.get("LOCALDISK_CRASH_FORK") == "1")
+        supervisor = Supervisor(server, run_seed, settings.startup_kill_probability)
+        loop = CrashLoop("partition", supervisor, PartitionView(disks), settings)
+        try:
+            report = await loop.run()
+        except AssertionError as exc:
+            raise AssertionError(f"seed {run_seed} (LOCALDISK_CRASH_SEED reproduces it): {exc}") from exc
+        finally:
+            supervisor.close()
+    record(report, "crash partition")
+    print(report.summary())
+    check(report, KILLS, run_seed)
