@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 export PATH="$PWD/.venv/bin:$PATH"
-nox -s lint typecheck proto tests "$@"
+nox -s lint typecheck proto tests e2e "$@"
