@@ -21,6 +21,13 @@ zeroed in full (`blkdiscard -z`: WRITE ZEROES where the device offers it, writte
 handed out: on the order of a second per GiB on SSDs, which is why it happens under the pending tag and not in a
 hurry. Thin volumes need no wipe: unprovisioned blocks read as zeros and a pool with zeroing on (checked at open)
 zeroes each block it provisions.
+
+Reads come from a cached view of the VG (`VgView`), so GetCapacity, ListVolumes and lookups run no LVM command at all.
+The view is one `lvm fullreport`; after each of our own changes it is updated in memory with what the change did,
+and the report is read again once the writers queued on the pool's lock have all gone (one read per burst of
+creates, not one per create), after any failed change, and when it is older than `VIEW_MAX_AGE` (changes made by
+someone else: an administrator's lvcreate shows up within that time). Writes are serialized per pool by that lock,
+which is where concurrent creates queue: LVM would serialize them on its VG lock anyway.
 """
 
 from __future__ import annotations
@@ -28,8 +35,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import os
 import re
-from collections.abc import Iterable
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Annotated
@@ -38,6 +48,7 @@ import anyio
 from pydantic import Field, field_validator
 
 from localdisk.backends.lvmcmd import LogicalVolume, Lvm, VgReport, check_name
+from localdisk.backends.lvmshell import ShellExecutor
 from localdisk.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -63,6 +74,8 @@ HANDLE = re.compile(r"ld[vs]-[0-9a-f]{32}")
 NAME_CHUNK = 512  # characters of base32 per tag; LVM allows 1024 per tag
 MAX_NAME_BYTES = 1024
 ZERO_BYTES_PER_SECOND = 100 * MiB  # a floor for the zeroing timeout, not a promise about any disk
+VIEW_MAX_AGE = 30.0  # seconds a cached VG report is trusted for changes made outside localdisk
+SHELL_ENV = "LOCALDISK_LVM_SHELL"  # "0": one lvm process per command instead of the persistent shell
 
 
 # -- identity on disk (pure) ------------------------------------------------------------------------------------------
@@ -178,6 +191,90 @@ def thin_use(report: VgReport, pool: str, ratio: float, threshold: float) -> Thi
     )
 
 
+# -- the cached view of a VG ------------------------------------------------------------------------------------------
+class VgView:
+    """The last report of one VG, with our own changes applied to it in memory until the next report confirms them."""
+
+    def __init__(self, lvm: Lvm, vg: str, max_age: float = VIEW_MAX_AGE) -> None:
+        self.lvm = lvm
+        self.vg = vg
+        self.max_age = max_age
+        self.report: VgReport | None = None
+        self.read_at = 0.0
+        self.unconfirmed = False  # holds changes applied in memory only
+        self.reads = 0
+        self._lock = anyio.Lock()
+
+    async def get(self) -> VgReport:
+        if self.report is None or time.monotonic() - self.read_at > self.max_age:
+            return await self.refresh()
+        return self.report
+
+    async def refresh(self) -> VgReport:
+        asked = time.monotonic()
+        async with self._lock:
+            if self.report is not None and self.read_at >= asked:
+                return self.report  # someone read it while we waited for the lock
+            read_at = time.monotonic()
+            report = await self.lvm.report(self.vg)
+            self.report, self.read_at, self.unconfirmed = report, read_at, False
+            self.reads += 1
+            return report
+
+    def invalidate(self) -> None:
+        self.report = None
+
+    def apply(self, change: Callable[[VgReport], VgReport]) -> None:
+        if self.report is not None:
+            self.report = change(self.report)
+            self.unconfirmed = True
+
+
+def with_lv(report: VgReport, lv: LogicalVolume, *, takes_extents: bool) -> VgReport:
+    """`report` after creating or resizing `lv` (a linear LV takes its size from the VG's free space)."""
+    old = report.lv(lv.name)
+    grown = lv.size - (old.size if old else 0)
+    vg = replace(report.vg, free=report.vg.free - grown) if takes_extents else report.vg
+    return VgReport(vg, {**report.lvs, lv.name: lv})
+
+
+def without_lv(report: VgReport, name: str, *, takes_extents: bool) -> VgReport:
+    old = report.lv(name)
+    if old is None:
+        return report
+    vg = replace(report.vg, free=report.vg.free + old.size) if takes_extents else report.vg
+    return VgReport(vg, {k: v for k, v in report.lvs.items() if k != name})
+
+
+def with_tags(report: VgReport, name: str, *, add: Iterable[str] = (), delete: Iterable[str] = ()) -> VgReport:
+    old = report.lv(name)
+    if old is None:
+        return report
+    tags = (old.tags | frozenset(add)) - frozenset(delete)
+    return VgReport(report.vg, {**report.lvs, name: replace(old, tags=tags)})
+
+
+def new_lv(name: str, size: int, tags: Iterable[str], *, attr: str, pool: str = "", origin: str = "") -> LogicalVolume:
+    """The LV a successful lvcreate made, as the next report will show it (bar its uuid, time and usage)."""
+    return LogicalVolume(
+        name=name,
+        uuid="",
+        size=size,
+        tags=frozenset(tags),
+        attr=attr,
+        pool=pool,
+        origin=origin,
+        data_percent=0.0 if pool else None,
+        metadata_percent=None,
+        created_at=datetime.now(UTC),
+        path="",
+    )
+
+
+LINEAR_ACTIVE = "-wi-a-----"
+THIN_ACTIVE = "Vwi-a-tz--"
+
+
 # -- configuration ---------------------------------------------------------------------------------------------------
 def _lvm_name(value: str) -> str:
     try:
@@ -212,6 +309,7 @@ class _LvmBackend:
     """What both backends share: identity, lookups, deletion, activation; subclasses decide placement and room."""
 
     kind: str
+    _takes_extents = False  # whether a volume's size comes out of the VG's free extents (linear) or a pool (thin)
 
     def __init__(self, pool: str, vg: str, lvm: Lvm, runner: CommandRunner, features: Features) -> None:
         self.pool = pool
@@ -221,6 +319,7 @@ class _LvmBackend:
         self.features = features
         self.extent = features.alignment  # replaced by the VG's extent size at open()
         self._lock = anyio.Lock()  # check-then-change on this pool's space happens one at a time
+        self.view = VgView(lvm, vg)
 
     # hooks
     def _belongs(self, lv: LogicalVolume) -> bool:
@@ -245,7 +344,7 @@ class _LvmBackend:
     # lifecycle
     async def open(self) -> None:
         try:
-            report = await self.lvm.report(self.vg)
+            report = await self.view.refresh()
         except NotFound:
             raise FailedPrecondition(
                 f"{self.kind} pool {self.pool!r}: volume group {self.vg!r} not found on this node;"
@@ -256,11 +355,26 @@ class _LvmBackend:
         await self._activate(report)
 
     async def aclose(self) -> None:
-        return None
+        await self.lvm.aclose()
 
     # reading
     async def _report(self) -> VgReport:
-        return await self.lvm.report(self.vg)
+        return await self.view.get()
+
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[VgReport]:
+        """The pool's write lock and the view to decide on; the view is re-read once no other writer is queued."""
+        async with self._lock:
+            try:
+                yield await self._report()
+            except BaseException:
+                self.view.invalidate()  # a failed or interrupted change leaves the VG in a state we did not see
+                raise
+            if self.view.unconfirmed and self._lock.statistics().tasks_waiting == 0:
+                try:
+                    await self.view.refresh()
+                except Exception:
+                    self.view.invalidate()  # the change itself succeeded; the next read tries again
 
     def _ours(self, lv: LogicalVolume | None, kind: str) -> bool:
         return (
@@ -302,8 +416,7 @@ class _LvmBackend:
     async def create_volume(self, spec: VolumeSpec) -> Volume:
         lv_name = lv_name_for(VOLUME, spec.name)
         name_tags(spec.name)  # refuse an unstorable name before touching anything
-        async with self._lock:
-            report = await self._report()
+        async with self._writing() as report:
             existing = report.lv(lv_name)
             if existing is None:
                 self._check_room(report, spec.size_bytes)
@@ -317,6 +430,7 @@ class _LvmBackend:
             if pending:
                 await self._finish(lv_name, spec, existing.size if existing else 0)
                 await self.lvm.change_tags(self.vg, lv_name, delete=[PENDING_TAG])
+                self.view.apply(lambda r: with_tags(r, lv_name, delete=[PENDING_TAG]))
         source = (spec.source.kind.value, spec.source_handle) if spec.source and spec.source_handle else None
         return Volume(
             ref=self._ref(lv_name),
@@ -329,22 +443,23 @@ class _LvmBackend:
     async def delete_volume(self, handle: str) -> None:
         if not handle.startswith(PREFIXES[VOLUME]) or not HANDLE.fullmatch(handle):
             return
-        async with self._lock:
-            report = await self._report()
+        async with self._writing() as report:
             if not self._ours(report.lv(handle), VOLUME):
                 return  # gone already, or not ours to remove
             with contextlib.suppress(NotFound):
                 await self.lvm.remove(self.vg, handle)
+            self.view.apply(lambda r: without_lv(r, handle, takes_extents=self._takes_extents))
 
     async def expand_volume(self, handle: str, size_bytes: int) -> Volume:
-        async with self._lock:
-            report = await self._report()
+        async with self._writing() as report:
             lv = self._get(report, handle, VOLUME)
             volume = self._volume(report, lv)
             if size_bytes <= lv.size:
                 return volume
             self._check_room(report, size_bytes - lv.size)
             await self.lvm.extend(self.vg, handle, size_bytes)
+            grown = replace(lv, size=align_up(size_bytes, self.extent))
+            self.view.apply(lambda r: with_lv(r, grown, takes_extents=self._takes_extents))
         return replace(volume, size_bytes=align_up(size_bytes, self.extent))
 
     def _get(self, report: VgReport, handle: str, kind: str) -> LogicalVolume:
@@ -389,6 +504,7 @@ class LinearBackend(_LvmBackend):
     """Thick (linear) LVs in one volume group: fixed space per volume, zeroed before first use."""
 
     kind = "lvm"
+    _takes_extents = True
 
     def __init__(self, pool: str, config: LinearPoolConfig, lvm: Lvm, runner: CommandRunner) -> None:
         super().__init__(pool, config.volume_group, lvm, runner, Features(snapshots=False, clones=False))
@@ -419,6 +535,8 @@ class LinearBackend(_LvmBackend):
         # No wipe here: `_finish` zeroes all of it, and LVM's wipe would only repeat the first 4 KiB of that.
         tags = [*identity_tags(VOLUME, spec.name), PENDING_TAG]
         await self.lvm.create_linear(self.vg, lv, spec.size_bytes, tags, wipe=False)
+        made = new_lv(lv, align_up(spec.size_bytes, self.extent), tags, attr=LINEAR_ACTIVE)
+        self.view.apply(lambda r: with_lv(r, made, takes_extents=True))
         return True
 
     async def _finish(self, lv: str, spec: VolumeSpec, current_size: int) -> None:
@@ -486,7 +604,10 @@ class ThinBackend(_LvmBackend):
     async def _create(self, report: VgReport, lv: str, spec: VolumeSpec) -> bool:
         # Tags are set by the creating lvcreate itself, so a crash can never leave an untagged LV of ours behind.
         if spec.source is None or spec.source_handle is None:
-            await self.lvm.create_thin(self.vg, self.thin_pool, lv, spec.size_bytes, identity_tags(VOLUME, spec.name))
+            tags = identity_tags(VOLUME, spec.name)
+            await self.lvm.create_thin(self.vg, self.thin_pool, lv, spec.size_bytes, tags)
+            made = new_lv(lv, align_up(spec.size_bytes, self.extent), tags, attr=THIN_ACTIVE, pool=self.thin_pool)
+            self.view.apply(lambda r: with_lv(r, made, takes_extents=False))
             return False
         kind = spec.source.kind.value
         source = report.lv(spec.source_handle) if HANDLE.fullmatch(spec.source_handle) else None
@@ -495,11 +616,17 @@ class ThinBackend(_LvmBackend):
         grow = align_up(spec.size_bytes, self.extent) > source.size
         tags = identity_tags(VOLUME, spec.name, (kind, spec.source_handle)) + ([PENDING_TAG] if grow else [])
         await self.lvm.create_thin_snapshot(self.vg, spec.source_handle, lv, tags, activate=True)
+        made = new_lv(lv, source.size, tags, attr=THIN_ACTIVE, pool=self.thin_pool, origin=source.name)
+        self.view.apply(lambda r: with_lv(r, made, takes_extents=False))
         return grow
 
     async def _finish(self, lv: str, spec: VolumeSpec, current_size: int) -> None:
         if align_up(spec.size_bytes, self.extent) > current_size:
             await self.lvm.extend(self.vg, lv, spec.size_bytes)
+            size = align_up(spec.size_bytes, self.extent)
+            self.view.apply(
+                lambda r: with_lv(r, replace(r.lvs[lv], size=size), takes_extents=False) if lv in r.lvs else r
+            )
 
     async def capacity(self) -> Capacity:
         report = await self._report()
@@ -529,8 +656,7 @@ class ThinBackend(_LvmBackend):
     async def create_snapshot(self, source_handle: str, name: str) -> Snapshot:
         lv_name = lv_name_for(SNAPSHOT, name)
         name_tags(name)
-        async with self._lock:
-            report = await self._report()
+        async with self._writing() as report:
             existing = report.lv(lv_name)
             if existing is not None:
                 self._claim(existing, SNAPSHOT, name)
@@ -540,18 +666,18 @@ class ThinBackend(_LvmBackend):
             tags = identity_tags(SNAPSHOT, name, (VOLUME, source_handle))
             # A snapshot stays inactive (LVM's activation-skip flag); volumes restored from it are activated.
             await self.lvm.create_thin_snapshot(self.vg, source_handle, lv_name, tags, activate=False)
-            report = await self._report()  # for its creation time as LVM recorded it
+            report = await self.view.refresh()  # for its creation time as LVM recorded it
         return self._snapshot(self._get(report, lv_name, SNAPSHOT))
 
     async def delete_snapshot(self, handle: str) -> None:
         if not handle.startswith(PREFIXES[SNAPSHOT]) or not HANDLE.fullmatch(handle):
             return
-        async with self._lock:
-            report = await self._report()
+        async with self._writing() as report:
             if not self._ours(report.lv(handle), SNAPSHOT):
                 return
             with contextlib.suppress(NotFound):
                 await self.lvm.remove(self.vg, handle)
+            self.view.apply(lambda r: without_lv(r, handle, takes_extents=False))
 
     async def get_snapshot(self, handle: str) -> Snapshot:
         return self._snapshot(self._get(await self._report(), handle, SNAPSHOT))
@@ -567,14 +693,27 @@ class ThinBackend(_LvmBackend):
         return [self._snapshot(lv) for lv in report.lvs.values() if self._ready(lv, SNAPSHOT)]
 
 
+_SHARED: weakref.WeakKeyDictionary[CommandRunner, Lvm] = weakref.WeakKeyDictionary()
+
+
+def shared_lvm(runner: CommandRunner) -> Lvm:
+    """One `Lvm` (one lvm shell) for every pool served with this runner; processes if LOCALDISK_LVM_SHELL=0."""
+    lvm = _SHARED.get(runner)
+    if lvm is None:
+        use_shell = os.environ.get(SHELL_ENV, "1") != "0"
+        lvm = Lvm(runner, executor=ShellExecutor(runner) if use_shell else None)
+        _SHARED[runner] = lvm
+    return lvm
+
+
 def _linear(pool: str, config: PoolConfig, runner: CommandRunner) -> LinearBackend:
     assert isinstance(config, LinearPoolConfig)
-    return LinearBackend(pool, config, Lvm(runner), runner)
+    return LinearBackend(pool, config, shared_lvm(runner), runner)
 
 
 def _thin(pool: str, config: PoolConfig, runner: CommandRunner) -> ThinBackend:
     assert isinstance(config, ThinPoolConfig)
-    return ThinBackend(pool, config, Lvm(runner), runner)
+    return ThinBackend(pool, config, shared_lvm(runner), runner)
 
 
 LINEAR_BACKEND = BackendSpec("lvm", LinearPoolConfig, _linear, "linear LVs in a volume group, zeroed before use")
