@@ -261,3 +261,71 @@ async def test_host_shell_unsafe_arguments_and_missing_profile_fall_back_to_proc
     bare = ShellExecutor(host_shell.runner, env=host_shell.env)
     assert bare.disabled is not None
     assert (await bare.run(["vgs"])).returncode == 0 and bare.fallback_commands == 1 and bare.pid is None
+
+
+# -- the backends on the shell, with real LVM in the sandbox (`nox -s e2e`) ----------------------------------------
+LINEAR_VG, THIN_VG, THIN_POOL = "ldtest-lin", "ldtest-thin", "pool"
+
+
+@pytest.fixture
+async def sandbox_shell() -> AsyncIterator[ShellExecutor]:
+    made = os.environ.get("LOCALDISK_SANDBOX_VGS", "")
+    if os.environ.get("LOCALDISK_SANDBOX") != "1" or not Path("/dev/mapper/control").exists():
+        pytest.skip("needs real LVM (device-mapper): runs inside the UML sandbox, `nox -s e2e`")
+    if f"{LINEAR_VG}:" not in made or f"{THIN_VG}:" not in made:
+        pytest.skip(f"the sandbox was started without VGs {LINEAR_VG} and {THIN_VG}")
+    executor = ShellExecutor(CommandRunner())
+    try:
+        yield executor
+    finally:
+        lvm = Lvm(executor=executor)
+        for vg in (LINEAR_VG, THIN_VG):
+            report = await lvm.report(vg)
+            for lv in sorted(report.lvs.values(), key=lambda lv: not lv.pool):
+                if not lv.hidden and lv.name != THIN_POOL:
+                    await lvm.remove(vg, lv.name)
+        await executor.aclose()
+
+
+def _commands(executor: ShellExecutor) -> int:
+    return executor.shell_commands + executor.fallback_commands
+
+
+@pytest.mark.uml
+async def test_backends_on_the_shell_read_from_their_view(sandbox_shell: ShellExecutor) -> None:
+    from localdisk.backends.lvm import LinearBackend, LinearPoolConfig, ThinBackend, ThinPoolConfig
+    from localdisk.model import VolumeSpec
+    from localdisk.sizes import MiB
+
+    lvm = Lvm(executor=sandbox_shell)
+    runner = sandbox_shell.runner
+    thin = ThinBackend(
+        "tp",
+        ThinPoolConfig(volume_group=THIN_VG, thin_pool=THIN_POOL, overprovision_ratio=10.0, threshold_percent=90.0),
+        lvm,
+        runner,
+    )
+    linear = LinearBackend("fast", LinearPoolConfig(volume_group=LINEAR_VG, spare_bytes=0), lvm, runner)
+    await thin.open()
+    await linear.open()
+    before = await linear.capacity()
+    async with anyio.create_task_group() as tasks:
+        for i in range(6):
+            tasks.start_soon(thin.create_volume, VolumeSpec(name=f"t{i}", size_bytes=8 * MiB))
+        for i in range(3):
+            tasks.start_soon(linear.create_volume, VolumeSpec(name=f"l{i}", size_bytes=4 * MiB))
+    # one view read per burst of writers, not one per create (plus the one at open)
+    assert thin.view.reads < 6 and linear.view.reads < 4
+    spent = _commands(sandbox_shell)
+    capacity = await linear.capacity()
+    listed = await thin.list_volumes()
+    assert _commands(sandbox_shell) == spent  # served from the view: no LVM command at all
+    assert capacity.available_bytes == before.available_bytes - 3 * 4 * MiB
+    assert sorted(v.name for v in listed) == [f"t{i}" for i in range(6)]
+    fresh = await lvm.report(THIN_VG)  # what LVM itself says agrees with the view
+    assert {lv.name for lv in fresh.lvs.values() if lv.pool == THIN_POOL} == {v.ref.handle for v in listed}
+    assert all(lv.created_at is not None and lv.created_at.year >= 2024 for lv in fresh.lvs.values() if lv.pool)
+    for volume in listed:
+        await thin.delete_volume(volume.ref.handle)
+    assert await thin.list_volumes() == []
+    assert sandbox_shell.fallback_commands == 0 and sandbox_shell.restarts == 0
