@@ -420,7 +420,15 @@ class _LvmBackend:
             existing = report.lv(lv_name)
             if existing is None:
                 self._check_room(report, spec.size_bytes)
-                pending = await self._create(report, lv_name, spec)
+                try:
+                    pending = await self._create(report, lv_name, spec)
+                except AlreadyExists:
+                    # Made behind the view's back (a crashed attempt, someone else): decide on what LVM says now.
+                    report = await self.view.refresh()
+                    existing = report.lv(lv_name)
+                    if existing is None:
+                        raise
+            if existing is None:
                 size = align_up(spec.size_bytes, self.extent)
             else:
                 self._claim(existing, VOLUME, spec.name)
