@@ -49,7 +49,7 @@ def tests(session: nox.Session) -> None:
 E2E_SANDBOX = ["--vg", "ldtest-lin:512M", "--vg", "ldtest-thin:768M", "--thin", "ldtest-thin/pool:256M"]
 E2E_SHARDS = {
     "linear": ["tests/lvm/test_linear.py", "tests/lvm/test_csi_lvm.py"],
-    "thin": ["tests/lvm/test_thin.py"],
+    "thin": ["tests/lvm/test_thin.py", "tests/lvm/test_shell.py"],
 }
 
 
