@@ -304,24 +304,27 @@ async def test_backends_on_the_shell_read_from_their_view(sandbox_shell: ShellEx
         ThinPoolConfig(volume_group=THIN_VG, thin_pool=THIN_POOL, overprovision_ratio=10.0, threshold_percent=90.0),
         lvm,
         runner,
+        view_max_age=30.0,
     )
-    linear = LinearBackend("fast", LinearPoolConfig(volume_group=LINEAR_VG, spare_bytes=0), lvm, runner)
+    linear = LinearBackend(
+        "fast", LinearPoolConfig(volume_group=LINEAR_VG, spare_bytes=0), lvm, runner, view_max_age=30.0
+    )
     await thin.open()
     await linear.open()
     before = await linear.capacity()
     async with anyio.create_task_group() as tasks:
-        for i in range(6):
+        for i in range(8):
             tasks.start_soon(thin.create_volume, VolumeSpec(name=f"t{i}", size_bytes=8 * MiB))
-        for i in range(3):
+        for i in range(6):
             tasks.start_soon(linear.create_volume, VolumeSpec(name=f"l{i}", size_bytes=4 * MiB))
-    # one view read per burst of writers, not one per create (plus the one at open)
-    assert thin.view.reads < 6 and linear.view.reads < 4
+    # one view read per burst of writers, not one per create (plus the ones at open and first use)
+    assert thin.view.reads < 6 and linear.view.reads < 5
     spent = _commands(sandbox_shell)
     capacity = await linear.capacity()
     listed = await thin.list_volumes()
     assert _commands(sandbox_shell) == spent  # served from the view: no LVM command at all
-    assert capacity.available_bytes == before.available_bytes - 3 * 4 * MiB
-    assert sorted(v.name for v in listed) == [f"t{i}" for i in range(6)]
+    assert capacity.available_bytes == before.available_bytes - 6 * 4 * MiB
+    assert sorted(v.name for v in listed) == [f"t{i}" for i in range(8)]
     fresh = await lvm.report(THIN_VG)  # what LVM itself says agrees with the view
     assert {lv.name for lv in fresh.lvs.values() if lv.pool == THIN_POOL} == {v.ref.handle for v in listed}
     assert all(lv.created_at is not None and lv.created_at.year >= 2024 for lv in fresh.lvs.values() if lv.pool)

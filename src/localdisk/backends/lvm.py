@@ -27,7 +27,9 @@ The view is one `lvm fullreport`; after each of our own changes it is updated in
 and the report is read again once the writers queued on the pool's lock have all gone (one read per burst of
 creates, not one per create), after any failed change, and when it is older than `VIEW_MAX_AGE` (changes made by
 someone else: an administrator's lvcreate shows up within that time). Writes are serialized per pool by that lock,
-which is where concurrent creates queue: LVM would serialize them on its VG lock anyway.
+which is where concurrent creates queue: LVM would serialize them on its VG lock anyway. GetVolume and GetSnapshot
+always read LVM (their health must be current). The server's pools cache for `view_max_age_seconds` (30 s by
+default); a backend constructed directly (tests, tools) reads LVM on every call unless given `view_max_age`.
 """
 
 from __future__ import annotations
@@ -288,6 +290,8 @@ class LinearPoolConfig(PoolConfig):
     """The VG whose free extents become volumes."""
     spare_bytes: Annotated[int, Field(ge=0)] = 0
     """Free space in the VG that volumes never take (for snapshots an administrator takes by hand, say)."""
+    view_max_age_seconds: Annotated[float, Field(ge=0)] = VIEW_MAX_AGE
+    """How long GetCapacity and ListVolumes may answer from the cached VG report (0: read LVM on every call)."""
 
     _check_vg = field_validator("volume_group")(_lvm_name)
 
@@ -296,6 +300,9 @@ class ThinPoolConfig(PoolConfig):
     volume_group: str
     thin_pool: str
     """The thin pool LV in `volume_group`; it must have zeroing on (`lvcreate -Z y` / `lvchange -Z y`)."""
+    view_max_age_seconds: Annotated[float, Field(ge=0)] = VIEW_MAX_AGE
+    """How long GetCapacity and ListVolumes may answer from the cached VG report, so also how late they see the
+    pool's data use grow with writes (0: read LVM on every call)."""
     overprovision_ratio: Annotated[float, Field(ge=1.0)] = 10.0
     """How many times its real data size the pool may promise in thin volumes and snapshots."""
     threshold_percent: Annotated[float, Field(gt=0, le=100)] = 90.0
@@ -311,7 +318,9 @@ class _LvmBackend:
     kind: str
     _takes_extents = False  # whether a volume's size comes out of the VG's free extents (linear) or a pool (thin)
 
-    def __init__(self, pool: str, vg: str, lvm: Lvm, runner: CommandRunner, features: Features) -> None:
+    def __init__(
+        self, pool: str, vg: str, lvm: Lvm, runner: CommandRunner, features: Features, view_max_age: float
+    ) -> None:
         self.pool = pool
         self.vg = vg
         self.lvm = lvm
@@ -319,7 +328,7 @@ class _LvmBackend:
         self.features = features
         self.extent = features.alignment  # replaced by the VG's extent size at open()
         self._lock = anyio.Lock()  # check-then-change on this pool's space happens one at a time
-        self.view = VgView(lvm, vg)
+        self.view = VgView(lvm, vg, view_max_age)
 
     # hooks
     def _belongs(self, lv: LogicalVolume) -> bool:
@@ -353,6 +362,7 @@ class _LvmBackend:
         self.extent = report.vg.extent_size
         self.features = replace(self.features, alignment=self.extent, minimum_size=self.extent)
         await self._activate(report)
+        self.view.invalidate()  # activation changed what the report said
 
     async def aclose(self) -> None:
         await self.lvm.aclose()
@@ -370,7 +380,7 @@ class _LvmBackend:
             except BaseException:
                 self.view.invalidate()  # a failed or interrupted change leaves the VG in a state we did not see
                 raise
-            if self.view.unconfirmed and self._lock.statistics().tasks_waiting == 0:
+            if self.view.unconfirmed and self.view.max_age > 0 and self._lock.statistics().tasks_waiting == 0:
                 try:
                     await self.view.refresh()
                 except Exception:
@@ -477,7 +487,7 @@ class _LvmBackend:
         return lv
 
     async def get_volume(self, handle: str) -> Volume:
-        report = await self._report()
+        report = await self.view.refresh()  # its health (active, pool full) as it is now, not as cached
         return self._volume(report, self._get(report, handle, VOLUME))
 
     async def find_volume(self, name: str) -> Volume | None:
@@ -514,8 +524,11 @@ class LinearBackend(_LvmBackend):
     kind = "lvm"
     _takes_extents = True
 
-    def __init__(self, pool: str, config: LinearPoolConfig, lvm: Lvm, runner: CommandRunner) -> None:
-        super().__init__(pool, config.volume_group, lvm, runner, Features(snapshots=False, clones=False))
+    def __init__(
+        self, pool: str, config: LinearPoolConfig, lvm: Lvm, runner: CommandRunner, *, view_max_age: float = 0.0
+    ) -> None:
+        features = Features(snapshots=False, clones=False)
+        super().__init__(pool, config.volume_group, lvm, runner, features, view_max_age)
         self.config = config
 
     def _belongs(self, lv: LogicalVolume) -> bool:
@@ -565,8 +578,11 @@ class ThinBackend(_LvmBackend):
 
     kind = "thin"
 
-    def __init__(self, pool: str, config: ThinPoolConfig, lvm: Lvm, runner: CommandRunner) -> None:
-        super().__init__(pool, config.volume_group, lvm, runner, Features(snapshots=True, clones=True))
+    def __init__(
+        self, pool: str, config: ThinPoolConfig, lvm: Lvm, runner: CommandRunner, *, view_max_age: float = 0.0
+    ) -> None:
+        features = Features(snapshots=True, clones=True)
+        super().__init__(pool, config.volume_group, lvm, runner, features, view_max_age)
         self.config = config
         self.thin_pool = config.thin_pool
 
@@ -688,7 +704,7 @@ class ThinBackend(_LvmBackend):
             self.view.apply(lambda r: without_lv(r, handle, takes_extents=False))
 
     async def get_snapshot(self, handle: str) -> Snapshot:
-        return self._snapshot(self._get(await self._report(), handle, SNAPSHOT))
+        return self._snapshot(self._get(await self.view.refresh(), handle, SNAPSHOT))
 
     async def find_snapshot(self, name: str) -> Snapshot | None:
         lv = (await self._report()).lv(lv_name_for(SNAPSHOT, name))
@@ -716,12 +732,12 @@ def shared_lvm(runner: CommandRunner) -> Lvm:
 
 def _linear(pool: str, config: PoolConfig, runner: CommandRunner) -> LinearBackend:
     assert isinstance(config, LinearPoolConfig)
-    return LinearBackend(pool, config, shared_lvm(runner), runner)
+    return LinearBackend(pool, config, shared_lvm(runner), runner, view_max_age=config.view_max_age_seconds)
 
 
 def _thin(pool: str, config: PoolConfig, runner: CommandRunner) -> ThinBackend:
     assert isinstance(config, ThinPoolConfig)
-    return ThinBackend(pool, config, shared_lvm(runner), runner)
+    return ThinBackend(pool, config, shared_lvm(runner), runner, view_max_age=config.view_max_age_seconds)
 
 
 LINEAR_BACKEND = BackendSpec("lvm", LinearPoolConfig, _linear, "linear LVs in a volume group, zeroed before use")
