@@ -25,8 +25,8 @@ PROTO_OUT = ROOT / "src" / "localdisk" / "_proto"
 def lint(session: nox.Session) -> None:
     """ruff (lint + format check) and the import-linter layer contracts."""
     session.install("-e", ".[dev]")
-    session.run("ruff", "check", "src", "tests", "examples", "noxfile.py")
-    session.run("ruff", "format", "--check", "src", "tests", "examples", "noxfile.py")
+    session.run("ruff", "check", "src", "tests", "examples", "bench", "noxfile.py")
+    session.run("ruff", "format", "--check", "src", "tests", "examples", "bench", "noxfile.py")
     session.run("lint-imports")
 
 
@@ -49,7 +49,7 @@ def tests(session: nox.Session) -> None:
 E2E_SANDBOX = ["--vg", "ldtest-lin:512M", "--vg", "ldtest-thin:768M", "--thin", "ldtest-thin/pool:256M"]
 E2E_SHARDS = {
     "linear": ["tests/lvm/test_linear.py", "tests/lvm/test_csi_lvm.py"],
-    "thin": ["tests/lvm/test_thin.py"],
+    "thin": ["tests/lvm/test_thin.py", "tests/lvm/test_shell.py"],
 }
 
 
@@ -99,6 +99,15 @@ def _prefix_lines(shard: str, run: subprocess.Popen[bytes]) -> None:
     for line in run.stdout:
         sys.stdout.write(f"[{shard}] {line.decode('utf-8', 'replace')}")
         sys.stdout.flush()
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The performance suite (bench/), in the UML sandbox; not a test. Counts: BENCH_* variables, see bench/."""
+    session.install("-e", ".[test]")
+    out = session.posargs[0] if session.posargs else "bench-results.json"
+    sandbox = ["--vg", "ldbench-lin:2G", "--vg", "ldbench-thin:1G", "--thin", "ldbench-thin/pool:512M"]
+    session.run("localdisk", "sandbox", "run", *sandbox, "--timeout", "1800", "--", "python", "bench/lvmbench.py", out)
 
 
 @nox.session

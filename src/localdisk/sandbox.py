@@ -342,6 +342,10 @@ def _prepare(
             image.truncate(vg.size_bytes)  # sparse: costs no space until the guest writes
         layout.disks.append(disk)
     layout.lvm_dir.mkdir()
+    profile = Path("/etc/lvm/profile/lvmdbusd.profile")  # what localdisk's lvm shell runs with
+    if profile.is_file():
+        (layout.lvm_dir / "profile").mkdir()
+        shutil.copy(profile, layout.lvm_dir / "profile")
     (layout.lvm_dir / "lvm.conf").write_text(LVM_CONF)
     spec = {
         "command": list(command),

@@ -22,6 +22,15 @@ handed out, under the pending tag. Its cost is the device's: in the UML sandbox 
 start-up) and 0.5 s for 256 MiB; on a disk without WRITE ZEROES it is a full write of the volume. Thin volumes need
 no wipe: unprovisioned blocks read as zeros and a pool with zeroing on (checked at open) zeroes each block it
 provisions.
+
+Reads come from a cached view of the VG (`VgView`), so GetCapacity, ListVolumes and lookups run no LVM command at all.
+The view is one `lvm fullreport`; after each of our own changes it is updated in memory with what the change did,
+and the report is read again once the writers queued on the pool's lock have all gone (one read per burst of
+creates, not one per create), after any failed change, and when it is older than `VIEW_MAX_AGE` (changes made by
+someone else: an administrator's lvcreate shows up within that time). Writes are serialized per pool by that lock,
+which is where concurrent creates queue: LVM would serialize them on its VG lock anyway. GetVolume and GetSnapshot
+always read LVM (their health must be current). The server's pools cache for `view_max_age_seconds` (30 s by
+default); a backend constructed directly (tests, tools) reads LVM on every call unless given `view_max_age`.
 """
 
 from __future__ import annotations
@@ -29,8 +38,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import os
 import re
-from collections.abc import Iterable
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Annotated
@@ -39,6 +51,7 @@ import anyio
 from pydantic import Field, field_validator
 
 from localdisk.backends.lvmcmd import LogicalVolume, Lvm, VgReport, check_name
+from localdisk.backends.lvmshell import ShellExecutor
 from localdisk.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -64,6 +77,8 @@ HANDLE = re.compile(r"ld[vs]-[0-9a-f]{32}")
 NAME_CHUNK = 512  # characters of base32 per tag; LVM allows 1024 per tag
 MAX_NAME_BYTES = 1024
 ZERO_BYTES_PER_SECOND = 100 * MiB  # a floor for the zeroing timeout, not a promise about any disk
+VIEW_MAX_AGE = 30.0  # seconds a cached VG report is trusted for changes made outside localdisk
+SHELL_ENV = "LOCALDISK_LVM_SHELL"  # "0": one lvm process per command instead of the persistent shell
 
 
 # -- identity on disk (pure) ------------------------------------------------------------------------------------------
@@ -179,6 +194,90 @@ def thin_use(report: VgReport, pool: str, ratio: float, threshold: float) -> Thi
     )
 
 
+# -- the cached view of a VG ------------------------------------------------------------------------------------------
+class VgView:
+    """The last report of one VG, with our own changes applied to it in memory until the next report confirms them."""
+
+    def __init__(self, lvm: Lvm, vg: str, max_age: float = VIEW_MAX_AGE) -> None:
+        self.lvm = lvm
+        self.vg = vg
+        self.max_age = max_age
+        self.report: VgReport | None = None
+        self.read_at = 0.0
+        self.unconfirmed = False  # holds changes applied in memory only
+        self.reads = 0
+        self._lock = anyio.Lock()
+
+    async def get(self) -> VgReport:
+        if self.report is None or time.monotonic() - self.read_at > self.max_age:
+            return await self.refresh()
+        return self.report
+
+    async def refresh(self) -> VgReport:
+        asked = time.monotonic()
+        async with self._lock:
+            if self.report is not None and self.read_at >= asked:
+                return self.report  # someone read it while we waited for the lock
+            read_at = time.monotonic()
+            report = await self.lvm.report(self.vg)
+            self.report, self.read_at, self.unconfirmed = report, read_at, False
+            self.reads += 1
+            return report
+
+    def invalidate(self) -> None:
+        self.report = None
+
+    def apply(self, change: Callable[[VgReport], VgReport]) -> None:
+        if self.report is not None:
+            self.report = change(self.report)
+            self.unconfirmed = True
+
+
+def with_lv(report: VgReport, lv: LogicalVolume, *, takes_extents: bool) -> VgReport:
+    """`report` after creating or resizing `lv` (a linear LV takes its size from the VG's free space)."""
+    old = report.lv(lv.name)
+    grown = lv.size - (old.size if old else 0)
+    vg = replace(report.vg, free=report.vg.free - grown) if takes_extents else report.vg
+    return VgReport(vg, {**report.lvs, lv.name: lv})
+
+
+def without_lv(report: VgReport, name: str, *, takes_extents: bool) -> VgReport:
+    old = report.lv(name)
+    if old is None:
+        return report
+    vg = replace(report.vg, free=report.vg.free + old.size) if takes_extents else report.vg
+    return VgReport(vg, {k: v for k, v in report.lvs.items() if k != name})
+
+
+def with_tags(report: VgReport, name: str, *, add: Iterable[str] = (), delete: Iterable[str] = ()) -> VgReport:
+    old = report.lv(name)
+    if old is None:
+        return report
+    tags = (old.tags | frozenset(add)) - frozenset(delete)
+    return VgReport(report.vg, {**report.lvs, name: replace(old, tags=tags)})
+
+
+def new_lv(name: str, size: int, tags: Iterable[str], *, attr: str, pool: str = "", origin: str = "") -> LogicalVolume:
+    """The LV a successful lvcreate made, as the next report will show it (bar its uuid, time and usage)."""
+    return LogicalVolume(
+        name=name,
+        uuid="",
+        size=size,
+        tags=frozenset(tags),
+        attr=attr,
+        pool=pool,
+        origin=origin,
+        data_percent=0.0 if pool else None,
+        metadata_percent=None,
+        created_at=datetime.now(UTC),
+        path="",
+    )
+
+
+LINEAR_ACTIVE = "-wi-a-----"
+THIN_ACTIVE = "Vwi-a-tz--"
+
+
 # -- configuration ---------------------------------------------------------------------------------------------------
 def _lvm_name(value: str) -> str:
     try:
@@ -192,6 +291,8 @@ class LinearPoolConfig(PoolConfig):
     """The VG whose free extents become volumes."""
     spare_bytes: Annotated[int, Field(ge=0)] = 0
     """Free space in the VG that volumes never take (for snapshots an administrator takes by hand, say)."""
+    view_max_age_seconds: Annotated[float, Field(ge=0)] = VIEW_MAX_AGE
+    """How long GetCapacity and ListVolumes may answer from the cached VG report (0: read LVM on every call)."""
 
     _check_vg = field_validator("volume_group")(_lvm_name)
 
@@ -200,6 +301,9 @@ class ThinPoolConfig(PoolConfig):
     volume_group: str
     thin_pool: str
     """The thin pool LV in `volume_group`; it must have zeroing on (`lvcreate -Z y` / `lvchange -Z y`)."""
+    view_max_age_seconds: Annotated[float, Field(ge=0)] = VIEW_MAX_AGE
+    """How long GetCapacity and ListVolumes may answer from the cached VG report, so also how late they see the
+    pool's data use grow with writes (0: read LVM on every call)."""
     overprovision_ratio: Annotated[float, Field(ge=1.0)] = 10.0
     """How many times its real data size the pool may promise in thin volumes and snapshots."""
     threshold_percent: Annotated[float, Field(gt=0, le=100)] = 90.0
@@ -213,8 +317,11 @@ class _LvmBackend:
     """What both backends share: identity, lookups, deletion, activation; subclasses decide placement and room."""
 
     kind: str
+    _takes_extents = False  # whether a volume's size comes out of the VG's free extents (linear) or a pool (thin)
 
-    def __init__(self, pool: str, vg: str, lvm: Lvm, runner: CommandRunner, features: Features) -> None:
+    def __init__(
+        self, pool: str, vg: str, lvm: Lvm, runner: CommandRunner, features: Features, view_max_age: float
+    ) -> None:
         self.pool = pool
         self.vg = vg
         self.lvm = lvm
@@ -222,6 +329,7 @@ class _LvmBackend:
         self.features = features
         self.extent = features.alignment  # replaced by the VG's extent size at open()
         self._lock = anyio.Lock()  # check-then-change on this pool's space happens one at a time
+        self.view = VgView(lvm, vg, view_max_age)
 
     # hooks
     def _belongs(self, lv: LogicalVolume) -> bool:
@@ -246,7 +354,7 @@ class _LvmBackend:
     # lifecycle
     async def open(self) -> None:
         try:
-            report = await self.lvm.report(self.vg)
+            report = await self.view.refresh()
         except NotFound:
             raise FailedPrecondition(
                 f"{self.kind} pool {self.pool!r}: volume group {self.vg!r} not found on this node;"
@@ -255,13 +363,29 @@ class _LvmBackend:
         self.extent = report.vg.extent_size
         self.features = replace(self.features, alignment=self.extent, minimum_size=self.extent)
         await self._activate(report)
+        self.view.invalidate()  # activation changed what the report said
 
     async def aclose(self) -> None:
-        return None
+        await self.lvm.aclose()
 
     # reading
     async def _report(self) -> VgReport:
-        return await self.lvm.report(self.vg)
+        return await self.view.get()
+
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[VgReport]:
+        """The pool's write lock and the view to decide on; the view is re-read once no other writer is queued."""
+        async with self._lock:
+            try:
+                yield await self._report()
+            except BaseException:
+                self.view.invalidate()  # a failed or interrupted change leaves the VG in a state we did not see
+                raise
+            if self.view.unconfirmed and self.view.max_age > 0 and self._lock.statistics().tasks_waiting == 0:
+                try:
+                    await self.view.refresh()
+                except Exception:
+                    self.view.invalidate()  # the change itself succeeded; the next read tries again
 
     def _ours(self, lv: LogicalVolume | None, kind: str) -> bool:
         return (
@@ -303,12 +427,19 @@ class _LvmBackend:
     async def create_volume(self, spec: VolumeSpec) -> Volume:
         lv_name = lv_name_for(VOLUME, spec.name)
         name_tags(spec.name)  # refuse an unstorable name before touching anything
-        async with self._lock:
-            report = await self._report()
+        async with self._writing() as report:
             existing = report.lv(lv_name)
             if existing is None:
                 self._check_room(report, spec.size_bytes)
-                pending = await self._create(report, lv_name, spec)
+                try:
+                    pending = await self._create(report, lv_name, spec)
+                except AlreadyExists:
+                    # Made behind the view's back (a crashed attempt, someone else): decide on what LVM says now.
+                    report = await self.view.refresh()
+                    existing = report.lv(lv_name)
+                    if existing is None:
+                        raise
+            if existing is None:
                 size = align_up(spec.size_bytes, self.extent)
             else:
                 self._claim(existing, VOLUME, spec.name)
@@ -321,6 +452,7 @@ class _LvmBackend:
             if pending:
                 await self._finish(lv_name, spec, existing.size if existing else 0)
                 await self.lvm.change_tags(self.vg, lv_name, delete=[PENDING_TAG])
+                self.view.apply(lambda r: with_tags(r, lv_name, delete=[PENDING_TAG]))
         source = (spec.source.kind.value, spec.source_handle) if spec.source and spec.source_handle else None
         return Volume(
             ref=self._ref(lv_name),
@@ -333,22 +465,23 @@ class _LvmBackend:
     async def delete_volume(self, handle: str) -> None:
         if not handle.startswith(PREFIXES[VOLUME]) or not HANDLE.fullmatch(handle):
             return
-        async with self._lock:
-            report = await self._report()
+        async with self._writing() as report:
             if not self._ours(report.lv(handle), VOLUME):
                 return  # gone already, or not ours to remove
             with contextlib.suppress(NotFound):
                 await self.lvm.remove(self.vg, handle)
+            self.view.apply(lambda r: without_lv(r, handle, takes_extents=self._takes_extents))
 
     async def expand_volume(self, handle: str, size_bytes: int) -> Volume:
-        async with self._lock:
-            report = await self._report()
+        async with self._writing() as report:
             lv = self._get(report, handle, VOLUME)
             volume = self._volume(report, lv)
             if size_bytes <= lv.size:
                 return volume
             self._check_room(report, size_bytes - lv.size)
             await self.lvm.extend(self.vg, handle, size_bytes)
+            grown = replace(lv, size=align_up(size_bytes, self.extent))
+            self.view.apply(lambda r: with_lv(r, grown, takes_extents=self._takes_extents))
         return replace(volume, size_bytes=align_up(size_bytes, self.extent))
 
     def _get(self, report: VgReport, handle: str, kind: str) -> LogicalVolume:
@@ -358,7 +491,7 @@ class _LvmBackend:
         return lv
 
     async def get_volume(self, handle: str) -> Volume:
-        report = await self._report()
+        report = await self.view.refresh()  # its health (active, pool full) as it is now, not as cached
         return self._volume(report, self._get(report, handle, VOLUME))
 
     async def find_volume(self, name: str) -> Volume | None:
@@ -393,9 +526,13 @@ class LinearBackend(_LvmBackend):
     """Thick (linear) LVs in one volume group: fixed space per volume, zeroed before first use."""
 
     kind = "lvm"
+    _takes_extents = True
 
-    def __init__(self, pool: str, config: LinearPoolConfig, lvm: Lvm, runner: CommandRunner) -> None:
-        super().__init__(pool, config.volume_group, lvm, runner, Features(snapshots=False, clones=False))
+    def __init__(
+        self, pool: str, config: LinearPoolConfig, lvm: Lvm, runner: CommandRunner, *, view_max_age: float = 0.0
+    ) -> None:
+        features = Features(snapshots=False, clones=False)
+        super().__init__(pool, config.volume_group, lvm, runner, features, view_max_age)
         self.config = config
 
     def _belongs(self, lv: LogicalVolume) -> bool:
@@ -423,6 +560,8 @@ class LinearBackend(_LvmBackend):
         # No wipe here: `_finish` zeroes all of it, and LVM's wipe would only repeat the first 4 KiB of that.
         tags = [*identity_tags(VOLUME, spec.name), PENDING_TAG]
         await self.lvm.create_linear(self.vg, lv, spec.size_bytes, tags, wipe=False)
+        made = new_lv(lv, align_up(spec.size_bytes, self.extent), tags, attr=LINEAR_ACTIVE)
+        self.view.apply(lambda r: with_lv(r, made, takes_extents=True))
         return True
 
     async def _finish(self, lv: str, spec: VolumeSpec, current_size: int) -> None:
@@ -443,8 +582,11 @@ class ThinBackend(_LvmBackend):
 
     kind = "thin"
 
-    def __init__(self, pool: str, config: ThinPoolConfig, lvm: Lvm, runner: CommandRunner) -> None:
-        super().__init__(pool, config.volume_group, lvm, runner, Features(snapshots=True, clones=True))
+    def __init__(
+        self, pool: str, config: ThinPoolConfig, lvm: Lvm, runner: CommandRunner, *, view_max_age: float = 0.0
+    ) -> None:
+        features = Features(snapshots=True, clones=True)
+        super().__init__(pool, config.volume_group, lvm, runner, features, view_max_age)
         self.config = config
         self.thin_pool = config.thin_pool
 
@@ -490,7 +632,10 @@ class ThinBackend(_LvmBackend):
     async def _create(self, report: VgReport, lv: str, spec: VolumeSpec) -> bool:
         # Tags are set by the creating lvcreate itself, so a crash can never leave an untagged LV of ours behind.
         if spec.source is None or spec.source_handle is None:
-            await self.lvm.create_thin(self.vg, self.thin_pool, lv, spec.size_bytes, identity_tags(VOLUME, spec.name))
+            tags = identity_tags(VOLUME, spec.name)
+            await self.lvm.create_thin(self.vg, self.thin_pool, lv, spec.size_bytes, tags)
+            made = new_lv(lv, align_up(spec.size_bytes, self.extent), tags, attr=THIN_ACTIVE, pool=self.thin_pool)
+            self.view.apply(lambda r: with_lv(r, made, takes_extents=False))
             return False
         kind = spec.source.kind.value
         source = report.lv(spec.source_handle) if HANDLE.fullmatch(spec.source_handle) else None
@@ -499,11 +644,17 @@ class ThinBackend(_LvmBackend):
         grow = align_up(spec.size_bytes, self.extent) > source.size
         tags = identity_tags(VOLUME, spec.name, (kind, spec.source_handle)) + ([PENDING_TAG] if grow else [])
         await self.lvm.create_thin_snapshot(self.vg, spec.source_handle, lv, tags, activate=True)
+        made = new_lv(lv, source.size, tags, attr=THIN_ACTIVE, pool=self.thin_pool, origin=source.name)
+        self.view.apply(lambda r: with_lv(r, made, takes_extents=False))
         return grow
 
     async def _finish(self, lv: str, spec: VolumeSpec, current_size: int) -> None:
         if align_up(spec.size_bytes, self.extent) > current_size:
             await self.lvm.extend(self.vg, lv, spec.size_bytes)
+            size = align_up(spec.size_bytes, self.extent)
+            self.view.apply(
+                lambda r: with_lv(r, replace(r.lvs[lv], size=size), takes_extents=False) if lv in r.lvs else r
+            )
 
     async def capacity(self) -> Capacity:
         report = await self._report()
@@ -533,8 +684,7 @@ class ThinBackend(_LvmBackend):
     async def create_snapshot(self, source_handle: str, name: str) -> Snapshot:
         lv_name = lv_name_for(SNAPSHOT, name)
         name_tags(name)
-        async with self._lock:
-            report = await self._report()
+        async with self._writing() as report:
             existing = report.lv(lv_name)
             if existing is not None:
                 self._claim(existing, SNAPSHOT, name)
@@ -544,21 +694,21 @@ class ThinBackend(_LvmBackend):
             tags = identity_tags(SNAPSHOT, name, (VOLUME, source_handle))
             # A snapshot stays inactive (LVM's activation-skip flag); volumes restored from it are activated.
             await self.lvm.create_thin_snapshot(self.vg, source_handle, lv_name, tags, activate=False)
-            report = await self._report()  # for its creation time as LVM recorded it
+            report = await self.view.refresh()  # for its creation time as LVM recorded it
         return self._snapshot(self._get(report, lv_name, SNAPSHOT))
 
     async def delete_snapshot(self, handle: str) -> None:
         if not handle.startswith(PREFIXES[SNAPSHOT]) or not HANDLE.fullmatch(handle):
             return
-        async with self._lock:
-            report = await self._report()
+        async with self._writing() as report:
             if not self._ours(report.lv(handle), SNAPSHOT):
                 return
             with contextlib.suppress(NotFound):
                 await self.lvm.remove(self.vg, handle)
+            self.view.apply(lambda r: without_lv(r, handle, takes_extents=False))
 
     async def get_snapshot(self, handle: str) -> Snapshot:
-        return self._snapshot(self._get(await self._report(), handle, SNAPSHOT))
+        return self._snapshot(self._get(await self.view.refresh(), handle, SNAPSHOT))
 
     async def find_snapshot(self, name: str) -> Snapshot | None:
         lv = (await self._report()).lv(lv_name_for(SNAPSHOT, name))
@@ -571,14 +721,27 @@ class ThinBackend(_LvmBackend):
         return [self._snapshot(lv) for lv in report.lvs.values() if self._ready(lv, SNAPSHOT)]
 
 
+_SHARED: weakref.WeakKeyDictionary[CommandRunner, Lvm] = weakref.WeakKeyDictionary()
+
+
+def shared_lvm(runner: CommandRunner) -> Lvm:
+    """One `Lvm` (one lvm shell) for every pool served with this runner; processes if LOCALDISK_LVM_SHELL=0."""
+    lvm = _SHARED.get(runner)
+    if lvm is None:
+        use_shell = os.environ.get(SHELL_ENV, "1") != "0"
+        lvm = Lvm(runner, executor=ShellExecutor(runner) if use_shell else None)
+        _SHARED[runner] = lvm
+    return lvm
+
+
 def _linear(pool: str, config: PoolConfig, runner: CommandRunner) -> LinearBackend:
     assert isinstance(config, LinearPoolConfig)
-    return LinearBackend(pool, config, Lvm(runner), runner)
+    return LinearBackend(pool, config, shared_lvm(runner), runner, view_max_age=config.view_max_age_seconds)
 
 
 def _thin(pool: str, config: PoolConfig, runner: CommandRunner) -> ThinBackend:
     assert isinstance(config, ThinPoolConfig)
-    return ThinBackend(pool, config, Lvm(runner), runner)
+    return ThinBackend(pool, config, shared_lvm(runner), runner, view_max_age=config.view_max_age_seconds)
 
 
 LINEAR_BACKEND = BackendSpec("lvm", LinearPoolConfig, _linear, "linear LVs in a volume group, zeroed before use")

@@ -6,8 +6,8 @@ State is read with ONE report command per call (`lvm fullreport` in JSON, bytes,
 volume. A failing command becomes a domain error through small pure classifiers of LVM's (LC_ALL=C) messages:
 not found, insufficient space, already exists, in use; anything else is a `CommandFailed` that keeps argv and stderr.
 
-Commands go through an `LvmExecutor`. Today that is one `lvm <command>` process per call (`ProcessExecutor`); a later
-executor can feed the same argument lists to one long-lived `lvm` shell without the backends noticing.
+Commands go through an `LvmExecutor`: one `lvm <command>` process per call (`ProcessExecutor`), or the same argument
+lists fed to one long-lived `lvm` shell (`lvmshell.ShellExecutor`) without the backends noticing.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from localdisk.errors import (
     AlreadyExists,
@@ -201,9 +201,12 @@ def _percent(value: Any) -> float | None:
 
 
 def parse_time(value: str) -> datetime | None:
-    """`lv_time` as LVM prints it (`2026-11-27 08:39:45 +0000`), or None when LVM has none."""
+    """`lv_time` as LVM prints it (`2026-11-27 08:39:45 +0000`, or seconds since the epoch under the lvmdbusd
+    profile the lvm shell runs with), or None when LVM has none."""
     if not value:
         return None
+    if value.isdigit():
+        return datetime.fromtimestamp(int(value), UTC)
     try:
         return datetime.strptime(value, "%Y-%m-%d %H:%M:%S %z").astimezone(UTC)
     except ValueError:
@@ -297,6 +300,11 @@ class LvmExecutor(Protocol):
     async def run(self, args: Sequence[str]) -> CommandResult: ...
 
 
+@runtime_checkable
+class ClosableExecutor(LvmExecutor, Protocol):
+    async def aclose(self) -> None: ...
+
+
 class ProcessExecutor:
     """One `lvm <command> ...` process per call, through the shared CommandRunner."""
 
@@ -316,6 +324,11 @@ class Lvm:
         if executor is None:
             executor = ProcessExecutor(runner or CommandRunner())
         self.executor = executor
+
+    async def aclose(self) -> None:
+        """Stop what the executor keeps running (the lvm shell); a later command starts it again."""
+        if isinstance(self.executor, ClosableExecutor):
+            await self.executor.aclose()
 
     async def _run(self, args: list[str]) -> CommandResult:
         result = await self.executor.run(args)
