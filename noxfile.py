@@ -48,8 +48,13 @@ def tests(session: nox.Session) -> None:
 # each guest on one CPU, so two guests at once finish in about half the time of one.
 E2E_SANDBOX = ["--vg", "ldtest-lin:512M", "--vg", "ldtest-thin:768M", "--thin", "ldtest-thin/pool:256M"]
 E2E_SHARDS = {
-    "linear": ["tests/lvm/test_linear.py", "tests/lvm/test_csi_lvm.py"],
-    "thin": ["tests/lvm/test_thin.py", "tests/lvm/test_shell.py"],
+    "linear": ["tests/lvm/test_linear.py", "tests/lvm/test_csi_lvm.py", "tests/reliability/test_uml_lvm.py"],
+    "thin": [
+        "tests/lvm/test_thin.py",
+        "tests/lvm/test_shell.py",
+        "tests/reliability/test_uml_thin.py",
+        "tests/reliability/test_uml_crash.py",
+    ],
 }
 
 

@@ -65,6 +65,7 @@ class Pool:
     snapshots: bool
     read_back: Callable[[str], bytes] | None = None  # read a volume's first bytes by device path
     write: Callable[[str, bytes], None] | None = None
+    rounds: int = 5  # of the racing test (each costs a few seconds under UML)
 
 
 def status(exc: BaseException) -> str:
@@ -180,7 +181,7 @@ class ConcurrencySuite:
             }
             seen: Counter[str] = Counter()
             rng = random.Random(round(time.time()))
-            for round_ in range(5):
+            for round_ in range(pool.rounds):
                 volume = (
                     await csi.controller.create_volume(create_request(f"pvc-race-{round_}", pool.volume_bytes, **where))
                 ).volume
@@ -206,7 +207,7 @@ class ConcurrencySuite:
             if pool.read_back is not None and device:
                 assert pool.read_back(device) == payload, "a race on one volume changed its neighbour's data"
             await csi.controller.delete_volume(DeleteVolumeRequest(volume_id=neighbour.volume_id))
-            TALLY.notes.append(f"racing changes to one volume, 5 rounds: {dict(sorted(seen.items()))}")
+            TALLY.notes.append(f"racing changes to one volume, {pool.rounds} rounds: {dict(sorted(seen.items()))}")
 
     @staticmethod
     def _racing_calls(csi: Csi, volume_id: str, size: int, round_: int) -> list[tuple[str, Awaitable[Any]]]:

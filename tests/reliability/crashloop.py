@@ -93,6 +93,7 @@ class Server:
         self._zygote: subprocess.Popen[str] | None = None
         self.starts = 0
         self.start_seconds: list[float] = []
+        self._socket_before: tuple[int, int] | None = None
 
     def _serve_args(self) -> list[str]:
         return [
@@ -107,6 +108,7 @@ class Server:
         ]
 
     def spawn(self) -> None:
+        self._socket_before = _inode(self.socket)  # the dead server's socket, until the new one binds
         with self.log.open("ab") as log:
             log.write(f"\n==== start {self.starts + 1} ====\n".encode())
             log.flush()
@@ -145,6 +147,13 @@ class Server:
         """Until Probe answers on the new process; the old socket file may still be there until it binds."""
         began = time.monotonic()
         while True:
+            if _inode(self.socket) in (None, self._socket_before):  # not bound yet: no probes to slow it down
+                if not self.alive():
+                    raise ServerDied(f"the server exited{self._exit_status()} while starting:\n{self.log_tail()}")
+                if time.monotonic() - began > START_TIMEOUT:
+                    raise AssertionError(f"the server did not bind within {START_TIMEOUT}s:\n{self.log_tail()}")
+                await asyncio.sleep(0.05)
+                continue
             if not self.alive():
                 raise ServerDied(f"the server exited{self._exit_status()} while starting:\n{self.log_tail()}")
             if time.monotonic() - began > START_TIMEOUT:
@@ -189,6 +198,15 @@ class Server:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    """Which file is at `path` (inode and change time: an inode number alone may be reused at once)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_ctime_ns
 
 
 def _state(pid: int) -> str | None:
@@ -614,6 +632,8 @@ class CrashLoop:
             page = await self.call("list", lambda c, r=listing: c.list_volumes(r), set())  # type: ignore[misc]
             for entry in page.entries:
                 assert entry.volume is not None
+                if not entry.volume.volume_id.startswith(f"{self.backend}:"):
+                    continue  # another loop's pool on the same server
                 assert entry.volume.volume_id not in listed, f"ListVolumes shows {entry.volume.volume_id} twice"
                 listed[entry.volume.volume_id] = entry.volume.capacity_bytes
             token = page.next_token
@@ -639,7 +659,11 @@ class CrashLoop:
         wanted_snaps = {snap_id: source for snap_id, source in self.snaps.values()}
         if self.settings.snapshots:
             snaps = await self.call("list-snapshots", lambda c: c.list_snapshots(ListSnapshotsRequest()), set())
-            listed_snaps = {e.snapshot.snapshot_id: e.snapshot.source_volume_id for e in snaps.entries if e.snapshot}
+            listed_snaps = {
+                e.snapshot.snapshot_id: e.snapshot.source_volume_id
+                for e in snaps.entries
+                if e.snapshot and e.snapshot.snapshot_id.startswith(f"{self.backend}:")
+            }
             for snap_id in sorted(set(wanted_snaps) - set(listed_snaps)):
                 report.lost.append(f"snapshot {snap_id} (acknowledged, not listed)")
             for snap_id in sorted(set(listed_snaps) - set(wanted_snaps)):

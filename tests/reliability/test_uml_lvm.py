@@ -37,6 +37,8 @@ pytestmark = [pytest.mark.uml, pytest.mark.anyio]
 
 
 class TestLvmConcurrency(ConcurrencySuite):
+    pytestmark = [pytest.mark.timeout(900)]  # 50 calls, each a few LVM commands under UML
+
     @pytest.fixture
     async def pool(self) -> AsyncIterator[Pool]:
         async with linear_pool(CommandRunner(), free=96 * MiB) as backend:

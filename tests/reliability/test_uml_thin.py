@@ -38,6 +38,8 @@ EXTENT = 4 * MiB
 
 
 class TestThinConcurrency(ConcurrencySuite):
+    pytestmark = [pytest.mark.timeout(900)]  # 50 calls, each a few LVM commands under UML
+
     @pytest.fixture
     async def pool(self) -> AsyncIterator[Pool]:
         async with thin_pool(CommandRunner()) as backend:

@@ -70,6 +70,7 @@ async def pool_for(backend: LinearBackend | ThinBackend, volume_bytes: int, view
         snapshots=backend.features.snapshots,
         read_back=lambda device: read(device, 4096),
         write=lambda device, data: write(device, data),
+        rounds=2,
     )
 
 

@@ -12,6 +12,7 @@ Protocol on stdin/stdout, one line each: `spawn <log file>` answers the child's 
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -35,6 +36,9 @@ def main() -> None:
     import localdisk.metrics  # noqa: F401
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel: no zombies to wait for
+    # Keep the collector off the imported objects, so children do not copy every page the collector would touch
+    # (under UML each copy-on-write fault is expensive).
+    gc.freeze()
     print("ready", flush=True)
     for line in sys.stdin:
         command, _, log_path = line.strip().partition(" ")
