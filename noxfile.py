@@ -47,14 +47,21 @@ def tests(session: nox.Session) -> None:
 # The volume groups the LVM suites expect (tests/lvm/conftest.py names them) and how the suites are split: UML runs
 # each guest on one CPU, so two guests at once finish in about half the time of one.
 E2E_SANDBOX = ["--vg", "ldtest-lin:512M", "--vg", "ldtest-thin:768M", "--thin", "ldtest-thin/pool:256M"]
+E2E_SANDBOX += ["--timeout", "3600"]  # the crash shard needs ~20-30 min on a loaded host
 E2E_SHARDS = {
-    "linear": ["tests/lvm/test_linear.py", "tests/lvm/test_csi_lvm.py", "tests/reliability/test_uml_lvm.py"],
+    "linear": [
+        "tests/lvm/test_linear.py",
+        "tests/lvm/test_csi_lvm.py",
+        "tests/reliability/test_uml_lvm.py",
+        "tests/lvm/test_node_lvm.py::TestLinearNode",
+    ],
     "thin": [
         "tests/lvm/test_thin.py",
         "tests/lvm/test_shell.py",
         "tests/reliability/test_uml_thin.py",
-        "tests/reliability/test_uml_crash.py",
+        "tests/lvm/test_node_lvm.py::TestThinNode",
     ],
+    "crash": ["tests/reliability/test_uml_crash.py"],  # SIGKILL loops: the longest shard, so it runs beside them
 }
 
 

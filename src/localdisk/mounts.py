@@ -537,7 +537,7 @@ class Mounter:
     def _remove_target(path: str) -> None:
         try:
             st = os.lstat(path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # nothing there: no file can be below a regular file
             return
         try:
             if stat.S_ISDIR(st.st_mode):

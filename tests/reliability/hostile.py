@@ -122,9 +122,8 @@ def volume_ids(backend: str, pool: str, real: Sequence[str] = ()) -> st.SearchSt
 
 def path_strategy(root: str, inside_link: str, outside_link: str) -> st.SearchStrategy[str]:
     """Paths in, around and out of the kubelet root `root`; the links are symlinks under it (in, out)."""
-    pieces = st.sampled_from(
-        ["pods", "p1", "mount", "..", ".", "", "-o", "--bind", "ünï 🙂", "a\x00b", "x" * 300, "empty-dir", "empty-file"]
-    )
+    odd = ["..", ".", "", "-o", "--bind", "ünï 🙂", "a\x00b", "x" * 300, "y" * 255]
+    pieces = st.sampled_from(["pods", "p1", "mount", "empty-dir", "empty-file", "file", "real", *odd])
     relative = st.lists(pieces, max_size=5).map("/".join)
     return st.one_of(
         relative,
@@ -145,6 +144,8 @@ def path_strategy(root: str, inside_link: str, outside_link: str) -> st.SearchSt
                 f"{root}/pods/../../etc",
                 f"{root}//pods/x",
                 f"{root}/pods/" + "y" * 5000,
+                f"{root}/pods/file/below-a-file",
+                f"{root}/pods/" + "z" * 256,
                 outside_link,
                 inside_link,
                 f"{inside_link}/new",

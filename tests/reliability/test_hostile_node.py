@@ -19,6 +19,8 @@ from typing import Any
 import anyio
 import anyio.from_thread
 import betterproto2
+import pytest
+from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.testing import ChannelFor
 from hypothesis import HealthCheck, given, settings
@@ -47,7 +49,7 @@ from localdisk.errors import InvalidArgument
 from localdisk.mounts import Mounter, mount_flags
 from localdisk.runner import CommandRunner
 from localdisk.sizes import MiB
-from tests.csi_helpers import block_cap, create_request, mount_cap
+from tests.csi_helpers import block_cap, create_request, csi_for, mount_cap
 from tests.loopdisks import loop_disks, needs_loop_devices
 from tests.node_lifecycle import release_mounts
 from tests.reliability.hostile import CAPABILITIES, RANGES, ArgvWatch, path_strategy, proper, volume_ids
@@ -71,6 +73,7 @@ class Place:
     def make(cls, base: Path) -> Place:
         root, outside = base / "kubelet", base / "outside"
         (root / "pods" / "real").mkdir(parents=True)
+        (root / "pods" / "file").write_text("")  # a regular file: paths through it cannot exist
         (outside / "empty-dir").mkdir(parents=True)
         (outside / "empty-file").touch()
         place = cls(root, outside, root / "pods" / "in", root / "pods" / "out")
@@ -344,3 +347,28 @@ def test_node_rpcs_on_partitions(tmp_path: Path) -> None:
 
     node = run_property(make, calls, 150, "node rpcs, partition backend")
     assert node.watch.checked > 0, "no command ran: the property never reached a real device"
+
+
+@pytest.mark.anyio
+async def test_paths_no_file_can_have(tmp_path: Path) -> None:
+    """Found by the property above: a path below a regular file (ENOTDIR) or with a component over NAME_MAX
+    (ENAMETOOLONG) made NodeUnpublishVolume fail with INTERNAL. Unpublishing what cannot exist succeeds; a name
+    no file can have is INVALID_ARGUMENT."""
+    place = Place.make(tmp_path)
+    config = NodeConfig(node=NodeSettings(kubelet_dir=str(place.root)))
+    manager = VolumeManager.from_config(parse_config({"pools": {"fake": {"default": {"default": True}}}}))
+    async with csi_for(manager, config=config) as csi:
+        below_file = str(place.root / "pods" / "file" / "target")
+        await csi.node.node_unpublish_volume(
+            NodeUnpublishVolumeRequest(volume_id="fake:default:v", target_path=below_file)
+        )
+        await csi.node.node_unstage_volume(
+            NodeUnstageVolumeRequest(volume_id="fake:default:v", staging_target_path=below_file)
+        )
+        too_long = str(place.root / "pods" / ("z" * 256))
+        with pytest.raises(GRPCError) as refused:
+            await csi.node.node_unpublish_volume(
+                NodeUnpublishVolumeRequest(volume_id="fake:default:v", target_path=too_long)
+            )
+        assert refused.value.status == Status.INVALID_ARGUMENT
+        assert (place.root / "pods" / "file").is_file()

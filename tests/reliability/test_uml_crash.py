@@ -3,6 +3,8 @@
 One `localdisk serve` serves both pools, and one client loop per backend works on it at the same time, so each
 kill interrupts the call in flight of both: under UML a server restart costs seconds, and this halves the restarts
 that 100 kills per backend need. Servers are forked from a zygote that imported localdisk once (see `zygote.py`).
+Measured on a loaded 2-core host (load ~5): a server start took 6.3 s (median) in the guest and 71 kills per
+backend took 21 minutes; the time limit is generous so that 100 kills finish even then.
 
 Why a cut operation converges (lvm.py): an LV or thin snapshot is created with its identity tags (and, for a thick
 LV that still has to be zeroed or a restored volume that still has to grow, the pending tag) in one lvcreate, so a
@@ -29,10 +31,10 @@ KILLS = int(os.environ.get("LOCALDISK_CRASH_KILLS", "100"))
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(3300)
 async def test_lvm_and_thin_survive_sigkill(tmp_path: Path) -> None:
     seed = int(os.environ.get("LOCALDISK_CRASH_SEED", str(int(time.time()))))
-    reports = await crash_loops(tmp_path, KILLS, seed, seconds=1200)
+    reports = await crash_loops(tmp_path, KILLS, seed, seconds=3000)
     for report in reports:
         record(report, f"crash {report.backend} (UML)")
         print(report.summary())

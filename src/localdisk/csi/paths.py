@@ -15,6 +15,7 @@ from localdisk.csi.validate import require
 from localdisk.errors import InvalidArgument
 
 MAX_PATH_BYTES = 4096
+MAX_NAME_BYTES = 255  # NAME_MAX: the kernel refuses longer components with ENAMETOOLONG
 
 
 def _inside(path: str, root: str) -> bool:
@@ -34,6 +35,8 @@ class KubeletPaths:
         require(path, field)
         if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES or "\0" in path:
             raise InvalidArgument(f"{field} is not a usable path (too long or contains a NUL byte)")
+        if any(len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES for part in path.split("/")):
+            raise InvalidArgument(f"{field} has a component longer than {MAX_NAME_BYTES} bytes, which no file can have")
         if not path.startswith("/"):
             raise InvalidArgument(f"{field} {path!r} must be an absolute path")
         if posixpath.normpath(path) != path or path.startswith("//"):
