@@ -263,7 +263,8 @@ def loop_disks(workdir: Path, count: int, size: int, say: Say) -> Iterator[list[
         yield devices
     finally:
         for device in devices:
-            subprocess.run(["losetup", "-d", device], capture_output=True, check=False)
+            detach = ["losetup", "-d", device]
+            subprocess.run(detach, capture_output=True, check=False)
 
 
 @asynccontextmanager
@@ -403,7 +404,8 @@ def load_results(path: Path) -> list[StoryResult]:
 
 def remove_workdir(workdir: Path) -> None:
     for mount in _mounts_under(workdir):
-        subprocess.run(["umount", "-l", mount], capture_output=True, check=False)
+        lazy_unmount = ["umount", "-l", mount]
+        subprocess.run(lazy_unmount, capture_output=True, check=False)
     shutil.rmtree(workdir, ignore_errors=True)
 
 
