@@ -3,25 +3,13 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import pytest
 
-from tests.lvm.conftest import LINEAR_VG, SANDBOX_ARGS, THIN_VG, in_sandbox
+# The same rule as tests/lvm: `uml` tests run inside the sandbox `nox -s e2e` starts, with its VGs; skipped elsewhere.
+from tests.lvm.conftest import pytest_runtest_setup  # noqa: F401 - re-exported so pytest runs it here too
 from tests.reliability.tally import TALLY
-
-
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    """`uml` tests run inside the sandbox that `nox -s e2e` starts, with the VGs of tests/lvm; skipped elsewhere."""
-    if item.get_closest_marker("uml") is None:
-        return
-    if not in_sandbox():
-        pytest.skip("needs real LVM (device-mapper): runs inside the UML sandbox, `nox -s e2e`")
-    made = os.environ.get("LOCALDISK_SANDBOX_VGS", "")
-    for vg in (LINEAR_VG, THIN_VG):
-        if f"{vg}:" not in made:
-            pytest.skip(f"the sandbox was started without VG {vg}: pass {' '.join(SANDBOX_ARGS)}")
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
