@@ -156,7 +156,7 @@ app.command("demo")(demo)
 
 def _orphan_reporter(node: str, enabled: bool | None, delete_after: float | None, metrics: Metrics) -> list[Any]:
     """The orphan reporter as a background task of `serve`, when running in a cluster (or asked for)."""
-    from localdisk.k8s.client import in_cluster
+    from localdisk.k8s import in_cluster
 
     if enabled is False or (enabled is None and not in_cluster()):
         return []

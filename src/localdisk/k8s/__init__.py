@@ -7,6 +7,8 @@ runs on. This package talks to the API server with kubernetes-asyncio and never 
 layer defines are repeated here and a test keeps both in step.
 """
 
+import os
+
 DRIVER_NAME = "localdisk.csi.io"
 """Must equal `localdisk.csi.DRIVER_NAME`: PersistentVolumes carry it in `spec.csi.driver`."""
 TOPOLOGY_KEY = "topology.localdisk.io/node"
@@ -17,3 +19,9 @@ RELEASE_ON_NODE_LOSS = "localdisk.csi.io/release-on-node-loss"
 PROVISIONER_FINALIZER = "external-provisioner.volume.kubernetes.io/finalizer"
 """Put on PVs by the external-provisioner; only the provisioner of the PV's own node would ever remove it."""
 COMPONENT = "localdisk-controller"
+
+
+def in_cluster() -> bool:
+    """Whether this process runs in a pod (the API address is in its environment). Here, not in `client`, so that
+    `localdisk serve` can ask without importing kubernetes-asyncio (about a second of start-up)."""
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))

@@ -16,18 +16,13 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from localdisk.errors import ConfigError
-from localdisk.k8s import COMPONENT
+from localdisk.k8s import COMPONENT, in_cluster
 
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT = 30.0
 """Seconds any single API call may take: kubernetes-asyncio waits forever by default, and a hung call would stall
 a controller (or let a leader act past its lease)."""
-
-
-def in_cluster() -> bool:
-    """Whether this process runs in a pod (the service account token and API address are there)."""
-    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
 
 
 async def connect(kubeconfig: str | None = None) -> Any:
