@@ -7,7 +7,9 @@ identity kept in LV tags, the thin pool arithmetic, and the checks that keep hos
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import cast
 
+import anyio
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -19,6 +21,7 @@ from localdisk.backends.lvmcmd import (
     FULLREPORT_ARGS,
     TAG,
     LogicalVolume,
+    Lvm,
     VgReport,
     VolumeGroup,
     check_lv_name,
@@ -262,3 +265,40 @@ def test_registry_and_configs() -> None:
     for bad_thin in ({"overprovision_ratio": 0.5}, {"threshold_percent": 0}, {"threshold_percent": 101}):
         with pytest.raises(ValidationError):
             backend.ThinPoolConfig.model_validate({"volume_group": "vg", "thin_pool": "p"} | bad_thin)
+
+
+# -- the cached view --------------------------------------------------------------------------------------------------
+class _SlowReports:
+    """Answers `report` with a recorded report, only once the test lets it (as LVM answers after a slow scan)."""
+
+    def __init__(self, report: VgReport) -> None:
+        self.report_value = report
+        self.asked = anyio.Event()
+        self.answer = anyio.Event()
+
+    async def report(self, vg: str) -> VgReport:
+        self.asked.set()
+        await self.answer.wait()
+        return self.report_value
+
+
+@pytest.mark.anyio
+async def test_a_change_made_while_the_view_is_read_is_not_lost() -> None:
+    """A report LVM ran before our lvchange must not bring back the tag the lvchange dropped."""
+    recorded = parse_fullreport(sample("fullreport-mixed.json"), "ldrec")
+    name = next(iter(recorded.lvs))
+    stale = backend.with_tags(recorded, name, add=[backend.PENDING_TAG])
+    source = _SlowReports(stale)
+    view = backend.VgView(cast(Lvm, source), "ldrec", 30.0)
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(view.refresh)
+        await source.asked.wait()
+        view.apply(lambda r: backend.with_tags(r, name, delete=[backend.PENDING_TAG]))
+        source.answer.set()
+    report = await view.get()
+    assert backend.PENDING_TAG not in report.lvs[name].tags
+    assert view.unconfirmed, "the change is applied but not yet seen in a report of LVM's"
+    source.report_value = recorded
+    source.answer = anyio.Event()
+    source.answer.set()
+    assert await view.refresh() == recorded and not view.unconfirmed

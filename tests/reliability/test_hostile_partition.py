@@ -1,7 +1,7 @@
 """Hostile input to every Controller RPC, served by the partition backend on a real GPT disk.
 
-tests/test_hostile.py sends the same kind of requests to the fake backend; here they reach parted, sfdisk, wipefs,
-blkdiscard and partx on a loop device, whose commands an `ArgvWatch` checks: no request string in any argv, no
+tests/test_hostile.py sends the same kind of requests to the fake backend; here they reach parted, sfdisk,
+wipefs and partx on a loop device, whose commands an `ArgvWatch` checks: no request string in any argv, no
 option localdisk does not use. The disk also holds a partition localdisk did not make (the pool adopts free space
 only): requests naming its PARTUUID must never touch it. After each example every volume the example created is
 deleted, and the disk must be back to what it was: same partitions, same capacity, the foreign data intact.

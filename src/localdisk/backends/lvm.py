@@ -17,9 +17,9 @@ none reaches a command line, and a lookup by name is one report. The volume ID i
 `thin:<pool>:<lv>`.
 
 A new thick LV would show whatever the disk held before (`lvcreate -Z y` clears only its first 4 KiB), so it is
-zeroed in full (`blkdiscard -z`: WRITE ZEROES where the device offers it, written zeros otherwise) before it is
-handed out, under the pending tag. Its cost is the device's: in the UML sandbox 0.4 s for 8 MiB (mostly process
-start-up) and 0.5 s for 256 MiB; on a disk without WRITE ZEROES it is a full write of the volume. Thin volumes need
+zeroed in full (BLKZEROOUT, as `blkdiscard -z` does, made in-process by `localdisk.blockdev`: WRITE ZEROES where
+the device offers it, written zeros otherwise) before it is handed out, under the pending tag, outside the pool's
+lock. Its cost is the device's; on a disk without WRITE ZEROES it is a full write of the volume. Thin volumes need
 no wipe: unprovisioned blocks read as zeros and a pool with zeroing on (checked at open) zeroes each block it
 provisions.
 
@@ -52,8 +52,10 @@ from pydantic import Field, field_validator
 
 from localdisk.backends.lvmcmd import LogicalVolume, Lvm, VgReport, check_name
 from localdisk.backends.lvmshell import ShellExecutor
+from localdisk.blockdev import zero_out
 from localdisk.errors import (
     AlreadyExists,
+    Busy,
     FailedPrecondition,
     InsufficientCapacity,
     InvalidArgument,
@@ -63,7 +65,7 @@ from localdisk.errors import (
 from localdisk.model import Capacity, ContentSource, Features, ObjectRef, Snapshot, SourceKind, Volume, VolumeSpec
 from localdisk.registry import BackendSpec, PoolConfig
 from localdisk.runner import CommandRunner
-from localdisk.sizes import MiB, align_up, human
+from localdisk.sizes import align_up, human
 
 TAG_ROOT = "localdisk.csi.io/"
 OWNER_TAG = TAG_ROOT + "owned"
@@ -76,7 +78,6 @@ PREFIXES = {VOLUME: "ldv-", SNAPSHOT: "lds-"}
 HANDLE = re.compile(r"ld[vs]-[0-9a-f]{32}")
 NAME_CHUNK = 512  # characters of base32 per tag; LVM allows 1024 per tag
 MAX_NAME_BYTES = 1024
-ZERO_BYTES_PER_SECOND = 100 * MiB  # a floor for the zeroing timeout, not a promise about any disk
 VIEW_MAX_AGE = 30.0  # seconds a cached VG report is trusted for changes made outside localdisk
 SHELL_ENV = "LOCALDISK_LVM_SHELL"  # "0": one lvm process per command instead of the persistent shell
 
@@ -207,6 +208,7 @@ class VgView:
         self.unconfirmed = False  # holds changes applied in memory only
         self.reads = 0
         self._lock = anyio.Lock()
+        self._during: list[Callable[[VgReport], VgReport]] | None = None  # changes applied while a report is read
 
     async def get(self) -> VgReport:
         if self.report is None or time.monotonic() - self.read_at > self.max_age:
@@ -219,8 +221,16 @@ class VgView:
             if self.report is not None and self.read_at >= asked:
                 return self.report  # someone read it while we waited for the lock
             read_at = time.monotonic()
-            report = await self.lvm.report(self.vg)
-            self.report, self.read_at, self.unconfirmed = report, read_at, False
+            # A change applied while the report is being read may be missing from it (LVM ran the report first):
+            # the changes are applied again to the new report. Each is idempotent, so one already in it is a no-op.
+            self._during = []
+            try:
+                report = await self.lvm.report(self.vg)
+            finally:
+                during, self._during = self._during, None
+            for change in during:
+                report = change(report)
+            self.report, self.read_at, self.unconfirmed = report, read_at, bool(during)
             self.reads += 1
             return report
 
@@ -228,6 +238,8 @@ class VgView:
         self.report = None
 
     def apply(self, change: Callable[[VgReport], VgReport]) -> None:
+        if self._during is not None:
+            self._during.append(change)
         if self.report is not None:
             self.report = change(self.report)
             self.unconfirmed = True
@@ -342,11 +354,14 @@ class _LvmBackend:
         raise NotImplementedError
 
     async def _create(self, report: VgReport, lv: str, spec: VolumeSpec) -> bool:
-        """Create the LV for `spec`; True if it was created pending and needs `_finish`."""
+        """Create the LV for `spec`; True if it was created pending and needs `_grow` and `_zero`."""
         raise NotImplementedError
 
-    async def _finish(self, lv: str, spec: VolumeSpec, current_size: int) -> None:
-        raise NotImplementedError
+    async def _grow(self, lv: str, spec: VolumeSpec, current_size: int) -> None:
+        """Finish a pending LV's size (under the pool's lock: it takes space)."""
+
+    async def _zero(self, lv: str) -> None:
+        """Finish a pending LV's content (outside the pool's lock: it takes time, not space)."""
 
     def _abnormal(self, report: VgReport, lv: LogicalVolume) -> str | None:
         return None if lv.active else f"logical volume {self.vg}/{lv.name} is not active"
@@ -450,9 +465,16 @@ class _LvmBackend:
                     raise AlreadyExists(f"volume {spec.name!r} is being created with another content source")
                 pending, size = True, max(existing.size, align_up(spec.size_bytes, self.extent))
             if pending:
-                await self._finish(lv_name, spec, existing.size if existing else 0)
-                await self.lvm.change_tags(self.vg, lv_name, delete=[PENDING_TAG])
-                self.view.apply(lambda r: with_tags(r, lv_name, delete=[PENDING_TAG]))
+                await self._grow(lv_name, spec, existing.size if existing else 0)
+        if pending:
+            # Zeroing runs outside the pool's lock, so the next create's lvcreate overlaps with it. Nothing else
+            # can touch this LV meanwhile: it is pending (never found by name, never handed out), a second create
+            # of the same name is refused by the manager's per-name guard, and a delete by its ID fails as busy
+            # while the zeroing holds the device open exclusively. Each step can be repeated, so a crash anywhere
+            # here leaves a pending LV that the retried create finishes.
+            await self._zero(lv_name)
+            await self.lvm.change_tags(self.vg, lv_name, delete=[PENDING_TAG])
+            self.view.apply(lambda r: with_tags(r, lv_name, delete=[PENDING_TAG]))
         source = (spec.source.kind.value, spec.source_handle) if spec.source and spec.source_handle else None
         return Volume(
             ref=self._ref(lv_name),
@@ -564,11 +586,12 @@ class LinearBackend(_LvmBackend):
         self.view.apply(lambda r: with_lv(r, made, takes_extents=True))
         return True
 
-    async def _finish(self, lv: str, spec: VolumeSpec, current_size: int) -> None:
-        size = max(spec.size_bytes, current_size)
-        await self.runner.run(
-            ["blkdiscard", "-z", "--", f"/dev/{self.vg}/{lv}"], timeout=120 + size / ZERO_BYTES_PER_SECOND
-        )
+    async def _zero(self, lv: str) -> None:
+        try:
+            await zero_out(f"/dev/{self.vg}/{lv}", self.runner.observers)
+        except NotFound:
+            self.view.invalidate()
+            raise Busy(f"volume {self.vg}/{lv} was deleted while it was being created; retry") from None
 
     async def capacity(self) -> Capacity:
         report = await self._report()
@@ -648,7 +671,7 @@ class ThinBackend(_LvmBackend):
         self.view.apply(lambda r: with_lv(r, made, takes_extents=False))
         return grow
 
-    async def _finish(self, lv: str, spec: VolumeSpec, current_size: int) -> None:
+    async def _grow(self, lv: str, spec: VolumeSpec, current_size: int) -> None:
         if align_up(spec.size_bytes, self.extent) > current_size:
             await self.lvm.extend(self.vg, lv, spec.size_bytes)
             size = align_up(spec.size_bytes, self.extent)

@@ -26,6 +26,7 @@ import anyio
 from pydantic import Field, field_validator
 
 from localdisk.backends.gpt import Partition, Table, best_fit, parse_sfdisk, parse_wipefs
+from localdisk.blockdev import zero_out
 from localdisk.errors import (
     BackendFailure,
     CommandFailed,
@@ -51,7 +52,6 @@ _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{1
 _SYSFS_BLOCK = Path("/sys/class/block")
 _BY_PARTUUID = Path("/dev/disk/by-partuuid")
 _UDEV_CONTROL = Path("/run/udev/control")
-_ZERO_BYTES_PER_SECOND = 32 * MiB  # the slowest disk we plan for when sizing the zeroing timeout
 assert len(READY_PREFIX) + KEY_LENGTH <= GPT_NAME_LIMIT
 
 
@@ -421,12 +421,9 @@ class PartitionBackend:
             raise BackendFailure(f"no device node for partition {part.number} of {table.device}; run partx -u")
         _refuse_if_in_use(node)
         if zero:
-            size = part.size * table.sector_size
-            # BLKZEROOUT: the disk zeroes (or discards with guaranteed zeroes) where it can, else the kernel writes
-            # zeros itself. That can cost a full write of the volume, hence a timeout that grows with the size.
-            await self.runner.run(
-                ["blkdiscard", "--zeroout", "--", node], timeout=max(120.0, size / _ZERO_BYTES_PER_SECOND)
-            )
+            # BLKZEROOUT (in-process, see localdisk.blockdev): the disk zeroes (or discards with guaranteed zeroes)
+            # where it can, else the kernel writes zeros itself, which can cost a full write of the volume.
+            await zero_out(node, self.runner.observers)
         await self.runner.run(["wipefs", "--all", "--quiet", "--", node])
 
     async def expand_volume(self, handle: str, size_bytes: int) -> Volume:

@@ -49,7 +49,6 @@ TOOLS = (
     Tool("sgdisk", ("sgdisk", "--version"), "gdisk", frozenset({"partition"})),
     Tool("blkid", ("blkid", "-V"), "util-linux", frozenset({"*"})),
     Tool("wipefs", ("wipefs", "--version"), "util-linux", frozenset({"*"})),
-    Tool("blkdiscard", ("blkdiscard", "--version"), "util-linux", frozenset({"*"})),
     Tool("mkfs.ext4", ("mke2fs", "-V"), "e2fsprogs", frozenset({"*"})),
     Tool("resize2fs", ("resize2fs", "-P", "/dev/null"), "e2fsprogs", frozenset({"*"})),
     Tool("mkfs.xfs", ("mkfs.xfs", "-V"), "xfsprogs", frozenset({"*"})),

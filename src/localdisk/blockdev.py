@@ -1,0 +1,63 @@
+"""Zeroing a block device from inside the process, with the same kernel call `blkdiscard --zeroout` makes.
+
+Every thick volume is zeroed in full before it is handed out, so nobody reads a previous tenant's data. That used
+to be one `blkdiscard -z` process per volume; under load, and much more under User-Mode Linux, starting that process
+cost more than zeroing a small volume. `zero_out` makes the same BLKZEROOUT ioctl in a worker thread: the device
+zeroes (WRITE ZEROES, or a discard that guarantees zeroes) where it can, and the kernel writes zero pages where it
+cannot, exactly as blkdiscard would.
+
+The device is opened with O_EXCL, which the kernel refuses (EBUSY) while the device is mounted, is part of another
+device (a holder) or is open exclusively elsewhere: a volume in use is never zeroed. The ioctl cannot be interrupted;
+a cancelled caller returns at once and the thread finishes the zeroing on its own, which leaves nothing wrong behind
+(the volume is still marked pending and the retried create zeroes it again).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+import time
+from collections.abc import Sequence
+
+import anyio
+import anyio.to_thread
+
+from localdisk.errors import BackendFailure, Busy, NotFound
+from localdisk.runner import Observer
+
+BLKZEROOUT = 0x127F  # _IO(0x12, 127): zero a byte range [start, start + length)
+SECTOR = 512  # the ioctl wants the range in multiples of 512 bytes
+
+
+def _zero_sync(path: str) -> int:
+    fd = os.open(path, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        length = size - size % SECTOR
+        if length:
+            fcntl.ioctl(fd, BLKZEROOUT, struct.pack("=QQ", 0, length))
+        return size
+    finally:
+        os.close(fd)
+
+
+async def zero_out(path: str, observers: Sequence[Observer] = ()) -> int:
+    """Zero all of block device `path`; its size in bytes. Observers see it as the command `BLKZEROOUT <path>`."""
+    started = time.monotonic()
+    ok = False
+    try:
+        size = await anyio.to_thread.run_sync(_zero_sync, path, abandon_on_cancel=True)
+        ok = True
+        return size
+    except FileNotFoundError:
+        raise NotFound(f"block device {path} does not exist") from None
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise Busy(f"{path} is in use (mounted, held by another device or open exclusively); not zeroed") from None
+        raise BackendFailure(f"zeroing {path} failed: {exc.strerror or exc}") from None
+    finally:
+        duration = time.monotonic() - started
+        for observe in observers:
+            observe(["BLKZEROOUT", path], duration, ok)

@@ -1,0 +1,63 @@
+"""`localdisk.blockdev.zero_out` on a real loop device: all zeroed, a device in use refused, a missing one named."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import pytest
+
+from localdisk.blockdev import zero_out
+from localdisk.errors import Busy, NotFound
+from localdisk.sizes import MiB
+from tests.loopdisks import loop_disks, needs_loop_devices
+
+pytestmark = pytest.mark.anyio
+SIZE = 8 * MiB + 512  # not a multiple of the 4 KiB pages: the tail sector must be zeroed too
+
+
+def _fill(device: str) -> None:
+    fd = os.open(device, os.O_WRONLY)
+    try:
+        os.write(fd, b"\xa5" * SIZE)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read(device: str) -> bytes:
+    fd = os.open(device, os.O_RDONLY)
+    try:
+        return os.pread(fd, SIZE, 0)
+    finally:
+        os.close(fd)
+
+
+@needs_loop_devices
+async def test_every_byte_is_zeroed_and_the_call_is_observed() -> None:
+    seen: list[tuple[Sequence[str], bool]] = []
+    async with loop_disks(1, SIZE) as (device,):
+        _fill(device)
+        assert _read(device).count(0) == 0
+        size = await zero_out(device, [lambda argv, _seconds, ok: seen.append((argv, ok))])
+        assert size == SIZE
+        assert _read(device) == bytes(SIZE)
+    assert seen == [(["BLKZEROOUT", device], True)]
+
+
+@needs_loop_devices
+async def test_a_device_open_exclusively_is_not_zeroed() -> None:
+    async with loop_disks(1, SIZE) as (device,):
+        _fill(device)
+        holder = os.open(device, os.O_RDONLY | os.O_EXCL)  # what a mount or a device-mapper holder does
+        try:
+            with pytest.raises(Busy, match="in use"):
+                await zero_out(device)
+        finally:
+            os.close(holder)
+        assert _read(device).count(0) == 0, "a refused device must keep its data"
+
+
+async def test_a_missing_device_is_not_found(tmp_path: os.PathLike[str]) -> None:
+    with pytest.raises(NotFound, match="does not exist"):
+        await zero_out(os.path.join(tmp_path, "no-such-device"))
