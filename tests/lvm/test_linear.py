@@ -157,3 +157,26 @@ async def test_open_activates_the_volumes(runner: CommandRunner, lvm: Lvm, linea
 async def test_open_names_a_missing_vg(runner: CommandRunner, lvm: Lvm) -> None:
     with pytest.raises(FailedPrecondition, match=r"'no-such-vg' not found.*pools\.lvm\.x\.volume_group"):
         await LinearBackend("x", LinearPoolConfig(volume_group="no-such-vg"), lvm, runner).open()
+
+
+async def test_commands_scan_only_the_vgs_own_pvs(lvm: Lvm, linear: LinearBackend) -> None:
+    """After a report, commands on the VG carry `--devices <its PVs>`; a stale scope falls back to a full scan."""
+    seen: list[list[str]] = []
+    lvm.executor.runner.observers.append(lambda argv, _s, _ok: seen.append(list(argv)))  # type: ignore[attr-defined]
+    report = await lvm.report(LINEAR_VG)
+    assert report.pvs and all(pv.startswith("/dev/ubd") for pv in report.pvs)
+    scope = lvm.scope[LINEAR_VG]
+    assert scope == ",".join(sorted(report.pvs))
+    volume = await manager_for(linear).create_volume(request(linear, "pvc-scoped", 8 * MiB))
+    lvcreate = [argv for argv in seen if "lvcreate" in argv]
+    assert lvcreate and all(
+        argv[argv.index("lvcreate") + 1 : argv.index("lvcreate") + 3] == ["--devices", scope] for argv in lvcreate
+    )
+    # A scope that no longer holds the VG's PVs (devices renamed at boot): the command still works, unscoped,
+    # and the next report learns the right PVs again.
+    other = "/dev/ubda" if "/dev/ubda" not in scope else "/dev/ubdz"
+    lvm.scope[LINEAR_VG] = other
+    await lvm.extend(LINEAR_VG, volume.ref.handle, 12 * MiB)
+    assert LINEAR_VG not in lvm.scope
+    assert (await lvm.report(LINEAR_VG)).lvs[volume.ref.handle].size == 12 * MiB
+    assert lvm.scope[LINEAR_VG] == scope

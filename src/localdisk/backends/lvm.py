@@ -250,7 +250,7 @@ def with_lv(report: VgReport, lv: LogicalVolume, *, takes_extents: bool) -> VgRe
     old = report.lv(lv.name)
     grown = lv.size - (old.size if old else 0)
     vg = replace(report.vg, free=report.vg.free - grown) if takes_extents else report.vg
-    return VgReport(vg, {**report.lvs, lv.name: lv})
+    return replace(report, vg=vg, lvs={**report.lvs, lv.name: lv})
 
 
 def without_lv(report: VgReport, name: str, *, takes_extents: bool) -> VgReport:
@@ -258,7 +258,7 @@ def without_lv(report: VgReport, name: str, *, takes_extents: bool) -> VgReport:
     if old is None:
         return report
     vg = replace(report.vg, free=report.vg.free + old.size) if takes_extents else report.vg
-    return VgReport(vg, {k: v for k, v in report.lvs.items() if k != name})
+    return replace(report, vg=vg, lvs={k: v for k, v in report.lvs.items() if k != name})
 
 
 def with_tags(report: VgReport, name: str, *, add: Iterable[str] = (), delete: Iterable[str] = ()) -> VgReport:
@@ -266,7 +266,7 @@ def with_tags(report: VgReport, name: str, *, add: Iterable[str] = (), delete: I
     if old is None:
         return report
     tags = (old.tags | frozenset(add)) - frozenset(delete)
-    return VgReport(report.vg, {**report.lvs, name: replace(old, tags=tags)})
+    return replace(report, lvs={**report.lvs, name: replace(old, tags=tags)})
 
 
 def new_lv(name: str, size: int, tags: Iterable[str], *, attr: str, pool: str = "", origin: str = "") -> LogicalVolume:
