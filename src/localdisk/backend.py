@@ -48,3 +48,17 @@ class VolumeBackend(Protocol):
     async def find_snapshot(self, name: str) -> Snapshot | None: ...
 
     async def list_snapshots(self) -> list[Snapshot]: ...
+
+
+@runtime_checkable
+class CachedState(Protocol):
+    """A backend that answers reads from a cached view of its disks and wants it re-read in the background.
+
+    `VolumeManager.keep_fresh` calls `refresh_state` every `refresh_interval` seconds, so reads (GetCapacity,
+    ListVolumes) find a fresh view instead of paying for a re-read themselves. An interval of 0 means no cache.
+    """
+
+    @property
+    def refresh_interval(self) -> float: ...
+
+    async def refresh_state(self) -> None: ...

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
 import pytest
 
 from localdisk import ContentSource, SourceKind
@@ -180,3 +181,26 @@ async def test_commands_scan_only_the_vgs_own_pvs(lvm: Lvm, linear: LinearBacken
     assert LINEAR_VG not in lvm.scope
     assert (await lvm.report(LINEAR_VG)).lvs[volume.ref.handle].size == 12 * MiB
     assert lvm.scope[LINEAR_VG] == scope
+
+
+@pytest.mark.usefixtures("clean_linear")
+async def test_the_view_is_kept_fresh_in_the_background(runner: CommandRunner, lvm: Lvm) -> None:
+    """With `keep_fresh` running, reads never run an LVM command, yet a change made behind our back shows up."""
+    backend = LinearBackend("fast", LinearPoolConfig(volume_group=LINEAR_VG), lvm, runner, view_max_age=1.0)
+    await backend.open()
+    manager = manager_for(backend)
+    commands: list[str] = []
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(manager.keep_fresh)
+        await anyio.sleep(0.2)
+        reads = backend.view.reads
+        free = (await backend.capacity()).available_bytes
+        await lvm.create_linear(LINEAR_VG, "someone-elses", 8 * MiB, ["their.tag"], wipe=True)
+        runner.observers.append(lambda argv, _s, _ok: commands.append(" ".join(argv[:2])))
+        with anyio.fail_after(30):
+            while (await backend.capacity()).available_bytes == free:
+                await anyio.sleep(0.05)
+        tasks.cancel_scope.cancel()
+    assert (await backend.capacity()).available_bytes == free - 8 * MiB
+    assert backend.view.reads > reads
+    assert commands and all(c == "lvm fullreport" for c in commands), commands  # only the background re-reads

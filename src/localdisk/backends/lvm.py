@@ -26,8 +26,9 @@ provisions.
 Reads come from a cached view of the VG (`VgView`), so GetCapacity, ListVolumes and lookups run no LVM command at all.
 The view is one `lvm fullreport`; after each of our own changes it is updated in memory with what the change did,
 and the report is read again once the writers queued on the pool's lock have all gone (one read per burst of
-creates, not one per create), after any failed change, and when it is older than `VIEW_MAX_AGE` (changes made by
-someone else: an administrator's lvcreate shows up within that time). Writes are serialized per pool by that lock,
+creates, not one per create), after any failed change, and in the background every half `VIEW_MAX_AGE` (the
+server's `VolumeManager.keep_fresh`; changes made by someone else, an administrator's lvcreate, show up within that
+time), so a read never waits for a re-read unless the view is older than `VIEW_MAX_AGE`. Writes are serialized per pool by that lock,
 which is where concurrent creates queue: LVM would serialize them on its VG lock anyway. GetVolume and GetSnapshot
 always read LVM (their health must be current). The server's pools cache for `view_max_age_seconds` (30 s by
 default); a backend constructed directly (tests, tools) reads LVM on every call unless given `view_max_age`.
@@ -383,6 +384,15 @@ class _LvmBackend:
     async def aclose(self) -> None:
         await self.lvm.aclose()
 
+    @property
+    def refresh_interval(self) -> float:
+        """Half the view's age limit: re-read in the background well before a read would have to wait for it."""
+        return self.view.max_age / 2
+
+    async def refresh_state(self) -> None:
+        if time.monotonic() - self.view.read_at >= self.refresh_interval or self.view.report is None:
+            await self.view.refresh()
+
     # reading
     async def _report(self) -> VgReport:
         return await self.view.get()
@@ -612,6 +622,7 @@ class ThinBackend(_LvmBackend):
         super().__init__(pool, config.volume_group, lvm, runner, features, view_max_age)
         self.config = config
         self.thin_pool = config.thin_pool
+        self._use_memo: tuple[VgReport, ThinUse] | None = None
 
     @property
     def _where(self) -> str:
@@ -621,7 +632,13 @@ class ThinBackend(_LvmBackend):
         return lv.pool == self.thin_pool
 
     def _use(self, report: VgReport) -> ThinUse:
-        return thin_use(report, self.thin_pool, self.config.overprovision_ratio, self.config.threshold_percent)
+        # Summing the pool's virtual size walks every LV: done once per report, not once per GetCapacity.
+        memo = self._use_memo
+        if memo is not None and memo[0] is report:
+            return memo[1]
+        use = thin_use(report, self.thin_pool, self.config.overprovision_ratio, self.config.threshold_percent)
+        self._use_memo = (report, use)
+        return use
 
     async def _activate(self, report: VgReport) -> None:
         pool = report.lv(self.thin_pool)

@@ -85,6 +85,7 @@ async def serve(
             metrics.watch_pools(manager, asyncio.get_running_loop())
             metrics.serve(metrics_address)
         async with anyio.create_task_group() as tasks:
+            tasks.start_soon(_logged, VolumeManager.keep_fresh, manager)
             for task in background:
                 tasks.start_soon(_logged, task, manager)
             with graceful_exit([server]):
