@@ -74,9 +74,13 @@ def _ints(name: str, default: str) -> list[int]:
     return [int(x) for x in os.environ.get(name, default).split(",") if x.strip()]
 
 
-VOLUMES = _ints("BENCH_VOLUMES", "12")[0]  # the issue asks 200: BENCH_VOLUMES=200 (hours under UML here)
+VOLUMES = _ints("BENCH_VOLUMES", "200")[0]
 CONCURRENCY = _ints("BENCH_CONCURRENCY", "1,8,32")
-LEVELS = _ints("BENCH_LEVELS", "0,50,100")  # the issue asks 0,100,1000: BENCH_LEVELS=0,100,1000
+LEVELS = _ints("BENCH_LEVELS", "0,100,1000")
+# `nox -s bench` runs two guests at once: one provisions on the thin pool and measures the rest, one provisions on
+# the linear VG (each compares against its own baseline, in the same guest, in the same run).
+PROVISION = [b for b in os.environ.get("BENCH_BACKENDS", "thin,lvm").split(",") if b]
+PHASES = frozenset(os.environ.get("BENCH_PHASES", "overhead,provisioning,levels,memory").split(","))
 REPEATS = _ints("BENCH_REPEATS", "1")[0]
 CALLS = _ints("BENCH_CALLS", "50")[0]
 
@@ -160,21 +164,20 @@ async def peer_create(runner: CommandRunner, backend: str, vg: str, name: str) -
         await runner.run(["blkdiscard", "-z", "--", f"/dev/{vg}/{lv}"])
 
 
-async def peer_delete(runner: CommandRunner, vg: str, name: str) -> None:
-    await runner.run(["lvm", "lvremove", "-y", "--", f"{vg}/{lv_name_for('volume', name)}"])
+async def peer_delete_all(runner: CommandRunner, vg: str) -> None:
+    await runner.run(["lvm", "lvremove", "-y", "--select", "lv_name=~^ldv-", "--", vg], timeout=1800)
 
 
 async def peer_create_nth(runner: CommandRunner, backend: str, vg: str, names: list[str], i: int) -> None:
     await peer_create(runner, backend, vg, names[i])
 
 
-async def peer_delete_nth(runner: CommandRunner, vg: str, names: list[str], i: int) -> None:
-    await peer_delete(runner, vg, names[i])
-
-
 # -- phases ------------------------------------------------------------------------------------------------------
 class Bench:
-    def __init__(self, controller: ControllerStub, identity: IdentityStub, clock: LvmClock) -> None:
+    def __init__(
+        self, controller: ControllerStub, identity: IdentityStub, clock: LvmClock, manager: VolumeManager
+    ) -> None:
+        self.manager = manager
         self.controller = controller
         self.identity = identity
         self.clock = clock
@@ -204,7 +207,8 @@ class Bench:
     async def provisioning(self) -> None:
         runner = CommandRunner()
         out: dict[str, Any] = {}
-        for backend, (_, vg) in BACKENDS.items():
+        for backend in PROVISION:
+            vg = BACKENDS[backend][1]
             for concurrency in CONCURRENCY:
                 ours, peers = [], []
                 for repeat in range(REPEATS):
@@ -212,12 +216,13 @@ class Bench:
                     ids: list[str] = [""] * VOLUMES
 
                     make = functools.partial(self.create_nth, backend, names, ids)
-                    ours.append(summary(*await timed_all(VOLUMES, concurrency, make)))
-                    await timed_all(VOLUMES, concurrency, functools.partial(self.delete, ids))
+                    mine = summary(*await timed_all(VOLUMES, concurrency, make))
+                    wall, _ = await timed_all(VOLUMES, concurrency, functools.partial(self.delete, ids))
+                    ours.append(mine | {"deletes_per_second": round(VOLUMES / wall, 3)})
                     base = [f"b-{backend}-{concurrency}-{repeat}-{i}" for i in range(VOLUMES)]
                     create = functools.partial(peer_create_nth, runner, backend, vg, base)
                     peers.append(summary(*await timed_all(VOLUMES, concurrency, create)))
-                    await timed_all(VOLUMES, concurrency, functools.partial(peer_delete_nth, runner, vg, base))
+                    await peer_delete_all(runner, vg)  # not measured: one lvremove for all, to save time
                 mine, theirs = median_of(ours), median_of(peers)
                 row: dict[str, Any] = {"localdisk": mine, "baseline": theirs}
                 row["time_ratio"] = round(mine["seconds"] / theirs["seconds"], 3)
@@ -271,6 +276,11 @@ class Bench:
                 start = time.monotonic()
                 await self.controller.get_capacity(request)
                 capacity.append(time.monotonic() - start)
+            in_process = []  # the same question asked of the library, without gRPC and the socket
+            for _ in range(CALLS):
+                start = time.monotonic()
+                await self.manager.capacity("thin", "tp")
+                in_process.append(time.monotonic() - start)
             for _ in range(max(CALLS // 5, 3)):
                 start = time.monotonic()
                 listed = await self.controller.list_volumes(ListVolumesRequest())
@@ -278,6 +288,8 @@ class Bench:
             out[str(level)] = {
                 "get_capacity_p50_ms": ms(pct(capacity, 0.5)),
                 "get_capacity_p95_ms": ms(pct(capacity, 0.95)),
+                "get_capacity_in_process_p50_ms": ms(pct(in_process, 0.5)),
+                "get_capacity_in_process_p95_ms": ms(pct(in_process, 0.95)),
                 "list_volumes_p50_ms": ms(pct(listing, 0.5)),
                 "list_volumes_p95_ms": ms(pct(listing, 0.95)),
                 "listed": len(listed.entries),
@@ -345,11 +357,15 @@ def table(results: dict[str, Any]) -> str:
             f" {ours['volumes_per_second']:10.2f} {base['volumes_per_second']:10.2f} {ours['p50_ms']:9.0f}"
             f" {ours['p95_ms']:9.0f} {base['p50_ms']:9.0f} {base['p95_ms']:9.0f}"
         )
-    lines.append("== GetCapacity / ListVolumes (thin pool; ms) ==")
-    lines.append(f"{'volumes':>8s} {'cap p50':>8s} {'cap p95':>8s} {'list p50':>9s} {'list p95':>9s} {'lvm cmds':>8s}")
+    lines.append("== GetCapacity / ListVolumes (thin pool; ms; socket = through the CSI socket, lib = in-process) ==")
+    lines.append(
+        f"{'volumes':>8s} {'cap p50':>8s} {'cap p95':>8s} {'lib p50':>8s} {'lib p95':>8s} {'list p50':>9s}"
+        f" {'list p95':>9s} {'lvm cmds':>8s}"
+    )
     for level, row in results.get("capacity_and_listing", {}).items():
         lines.append(
             f"{level:>8s} {row['get_capacity_p50_ms']:8.2f} {row['get_capacity_p95_ms']:8.2f}"
+            f" {row['get_capacity_in_process_p50_ms']:8.2f} {row['get_capacity_in_process_p95_ms']:8.2f}"
             f" {row['list_volumes_p50_ms']:9.2f} {row['list_volumes_p95_ms']:9.2f} {row['lvm_commands_during']:8d}"
         )
     lines.append(f"== CSI overhead (ms) == {results.get('csi_overhead')}")
@@ -370,8 +386,10 @@ async def main(out_path: Path) -> None:
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
     config_path = tmp / "bench.toml"
     config_path.write_text(CONFIG)
-    memory: dict[str, Any] = {"idle": await serve_rss(config_path, tmp / "idle.sock", work=False)}
-    log(f"idle serve: {memory['idle']}")
+    memory: dict[str, Any] = {}
+    if "memory" in PHASES:
+        memory["idle"] = await serve_rss(config_path, tmp / "idle.sock", work=False)
+        log(f"idle serve: {memory['idle']}")
 
     clock = LvmClock()
     runner = CommandRunner(observers=[clock])
@@ -386,10 +404,13 @@ async def main(out_path: Path) -> None:
             while not socket.exists():
                 await anyio.sleep(0.05)
         async with Channel(path=str(socket)) as channel:
-            bench = Bench(ControllerStub(channel), IdentityStub(channel), clock)
-            await bench.overhead()
-            await bench.provisioning()
-            await bench.levels(lambda: executor.shell_commands + executor.fallback_commands)
+            bench = Bench(ControllerStub(channel), IdentityStub(channel), clock, manager)
+            if "overhead" in PHASES:
+                await bench.overhead()
+            if "provisioning" in PHASES:
+                await bench.provisioning()
+            if "levels" in PHASES:
+                await bench.levels(lambda: executor.shell_commands + executor.fallback_commands)
         results = bench.results
         results["lvm_shell"] = {
             "shell_commands": executor.shell_commands,
@@ -397,12 +418,32 @@ async def main(out_path: Path) -> None:
             "restarts": executor.restarts,
         }
         tasks.cancel_scope.cancel()
-    memory[f"after_{max(LEVELS)}_volumes"] = await serve_rss(config_path, tmp / "full.sock", work=True)
-    results["memory"] = memory
+    if "memory" in PHASES:
+        memory[f"after_{max(LEVELS)}_volumes"] = await serve_rss(config_path, tmp / "full.sock", work=True)
+        results["memory"] = memory
     out_path.write_text(json.dumps(results, indent=2))
     print(table(results), flush=True)
     print(f"\nwritten to {out_path}", flush=True)
 
 
+def merge(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The results of the guests of one run as one: their sections side by side, provisioning rows together."""
+    merged: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged.setdefault(key, value)
+    return merged
+
+
 if __name__ == "__main__":
-    anyio.run(main, Path(sys.argv[1] if len(sys.argv) > 1 else "bench-results.json").resolve())
+    if sys.argv[1:2] == ["--merge"]:  # bench/lvmbench.py --merge OUT PART...: one table and file for the run
+        out = Path(sys.argv[2])
+        results = merge([json.loads(Path(part).read_text()) for part in sys.argv[3:]])
+        out.write_text(json.dumps(results, indent=2))
+        print(table(results), flush=True)
+        print(f"\nwritten to {out}", flush=True)
+    else:
+        anyio.run(main, Path(sys.argv[1] if len(sys.argv) > 1 else "bench-results.json").resolve())

@@ -7,6 +7,7 @@ spare space, no snapshots, activation at open, foreign LVs left alone, and no da
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import anyio
@@ -14,13 +15,14 @@ import pytest
 
 from localdisk import ContentSource, SourceKind
 from localdisk.backends.lvm import PENDING_TAG, VOLUME, LinearBackend, LinearPoolConfig, identity_tags, lv_name_for
-from localdisk.backends.lvmcmd import Lvm
+from localdisk.backends.lvmcmd import Lvm, devices_dir
+from localdisk.backends.lvmshell import ShellExecutor
 from localdisk.errors import AlreadyExists, Busy, FailedPrecondition, InsufficientCapacity, NotFound, Unsupported
 from localdisk.model import VolumeSpec
 from localdisk.runner import CommandRunner
 from localdisk.sizes import MiB
 from tests.contract import BackendContract, manager_for
-from tests.lvm.conftest import LINEAR_VG
+from tests.lvm.conftest import LINEAR_VG, THIN_VG
 from tests.lvm.helpers import device_size, make, pattern, read, request, write
 
 pytestmark = [pytest.mark.uml, pytest.mark.anyio]
@@ -160,27 +162,32 @@ async def test_open_names_a_missing_vg(runner: CommandRunner, lvm: Lvm) -> None:
         await LinearBackend("x", LinearPoolConfig(volume_group="no-such-vg"), lvm, runner).open()
 
 
-async def test_commands_scan_only_the_vgs_own_pvs(lvm: Lvm, linear: LinearBackend) -> None:
-    """After a report, commands on the VG carry `--devices <its PVs>`; a stale scope falls back to a full scan."""
+async def test_commands_scan_only_the_reported_vgs_pvs(runner: CommandRunner) -> None:
+    """Once a VG is reported, the lvm shell's commands carry a devices file of its PVs; a VG outside it still works."""
     seen: list[list[str]] = []
-    lvm.executor.runner.observers.append(lambda argv, _s, _ok: seen.append(list(argv)))  # type: ignore[attr-defined]
-    report = await lvm.report(LINEAR_VG)
-    assert report.pvs and all(pv.startswith("/dev/ubd") for pv in report.pvs)
-    scope = lvm.scope[LINEAR_VG]
-    assert scope == ",".join(sorted(report.pvs))
-    volume = await manager_for(linear).create_volume(request(linear, "pvc-scoped", 8 * MiB))
-    lvcreate = [argv for argv in seen if "lvcreate" in argv]
-    assert lvcreate and all(
-        argv[argv.index("lvcreate") + 1 : argv.index("lvcreate") + 3] == ["--devices", scope] for argv in lvcreate
-    )
-    # A scope that no longer holds the VG's PVs (devices renamed at boot): the command still works, unscoped,
-    # and the next report learns the right PVs again.
-    other = "/dev/ubda" if "/dev/ubda" not in scope else "/dev/ubdz"
-    lvm.scope[LINEAR_VG] = other
-    await lvm.extend(LINEAR_VG, volume.ref.handle, 12 * MiB)
-    assert LINEAR_VG not in lvm.scope
-    assert (await lvm.report(LINEAR_VG)).lvs[volume.ref.handle].size == 12 * MiB
-    assert lvm.scope[LINEAR_VG] == scope
+    runner.observers.append(lambda argv, _s, _ok: seen.append(list(argv)))
+    executor = ShellExecutor(runner)
+    lvm = Lvm(runner, executor=executor, devices_file="ldtest.devices")
+    path = devices_dir(executor.env) / "ldtest.devices"
+    try:
+        linear = await lvm.report(LINEAR_VG)
+        assert lvm.scoped and lvm.pvs == {LINEAR_VG: frozenset(linear.pvs)}
+        assert all(f"DEVNAME={pv} " in path.read_text() for pv in linear.pvs)
+        await lvm.create_linear(LINEAR_VG, "scoped", 8 * MiB, ["their.tag"], wipe=True)
+        assert seen[-1][1:4] == ["lvcreate", "--devicesfile", "ldtest.devices"]
+        # The thin VG's PV is outside the file: its report fails scoped, runs again unscoped, and joins the file.
+        thin = await lvm.report(THIN_VG)
+        assert lvm.scoped and set(lvm.pvs) == {LINEAR_VG, THIN_VG}
+        assert all(f"DEVNAME={pv} " in path.read_text() for pv in (*linear.pvs, *thin.pvs))
+        assert (await lvm.report(LINEAR_VG)).lv("scoped") is not None
+        await lvm.remove(LINEAR_VG, "scoped")
+        assert seen[-1][1:4] == ["lvremove", "--devicesfile", "ldtest.devices"]
+        assert executor.fallback_commands == 0 and executor.restarts == 0, "the shell must survive the devices file"
+    finally:
+        await lvm.aclose()
+        path.unlink(missing_ok=True)
+        with contextlib.suppress(NotFound):
+            await Lvm(runner).remove(LINEAR_VG, "scoped")
 
 
 @pytest.mark.usefixtures("clean_linear")

@@ -6,8 +6,8 @@ identity kept in LV tags, the thin pool arithmetic, and the checks that keep hos
 
 from __future__ import annotations
 
-from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import cast
 
 import anyio
@@ -305,15 +305,13 @@ async def test_a_change_made_while_the_view_is_read_is_not_lost() -> None:
     assert await view.refresh() == recorded and not view.unconfirmed
 
 
-def test_the_device_scope_comes_from_the_reports_pvs() -> None:
-    from localdisk.backends.lvmcmd import _scope_of
+def test_only_present_pvs_named_by_path_go_into_a_devices_file() -> None:
+    from localdisk.backends.lvmcmd import devices_dir, usable_pvs
 
     report = parse_fullreport(sample("fullreport-mixed.json"), "ldrec")
-    assert report.pvs == ("/dev/ubda",)
-    assert _scope_of(report) == "/dev/ubda"
-    assert _scope_of(replace(report, pvs=("/dev/sdc", "/dev/sdb", "/dev/sdb"))) == "/dev/sdb,/dev/sdc"
-    for unusable in ((), ("[unknown]", "/dev/sdb"), ("/dev/disk/by-id/a,b",), ("sdb",)):
-        assert _scope_of(replace(report, pvs=unusable)) is None, unusable
-    assert Lvm()._target_vg(["lvremove", "-y", "--", "vg1/lv"]) == "vg1"
-    assert Lvm()._target_vg(["fullreport", "--", "vg2"]) == "vg2"
-    assert Lvm()._target_vg(["version"]) is None
+    assert report.pvs == ("/dev/ubda",) and usable_pvs(report.pvs)
+    assert usable_pvs(("/dev/sdc", "/dev/mapper/mpath-a"))
+    for unusable in ((), ("[unknown]", "/dev/sdb"), ("/dev/disk/by-id/a b",), ("sdb",)):
+        assert not usable_pvs(unusable), unusable
+    assert devices_dir({}) == Path("/etc/lvm/devices")
+    assert devices_dir({"LVM_SYSTEM_DIR": "/x"}) == Path("/x/devices")

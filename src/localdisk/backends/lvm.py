@@ -28,10 +28,11 @@ The view is one `lvm fullreport`; after each of our own changes it is updated in
 and the report is read again once the writers queued on the pool's lock have all gone (one read per burst of
 creates, not one per create), after any failed change, and in the background every half `VIEW_MAX_AGE` (the
 server's `VolumeManager.keep_fresh`; changes made by someone else, an administrator's lvcreate, show up within that
-time), so a read never waits for a re-read unless the view is older than `VIEW_MAX_AGE`. Writes are serialized per pool by that lock,
-which is where concurrent creates queue: LVM would serialize them on its VG lock anyway. GetVolume and GetSnapshot
-always read LVM (their health must be current). The server's pools cache for `view_max_age_seconds` (30 s by
-default); a backend constructed directly (tests, tools) reads LVM on every call unless given `view_max_age`.
+time), so a read never waits for a re-read unless the view is older than `VIEW_MAX_AGE`. Writes are serialized per
+pool by that lock, which is where concurrent creates queue: LVM would serialize them on its VG lock anyway.
+GetVolume and GetSnapshot always read LVM (their health must be current). The server's pools cache for
+`view_max_age_seconds` (30 s by default); a backend constructed directly (tests, tools) reads LVM on every call
+unless given `view_max_age`.
 """
 
 from __future__ import annotations
@@ -764,12 +765,15 @@ class ThinBackend(_LvmBackend):
 _SHARED: weakref.WeakKeyDictionary[CommandRunner, Lvm] = weakref.WeakKeyDictionary()
 
 
+DEVICES_FILE = "localdisk.devices"  # LVM devices file of the served VGs' PVs: commands scan nothing else
+
+
 def shared_lvm(runner: CommandRunner) -> Lvm:
     """One `Lvm` (one lvm shell) for every pool served with this runner; processes if LOCALDISK_LVM_SHELL=0."""
     lvm = _SHARED.get(runner)
     if lvm is None:
         use_shell = os.environ.get(SHELL_ENV, "1") != "0"
-        lvm = Lvm(runner, executor=ShellExecutor(runner) if use_shell else None)
+        lvm = Lvm(runner, executor=ShellExecutor(runner) if use_shell else None, devices_file=DEVICES_FILE)
         _SHARED[runner] = lvm
     return lvm
 

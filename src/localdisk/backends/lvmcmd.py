@@ -13,10 +13,12 @@ lists fed to one long-lived `lvm` shell (`lvmshell.ShellExecutor`) without the b
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from localdisk.errors import (
@@ -63,6 +65,13 @@ RESERVED_LV = re.compile(
 )
 SAFE_DEVICE = re.compile(r"/dev/[A-Za-z0-9_+.:/-]+")  # a PV path usable in `--devices` (comma-separated)
 TAG = re.compile(r"[A-Za-z0-9_+.\-/=!:&#]{1,1024}")
+
+# Failures a devices file can cause (it hides a VG or one of its PVs): the command runs again, scanning everything.
+_SCOPE_SUSPECT = re.compile(
+    r"Volume group \"[^\"]*\" not found|Cannot process volume group|Couldn't find device|PV .* missing"
+    r"|devices file|devicesfile",
+    re.IGNORECASE,
+)
 
 # Classifiers of LVM's messages (LC_ALL=C), checked against messages recorded from LVM 2.03 in tests/lvm/data.
 _NOT_FOUND = re.compile(
@@ -244,11 +253,14 @@ def parse_report_json(text: str) -> list[dict[str, Any]]:
     return reports
 
 
-def _scope_of(report: VgReport) -> str | None:
-    """The `--devices` value that lets a command see all of the report's PVs; None if one is missing or odd."""
-    if not report.pvs or not all(pv.startswith("/dev/") and SAFE_DEVICE.fullmatch(pv) for pv in report.pvs):
-        return None
-    return ",".join(sorted(set(report.pvs)))
+def usable_pvs(pvs: Sequence[str]) -> bool:
+    """Whether a report's PVs can go into a devices file: all present (no `[unknown]`) and named by a /dev path."""
+    return bool(pvs) and all(SAFE_DEVICE.fullmatch(pv) for pv in pvs)
+
+
+def devices_dir(env: Mapping[str, str]) -> Path:
+    """Where LVM looks for devices files: `$LVM_SYSTEM_DIR/devices`, by default /etc/lvm/devices."""
+    return Path(env.get("LVM_SYSTEM_DIR") or "/etc/lvm") / "devices"
 
 
 def parse_fullreport(text: str, vg: str) -> VgReport:
@@ -331,37 +343,46 @@ class Lvm:
     """The LVM commands localdisk uses, one method per command."""
 
     def __init__(
-        self, runner: CommandRunner | None = None, *, executor: LvmExecutor | None = None, scope: bool = True
+        self,
+        runner: CommandRunner | None = None,
+        *,
+        executor: LvmExecutor | None = None,
+        devices_file: str | None = None,
     ) -> None:
         if executor is None:
             executor = ProcessExecutor(runner or CommandRunner())
         self.executor = executor
-        # Device scanning is most of what an LVM command costs on a node with many disks, so a command on a VG we
-        # have reported scans only that VG's PVs (`--devices`, LVM 2.03.12+), learned from the report itself. If a
-        # scoped command fails (a PV added to the VG, devices renamed at boot) it runs again unscoped, and the next
-        # report learns the PVs anew; a report that misses a PV (`[unknown]`) is read again unscoped.
-        self.scope_devices = scope
-        self.scope: dict[str, str] = {}  # VG -> the `--devices` value: its PVs
+        # Scanning devices is much of what an LVM command costs on a node with many disks. With `devices_file`,
+        # once the VGs we work on have been reported, every command scans only their PVs: an LVM devices file of
+        # that name (in LVM's devices directory) is written for them by `vgimportdevices` and passed as
+        # `--devicesfile`. Not `--devices`: in the lvm shell of LVM 2.03.16 it makes later commands crash. A devices
+        # file, once given, stays in force for the rest of a shell's life, so every command carries the same one
+        # and a command that fails under it (a PV added, devices renamed at boot, a VG not yet in the file) runs
+        # again in a fresh shell scanning everything; the next report rewrites the file.
+        self.devices_file = devices_file
+        self.pvs: dict[str, frozenset[str]] = {}  # VG -> its PVs, as its last report listed them
+        self.scoped = False  # whether commands carry the devices file (written for exactly `pvs`)
+        self._rewrite = True  # the next report writes the devices file (none yet, or it failed a command)
 
     async def aclose(self) -> None:
         """Stop what the executor keeps running (the lvm shell); a later command starts it again."""
         if isinstance(self.executor, ClosableExecutor):
             await self.executor.aclose()
 
-    def _target_vg(self, args: Sequence[str]) -> str | None:
-        """The VG a command works on: every command here names it (`vg` or `vg/lv`) right after `--`."""
-        if "--" not in args[:-1]:
-            return None
-        return args[list(args).index("--") + 1].split("/", 1)[0]
+    async def _unscope(self) -> None:
+        self.scoped = False
+        await self.aclose()  # the shell would keep the devices file: the next command starts a fresh one
 
     async def _run(self, args: list[str]) -> CommandResult:
-        vg = self._target_vg(args)
-        devices = self.scope.get(vg) if vg is not None else None
-        if devices is not None:
-            result = await self.executor.run([args[0], "--devices", devices, *args[1:]])
-            if result.returncode == 0:
+        if self.scoped and self.devices_file:
+            result = await self.executor.run([args[0], "--devicesfile", self.devices_file, *args[1:]])
+            if result.returncode == 0 or not _SCOPE_SUSPECT.search(result.error_text):
+                if result.returncode != 0:
+                    raise classify(result.argv, result.returncode, result.error_text)
                 return result
-            self.scope.pop(vg or "", None)  # perhaps the scope is what failed it: once more, seeing every device
+            # A VG or PV not found may be the devices file's doing: once more, seeing every device.
+            await self._unscope()
+            self._rewrite = True
         result = await self.executor.run(args)
         if result.returncode != 0:
             raise classify(result.argv, result.returncode, result.error_text)
@@ -371,15 +392,38 @@ class Lvm:
     async def report(self, vg: str) -> VgReport:
         """Everything about one VG and its LVs, from one `lvm fullreport`."""
         argv = [*FULLREPORT_ARGS, "--", check_name(vg, "volume group")]
-        scoped = vg in self.scope
         report = parse_fullreport((await self._run(argv)).text, vg)
-        if scoped and not _scope_of(report):
-            self.scope.pop(vg, None)  # a PV of the VG was outside the scope: read it again, seeing every device
+        if self.devices_file is None:
+            return report
+        if self.scoped and not usable_pvs(report.pvs):
+            await self._unscope()  # a PV of the VG was outside the devices file: read it again, seeing every device
             report = parse_fullreport((await self._run(argv)).text, vg)
-        devices = _scope_of(report)
-        if self.scope_devices and devices:
-            self.scope[vg] = devices
+        pvs = frozenset(report.pvs) if usable_pvs(report.pvs) else frozenset()
+        if self.pvs.get(vg) != pvs or self._rewrite:
+            self.pvs[vg] = pvs
+            await self._write_devices_file()
         return report
+
+    async def _write_devices_file(self) -> None:
+        """(Re)write the devices file for the PVs of every VG reported so far; unscoped if that cannot be done."""
+        assert self.devices_file is not None
+        await self._unscope()
+        self._rewrite = False  # a failure here is not retried until the PVs change or a command fails scoped
+        vgs = sorted(vg for vg, pvs in self.pvs.items() if pvs)
+        if not vgs or any(not pvs for pvs in self.pvs.values()):
+            return  # a VG whose PVs we cannot name: keep scanning everything
+        directory = devices_dir(self.executor_env())
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / self.devices_file).unlink(missing_ok=True)
+        except OSError:
+            return  # LVM's directory is read-only here (a container without /etc/lvm): scan everything
+        result = await self.executor.run(["vgimportdevices", "--devicesfile", self.devices_file, "--", *vgs])
+        self.scoped = result.returncode == 0
+
+    def executor_env(self) -> Mapping[str, str]:
+        env = getattr(self.executor, "env", None)
+        return env if isinstance(env, Mapping) else os.environ
 
     # logical volumes
     async def create_linear(self, vg: str, lv: str, size: int, tags: Iterable[str], *, wipe: bool) -> None:
