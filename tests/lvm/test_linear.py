@@ -171,15 +171,17 @@ async def test_commands_scan_only_the_reported_vgs_pvs(runner: CommandRunner) ->
     path = devices_dir(executor.env) / "ldtest.devices"
     try:
         linear = await lvm.report(LINEAR_VG)
-        assert lvm.scoped and lvm.pvs == {LINEAR_VG: frozenset(linear.pvs)}
-        assert all(f"DEVNAME={pv} " in path.read_text() for pv in linear.pvs)
+        assert lvm.pvs == {LINEAR_VG: frozenset(linear.pvs)}
         await lvm.create_linear(LINEAR_VG, "scoped", 8 * MiB, ["their.tag"], wipe=True)
+        assert lvm.scoped and all(f"DEVNAME={pv} " in path.read_text() for pv in linear.pvs)
+        assert seen[-2][1:2] == ["vgimportdevices"]
         assert seen[-1][1:4] == ["lvcreate", "--devicesfile", "ldtest.devices"]
-        # The thin VG's PV is outside the file: its report fails scoped, runs again unscoped, and joins the file.
+        # The thin VG's PV is outside the file: it is read scanning everything, and joins the file.
         thin = await lvm.report(THIN_VG)
-        assert lvm.scoped and set(lvm.pvs) == {LINEAR_VG, THIN_VG}
-        assert all(f"DEVNAME={pv} " in path.read_text() for pv in (*linear.pvs, *thin.pvs))
+        assert not lvm.scoped and set(lvm.pvs) == {LINEAR_VG, THIN_VG}
         assert (await lvm.report(LINEAR_VG)).lv("scoped") is not None
+        assert lvm.scoped and all(f"DEVNAME={pv} " in path.read_text() for pv in (*linear.pvs, *thin.pvs))
+        assert (await lvm.report(THIN_VG)).pvs == thin.pvs
         await lvm.remove(LINEAR_VG, "scoped")
         assert seen[-1][1:4] == ["lvremove", "--devicesfile", "ldtest.devices"]
         assert executor.fallback_commands == 0 and executor.restarts == 0, "the shell must survive the devices file"

@@ -315,3 +315,12 @@ def test_only_present_pvs_named_by_path_go_into_a_devices_file() -> None:
         assert not usable_pvs(unusable), unusable
     assert devices_dir({}) == Path("/etc/lvm/devices")
     assert devices_dir({"LVM_SYSTEM_DIR": "/x"}) == Path("/x/devices")
+
+
+def test_every_command_names_its_vg_after_the_double_dash() -> None:
+    from localdisk.backends.lvmcmd import target_vg
+
+    assert target_vg(["lvremove", "-y", "--", "vg1/lv"]) == "vg1"
+    assert target_vg([*FULLREPORT_ARGS, "--", "vg2"]) == "vg2"
+    assert target_vg(["version"]) is None
+    assert target_vg(["lvs", "--"]) is None

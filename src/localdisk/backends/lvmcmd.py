@@ -253,6 +253,13 @@ def parse_report_json(text: str) -> list[dict[str, Any]]:
     return reports
 
 
+def target_vg(args: Sequence[str]) -> str | None:
+    """The VG a command works on: every command of `Lvm` names it (`vg` or `vg/lv`) right after `--`."""
+    if "--" not in args[:-1]:
+        return None
+    return args[list(args).index("--") + 1].split("/", 1)[0]
+
+
 def usable_pvs(pvs: Sequence[str]) -> bool:
     """Whether a report's PVs can go into a devices file: all present (no `[unknown]`) and named by a /dev path."""
     return bool(pvs) and all(SAFE_DEVICE.fullmatch(pv) for pv in pvs)
@@ -370,10 +377,18 @@ class Lvm:
             await self.executor.aclose()
 
     async def _unscope(self) -> None:
-        self.scoped = False
-        await self.aclose()  # the shell would keep the devices file: the next command starts a fresh one
+        if self.scoped:
+            self.scoped = False
+            await self.aclose()  # the shell would keep the devices file: the next command starts a fresh one
 
     async def _run(self, args: list[str]) -> CommandResult:
+        if self.devices_file is not None:
+            vg = target_vg(args)
+            if vg is not None and vg in self.pvs:
+                if self._rewrite:
+                    await self._write_devices_file()
+            elif self.scoped:
+                await self._unscope()  # a VG not in the devices file (a pool being opened): scan everything
         if self.scoped and self.devices_file:
             result = await self.executor.run([args[0], "--devicesfile", self.devices_file, *args[1:]])
             if result.returncode == 0 or not _SCOPE_SUSPECT.search(result.error_text):
@@ -399,9 +414,9 @@ class Lvm:
             await self._unscope()  # a PV of the VG was outside the devices file: read it again, seeing every device
             report = parse_fullreport((await self._run(argv)).text, vg)
         pvs = frozenset(report.pvs) if usable_pvs(report.pvs) else frozenset()
-        if self.pvs.get(vg) != pvs or self._rewrite:
+        if self.pvs.get(vg) != pvs:
             self.pvs[vg] = pvs
-            await self._write_devices_file()
+            self._rewrite = True  # written before the next command on a known VG: once for all pools at start-up
         return report
 
     async def _write_devices_file(self) -> None:
