@@ -53,12 +53,14 @@ E2E_SHARDS = {
         "tests/lvm/test_linear.py",
         "tests/lvm/test_csi_lvm.py",
         "tests/reliability/test_uml_lvm.py",
+        "tests/reliability/test_uml_hostile.py::test_controller_rpcs_on_lvm[lvm]",
         "tests/lvm/test_node_lvm.py::TestLinearNode",
     ],
     "thin": [
         "tests/lvm/test_thin.py",
         "tests/lvm/test_shell.py",
         "tests/reliability/test_uml_thin.py",
+        "tests/reliability/test_uml_hostile.py::test_controller_rpcs_on_lvm[thin]",
         "tests/lvm/test_node_lvm.py::TestThinNode",
     ],
 }

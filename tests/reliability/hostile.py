@@ -190,6 +190,25 @@ KNOWN_OPTIONS = {
     "-K",
     "-d",
     "-l",
+    # LVM (lvmcmd.py)
+    "--reportformat",
+    "--units",
+    "--nosuffix",
+    "--configreport",
+    "--addtag",
+    "--deltag",
+    "--thinpool",
+    "--devicesfile",
+    "--type",
+    "-y",
+    "-W",
+    "-Z",
+    "-a",
+    "-L",
+    "-V",
+    "-n",
+    "-s",
+    "-k",
 }
 KNOWN_OPTION_PREFIXES = ("--timeout=",)
 NO_DASHES = {"btrfs", "blockdev"}  # tools that take no `--`: a path reaches them absolute, so never as an option

@@ -49,7 +49,7 @@ from tests.loopdisks import loop_disks, needs_loop_devices
 from tests.reliability.hostile import CAPABILITIES, NAMES, RANGES, SIZES, ArgvWatch, parameters, proper, volume_ids
 from tests.reliability.tally import TALLY
 from tests.reliability.test_hostile_node import strings_in
-from tests.reliability.views import PartitionView
+from tests.reliability.views import LvmView, PartitionView
 from tests.test_partition_backend import partition_pool, read_direct, write_synced
 
 POOL = "test"
@@ -61,11 +61,13 @@ class Bench:
     controller: ControllerStub
     manager: VolumeManager
     watch: ArgvWatch
-    view: PartitionView
-    disk: str
+    view: PartitionView | LvmView
+    disk: str  # the disk, or the volume group
     base_id: str
     foreign_id: str
-    foreign_node: str
+    foreign_node: str  # the device of the object localdisk did not make
+    backend: str = "partition"
+    pool: str = POOL
     layout: dict[str, str] = field(default_factory=dict)  # GPT name -> PARTUUID at the start
     capacity: int = 0
     sent: int = 0
@@ -73,6 +75,7 @@ class Bench:
 
     async def run(self, calls: list[tuple[str, object]]) -> None:
         created: list[str] = []
+        snapshots: list[str] = []
         strings: dict[str, set[str]] = {"paths": set(), "flags": set(), "other": set()}
         self.watch.seen.clear()  # a failed example leaves its commands unchecked; shrinking runs more
         try:
@@ -94,24 +97,33 @@ class Bench:
                 volume = getattr(answer, "volume", None)
                 if method == "create_volume" and volume is not None and volume.volume_id != self.base_id:
                     created.append(volume.volume_id)
+                snapshot = getattr(answer, "snapshot", None)
+                if method == "create_snapshot" and snapshot is not None:
+                    snapshots.append(snapshot.snapshot_id)
         finally:
             for volume_id in created:
                 await self.manager.delete_volume(volume_id)
+            for snapshot_id in snapshots:
+                await self.manager.delete_snapshot(snapshot_id)
         on_disk = {name: uuid for name, (uuid, _) in self.view.objects().items()}
         assert on_disk == self.layout, f"the disk changed: {on_disk} != {self.layout}"
         assert not self.view.problems(), self.view.problems()
-        capacity = await self.manager.capacity("partition", POOL)
+        capacity = await self.manager.capacity(self.backend, self.pool)
         assert capacity.total_bytes == self.capacity, (capacity, self.capacity)
         assert read_direct(self.foreign_node, 0, 4096)[: len(FOREIGN[:4096])] == FOREIGN[:4096]
         hostile = strings["other"] | strings["flags"] | strings["paths"]
-        self.watch.check(hostile - {"partition", POOL, "ext4", "xfs", "btrfs", self.base_id})
+        self.watch.check(hostile - {self.backend, self.pool, "ext4", "xfs", "btrfs", self.base_id})
 
 
-def calls_for(bench: Bench) -> st.SearchStrategy[list[tuple[str, object]]]:
-    real = [bench.base_id, f"partition:{POOL}:{bench.foreign_id}"]
-    ids = st.one_of(st.sampled_from(real), volume_ids("partition", POOL, real))
-    not_base = ids.filter(lambda i: i != bench.base_id)  # deleting the base volume is legitimate; keep it
-    params = parameters("partition")
+def calls_for(
+    base_id: str, foreign_id: str, backend: str = "partition", pool: str = POOL, size_unit: int = MiB
+) -> st.SearchStrategy[list[tuple[str, object]]]:
+    """Lists of hostile calls to one pool; `base_id` is a volume that must survive, `foreign_id` the handle of an
+    object localdisk did not make; `size_unit` is the pool's alignment (sizes around it are the interesting ones)."""
+    real = [base_id, f"{backend}:{pool}:{foreign_id}"]
+    ids = st.one_of(st.sampled_from(real), volume_ids(backend, pool, real))
+    not_base = ids.filter(lambda i: i != base_id)  # deleting the base volume is legitimate; keep it
+    params = parameters(backend)
     sources = st.one_of(
         st.none(),
         st.builds(VolumeContentSource, snapshot=st.builds(VolumeContentSourceSnapshotSource, snapshot_id=ids)),
@@ -140,9 +152,10 @@ def calls_for(bench: Bench) -> st.SearchStrategy[list[tuple[str, object]]]:
         st.tuples(
             st.just("create_volume"),  # everything valid but the name and the size
             st.builds(
-                lambda name, size: create_request(name, size, "partition", POOL),
+                lambda name, size: create_request(name, size, backend, pool),
                 NAMES.filter(bool),
-                st.integers(0, 16 * MiB) | st.sampled_from([1, MiB - 1, MiB + 1, 47 * MiB, 64 * MiB]),
+                st.integers(0, 16 * MiB)
+                | st.sampled_from([1, size_unit - 1, size_unit + 1, 47 * size_unit, 64 * size_unit]),
             ),
         ),
         st.tuples(
@@ -192,7 +205,7 @@ def calls_for(bench: Bench) -> st.SearchStrategy[list[tuple[str, object]]]:
     valid_create = st.tuples(
         st.just("create_volume"),
         st.builds(
-            lambda name, size: create_request(name, size, "partition", POOL),
+            lambda name, size: create_request(name, size, backend, pool),
             NAMES.filter(bool),
             st.integers(1, 8 * MiB),
         ),
@@ -250,7 +263,7 @@ def test_controller_rpcs_on_partitions() -> None:
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
             database=None,
         )
-        @given(calls=calls_for(bench))
+        @given(calls=calls_for(bench.base_id, bench.foreign_id))
         def examples(calls: list[tuple[str, object]]) -> None:
             portal.call(bench.run, calls)
 
