@@ -317,6 +317,20 @@ def test_only_present_pvs_named_by_path_go_into_a_devices_file() -> None:
     assert devices_dir({"LVM_SYSTEM_DIR": "/x"}) == Path("/x/devices")
 
 
+def test_the_devices_named_in_a_devices_file(tmp_path: Path) -> None:
+    from localdisk.backends.lvmcmd import devices_in_file
+
+    path = tmp_path / "localdisk.devices"
+    assert devices_in_file(path) is None
+    path.write_text(  # as vgimportdevices of LVM 2.03.16 wrote it in the sandbox
+        "# Created by LVM command vgimportdevices pid 728 at Fri Nov 27 11:49:14 2026\n"
+        "VERSION=1.1.1\n"
+        "IDTYPE=devname IDNAME=/dev/ubda DEVNAME=/dev/ubda PVID=PnZ1QdxO9EdantnT3Ae1JgM7IKhRtc6o\n"
+        "IDTYPE=sys_wwid IDNAME=naa.5000 DEVNAME=/dev/sdb PVID=Q1 PART=1\n"
+    )
+    assert devices_in_file(path) == frozenset({"/dev/ubda", "/dev/sdb"})
+
+
 def test_every_command_names_its_vg_after_the_double_dash() -> None:
     from localdisk.backends.lvmcmd import target_vg
 

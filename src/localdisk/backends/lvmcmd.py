@@ -63,6 +63,7 @@ NAME = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}")  # LVM's VG/LV name a
 RESERVED_LV = re.compile(
     r"^(snapshot|pvmove)$|_(cdata|cmeta|corig|cpool|cvol|imeta|iorig|mimage|mlog|pmspare|rimage|rmeta|tdata|tmeta|vdata|vorigin|wcorig)"
 )
+DEVNAME = re.compile(r"^IDTYPE=\S+ .*\bDEVNAME=(\S+)", re.MULTILINE)
 SAFE_DEVICE = re.compile(r"/dev/[A-Za-z0-9_+.:/-]+")  # a PV path usable in `--devices` (comma-separated)
 TAG = re.compile(r"[A-Za-z0-9_+.\-/=!:&#]{1,1024}")
 
@@ -265,6 +266,15 @@ def usable_pvs(pvs: Sequence[str]) -> bool:
     return bool(pvs) and all(SAFE_DEVICE.fullmatch(pv) for pv in pvs)
 
 
+def devices_in_file(path: Path) -> frozenset[str] | None:
+    """The device names an LVM devices file lists (its `DEVNAME=` fields); None if there is no such file."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    return frozenset(DEVNAME.findall(text))
+
+
 def devices_dir(env: Mapping[str, str]) -> Path:
     """Where LVM looks for devices files: `$LVM_SYSTEM_DIR/devices`, by default /etc/lvm/devices."""
     return Path(env.get("LVM_SYSTEM_DIR") or "/etc/lvm") / "devices"
@@ -428,7 +438,11 @@ class Lvm:
         if not vgs or any(not pvs for pvs in self.pvs.values()):
             return  # a VG whose PVs we cannot name: keep scanning everything
         directory = devices_dir(self.executor_env())
+        wanted = frozenset().union(*self.pvs.values())
         try:
+            if devices_in_file(directory / self.devices_file) == wanted:
+                self.scoped = True  # written by an earlier server for the same PVs (a restart): keep it
+                return
             directory.mkdir(parents=True, exist_ok=True)
             (directory / self.devices_file).unlink(missing_ok=True)
         except OSError:
