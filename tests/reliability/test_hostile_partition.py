@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import anyio.from_thread
 from grpclib.exceptions import GRPCError
 from grpclib.testing import ChannelFor
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from localdisk import VolumeManager
@@ -223,6 +223,12 @@ def calls_for(
     )
 
 
+def grown(backend: str, pool: str) -> list[tuple[str, object]]:
+    """An example every run tries: a valid create, then a valid expand of it (random ones rarely are both)."""
+    expand = ControllerExpandVolumeRequest(capacity_range=CapacityRange(required_bytes=16 * MiB))
+    return [("create_volume", create_request("pvc-grown", 4 * MiB, backend, pool)), ("expand_created", expand)]
+
+
 @asynccontextmanager
 async def partition_bench() -> AsyncIterator[Bench]:
     watch = ArgvWatch()
@@ -263,6 +269,7 @@ def test_controller_rpcs_on_partitions() -> None:
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
             database=None,
         )
+        @example(calls=grown("partition", POOL))
         @given(calls=calls_for(bench.base_id, bench.foreign_id))
         def examples(calls: list[tuple[str, object]]) -> None:
             portal.call(bench.run, calls)

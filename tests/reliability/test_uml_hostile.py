@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 import anyio.from_thread
 import pytest
 from grpclib.testing import ChannelFor
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 
 from localdisk import VolumeManager
 from localdisk._proto.csi.v1 import ControllerStub
@@ -30,7 +30,7 @@ from tests.csi_helpers import create_request
 from tests.lvm.conftest import THIN_POOL
 from tests.reliability.hostile import ArgvWatch
 from tests.reliability.tally import TALLY
-from tests.reliability.test_hostile_partition import FOREIGN, Bench, calls_for
+from tests.reliability.test_hostile_partition import FOREIGN, Bench, calls_for, grown
 from tests.reliability.uml import linear_pool, thin_pool
 from tests.reliability.views import LvmView
 from tests.test_partition_backend import write_synced
@@ -80,6 +80,7 @@ def test_controller_rpcs_on_lvm(kind: str) -> None:
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
             database=None,
         )
+        @example(calls=grown(kind, bench.pool))
         @given(calls=calls_for(bench.base_id, FOREIGN_LV, kind, bench.pool, size_unit=4 * MiB))
         def examples(calls: list[tuple[str, object]]) -> None:
             portal.call(bench.run, calls)
@@ -90,4 +91,4 @@ def test_controller_rpcs_on_lvm(kind: str) -> None:
             TALLY.hostile[f"controller rpcs, {kind} backend (UML)"] += bench.sent
             TALLY.argv_checked += bench.watch.checked
     print(sorted(bench.answers.items()))
-    assert bench.answers["create_volume OK"] > 0
+    assert bench.answers["create_volume OK"] > 0 and bench.answers["controller_expand_volume OK"] > 0
