@@ -129,10 +129,21 @@ def _prefix_lines(shard: str, run: subprocess.Popen[bytes]) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The performance suite (bench/), in the UML sandbox; not a test. Counts: BENCH_* variables, see bench/."""
+    """The performance suite (bench/); not a test. Counts: BENCH_* variables, see bench/.
+
+    LVM in the UML sandbox, then partitions on host loop devices (root). BENCH_ONLY=lvm|partition runs one half.
+    Posargs: the LVM and partition JSON outputs (default bench-results.json, bench-partition.json).
+    """
+    only = os.environ.get("BENCH_ONLY", "")
+    if only not in ("", "lvm", "partition"):
+        session.error(f"BENCH_ONLY must be lvm or partition, not {only!r}")
     session.install("-e", ".[test]")
-    out = session.posargs[0] if session.posargs else "bench-results.json"
-    _lvm_bench(session, out)
+    lvm_out = session.posargs[0] if session.posargs else "bench-results.json"
+    part_out = session.posargs[1] if len(session.posargs) > 1 else "bench-partition.json"
+    if only != "partition":
+        _lvm_bench(session, lvm_out)
+    if only != "lvm":
+        session.run("python", "bench/partbench.py", part_out)
 
 
 def _lvm_bench(session: nox.Session, out: str) -> None:

@@ -23,15 +23,15 @@ from __future__ import annotations
 import functools
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
+from common import log, median_of, ms, pct, summary, timed_all
 from grpclib.client import Channel
 
 from localdisk import config as node_config
@@ -85,21 +85,6 @@ REPEATS = _ints("BENCH_REPEATS", "1")[0]
 CALLS = _ints("BENCH_CALLS", "50")[0]
 
 
-def pct(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def ms(seconds: float) -> float:
-    return round(seconds * 1000, 2)
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
 class LvmClock:
     """Sums the time spent in LVM (and blkdiscard) commands, the server's runner reports every command here."""
 
@@ -108,39 +93,6 @@ class LvmClock:
 
     def __call__(self, argv: Sequence[str], seconds: float, ok: bool) -> None:
         self.seconds += seconds
-
-
-async def timed_all(
-    count: int, concurrency: int, call: Callable[[int], Awaitable[object]]
-) -> tuple[float, list[float]]:
-    """Run call(0..count-1) with at most `concurrency` in flight; (wall time, latency of each)."""
-    latencies: list[float] = []
-    limiter = anyio.CapacityLimiter(concurrency)
-
-    async def one(i: int) -> None:
-        async with limiter:
-            start = time.monotonic()
-            await call(i)
-            latencies.append(time.monotonic() - start)
-
-    start = time.monotonic()
-    async with anyio.create_task_group() as tasks:
-        for i in range(count):
-            tasks.start_soon(one, i)
-    return time.monotonic() - start, latencies
-
-
-def summary(wall: float, latencies: list[float]) -> dict[str, float]:
-    return {
-        "seconds": round(wall, 3),
-        "volumes_per_second": round(len(latencies) / wall, 3),
-        "p50_ms": ms(pct(latencies, 0.5)),
-        "p95_ms": ms(pct(latencies, 0.95)),
-    }
-
-
-def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
-    return {key: round(statistics.median(r[key] for r in runs), 3) for key in runs[0]}
 
 
 # -- the peers' way ----------------------------------------------------------------------------------------------
