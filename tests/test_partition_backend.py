@@ -40,10 +40,10 @@ runner = CommandRunner(default_timeout=60)
 
 @asynccontextmanager
 async def partition_pool(
-    disks: list[str], *, opened: bool = True, **settings: object
+    disks: list[str], *, opened: bool = True, view_max_age: float = 0.0, **settings: object
 ) -> AsyncIterator[PartitionBackend]:
     config = PartitionPoolConfig.model_validate({"disks": disks, **settings})
-    backend = PartitionBackend("test", config, runner)
+    backend = PartitionBackend("test", config, runner, view_max_age=view_max_age)
     if not opened:
         yield backend
         return
