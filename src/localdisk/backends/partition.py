@@ -86,7 +86,7 @@ def volume_key(name: str) -> str:
     A CSI name may be 128 bytes of any UTF-8 and a GPT name holds 36 UTF-16 units, so the name itself cannot be
     stored; its hash can. 160 bits make an accidental collision negligible (for a million volumes on one node the
     birthday bound is about 1e12 / 2**161, i.e. 1e-36), and crafting one needs about 2**80 SHA-256 evaluations,
-    far beyond anyone who can merely choose PVC names. Base32 keeps the name to [a-z2-7], safe for parted's argv.
+    far beyond anyone who can merely choose PVC names. Base32 keeps the name to [a-z2-7], safe in sfdisk's argv.
     """
     digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).digest()
     return base64.b32encode(digest).decode("ascii").lower()[:KEY_LENGTH]
