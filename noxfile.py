@@ -147,13 +147,17 @@ def bench(session: nox.Session) -> None:
 
 
 def _lvm_bench(session: nox.Session, out: str) -> None:
-    """Two UML guests at once, one per core: thin provisioning plus the other phases, and linear provisioning.
+    """Two UML guests at once, one per core: thin provisioning and the CSI overhead; linear provisioning, then
+    GetCapacity/ListVolumes at growing numbers of volumes (on that guest's thin pool) and memory.
 
     Each compares localdisk with its baseline inside the same guest in the same run; the parts are merged into
     one table and JSON file. The full counts take about an hour here.
     """
     sandbox = ["--vg", "ldbench-lin:2G", "--vg", "ldbench-thin:2G", "--thin", "ldbench-thin/pool:1G"]
-    guests = {"thin": {"BENCH_BACKENDS": "thin"}, "lvm": {"BENCH_BACKENDS": "lvm", "BENCH_PHASES": "provisioning"}}
+    guests = {
+        "thin": {"BENCH_BACKENDS": "thin", "BENCH_PHASES": "overhead,provisioning"},
+        "lvm": {"BENCH_BACKENDS": "lvm", "BENCH_PHASES": "memory,provisioning,levels"},  # levels: on its thin pool
+    }
     bin_dir = Path(session.bin)
     runs = {}
     for name, extra in guests.items():
