@@ -431,10 +431,12 @@ async def run_sandbox(
                 start_new_session=True,
             )
         follower = _Follower(layout, echo)
+        stopped: list[int] = []
         try:
             with anyio.fail_after(timeout):
                 async with anyio.create_task_group() as tasks:
                     tasks.start_soon(follower.follow)
+                    tasks.start_soon(_stop_on_signal, tasks.cancel_scope, stopped)
                     await process.wait()
                     tasks.cancel_scope.cancel()
         except TimeoutError:
@@ -442,6 +444,8 @@ async def run_sandbox(
                 f"the sandbox did not finish within {timeout:.0f}s and was killed; last output:\n"
                 + _tail(layout.output, 2000)
             ) from None
+        if stopped:
+            raise BackendFailure(f"the sandbox was stopped by {signal.Signals(stopped[0]).name}; the guest was killed")
         follower.copy_new()
         ready_at = follower.ready_at
         ended = time.monotonic()
@@ -466,6 +470,18 @@ async def run_sandbox(
             _reap_group(process.pid)
         if not os.environ.get("LOCALDISK_SANDBOX_KEEP"):
             shutil.rmtree(layout.root, ignore_errors=True)
+
+
+async def _stop_on_signal(scope: CancelScope, stopped: list[int]) -> None:
+    """SIGTERM or SIGHUP (a CI job cancelled, a parent killed) ends the run like a timeout: the guest is killed and
+    the run directory removed. Without this Python would die at once and leave the UML processes running."""
+    import anyio
+
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+        async for signum in signals:
+            stopped.append(signum)
+            scope.cancel()
+            return
 
 
 def _reap_group(pgid: int) -> None:
@@ -636,6 +652,7 @@ def _run_payload(spec: dict[str, Any], output: Path) -> int:
 # -- CLI -----------------------------------------------------------------------------------------------------------
 if TYPE_CHECKING:
     import typer
+    from anyio import CancelScope
 
 
 def __getattr__(name: str) -> typer.Typer:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -105,4 +106,22 @@ def test_timeout_kills_the_guest(tmp_path: Path) -> None:
     done = _sandbox(tmp_path, "--timeout", "25", "--", "sh", "-c", "echo started; sleep 600")
     assert done.returncode == 2
     assert "did not finish within 25s" in done.stderr
+    assert _left_behind(tmp_path) == []
+
+
+@needs_uml
+def test_sigterm_kills_the_guest(tmp_path: Path) -> None:
+    """A sandbox run that is terminated (a cancelled CI job) must not leave its UML processes running."""
+    env = os.environ | {"TMPDIR": str(tmp_path)}
+    argv = [sys.executable, "-m", "localdisk.cli", "sandbox", "run", "--", "sh", "-c", "echo started; sleep 600"]
+    run = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert run.stdout is not None
+        assert run.stdout.readline().strip() == "started"  # the guest is up and running the command
+        run.send_signal(signal.SIGTERM)
+        _, stderr = run.communicate(timeout=60)
+    finally:
+        run.kill()
+    assert run.returncode == 2, stderr
+    assert "stopped by SIGTERM" in stderr
     assert _left_behind(tmp_path) == []
