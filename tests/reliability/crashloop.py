@@ -188,8 +188,12 @@ class Server:
             return
         if self.alive():
             self.killed_by_us = True
-            with contextlib.suppress(ProcessLookupError):
+            try:
                 os.killpg(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                # A forked server killed this early has not called setsid() yet: no group of its own to kill.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
         if self._popen is not None:
             self._popen.wait()
         _reap_group(self.pid)
@@ -228,6 +232,10 @@ def _reap_group(pgid: int) -> None:
     # failure of this wait at restart 118); a minute still catches a process that really survives SIGKILL.
     deadline = time.monotonic() + REAP_SECONDS
     while (left := _running_in_group(pgid)) and time.monotonic() < deadline:
+        # Again and again: a process that made the group after the first kill (a forked server calling setsid()
+        # just then, seen once as a server left sleeping in its new group) is killed too.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
         time.sleep(0.005)
     if left:
         states = {pid: _state(pid) for pid in left}
