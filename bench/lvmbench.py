@@ -68,6 +68,7 @@ volume_group = "{LIN_VG}"
 default = true
 """
 BACKENDS = {"thin": ("tp", THIN_VG), "lvm": ("lin", LIN_VG)}
+PEER_TIMEOUT = 1800.0  # at concurrency 32 a peer's lvcreate waits for up to 31 others on LVM's VG lock
 
 
 def _ints(name: str, default: str) -> list[int]:
@@ -157,7 +158,7 @@ class Bench:
         await self.controller.delete_volume(DeleteVolumeRequest(volume_id=ids[i]))
 
     async def provisioning(self) -> None:
-        runner = CommandRunner()
+        runner = CommandRunner(default_timeout=PEER_TIMEOUT)
         out: dict[str, Any] = {}
         for backend in PROVISION:
             vg = BACKENDS[backend][1]
