@@ -173,8 +173,6 @@ KNOWN_OPTIONS = {
     "--no-tell-kernel",
     "--wipe",
     "--wipe-partitions",
-    "--append",
-    "--part-label",
     "--getsize64",
     "--setro",
     "--setrw",
