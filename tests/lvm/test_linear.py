@@ -213,3 +213,28 @@ async def test_the_view_is_kept_fresh_in_the_background(runner: CommandRunner, l
     assert (await backend.capacity()).available_bytes == free - 8 * MiB
     assert backend.view.reads > reads
     assert commands and all(c == "lvm fullreport" for c in commands), commands  # only the background re-reads
+
+
+async def test_a_burst_of_creates_drops_its_pending_tags_in_few_commands(
+    runner: CommandRunner, linear: LinearBackend, lvm: Lvm
+) -> None:
+    commands: list[list[str]] = []
+    runner.observers.append(lambda argv, _s, _ok: commands.append(list(argv)))
+    manager = manager_for(linear)
+    volumes: list[str] = []
+
+    async def create(i: int) -> None:
+        volumes.append((await manager.create_volume(request(linear, f"pvc-burst-{i}", 4 * MiB))).ref.handle)
+
+    async with anyio.create_task_group() as tasks:
+        for i in range(12):
+            tasks.start_soon(create, i)
+    lvchanges = [argv for argv in commands if argv[1:2] == ["lvchange"]]
+    assert len([argv for argv in commands if argv[1:2] == ["lvcreate"]]) == 12
+    assert 1 <= len(lvchanges) < 12, lvchanges  # the drops of the burst were batched
+    assert linear._ready_tags.batches == len(lvchanges)
+    report = await lvm.report(LINEAR_VG)
+    for handle in volumes:
+        assert PENDING_TAG not in report.lvs[handle].tags
+        assert read(f"/dev/{LINEAR_VG}/{handle}", 4 * MiB) == bytes(4 * MiB)
+    assert len(await manager.list_volumes()) == 12

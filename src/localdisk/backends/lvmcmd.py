@@ -497,6 +497,11 @@ class Lvm:
         target = f"{check_name(vg, 'volume group')}/{check_name(lv)}"
         await self._run(["lvchange", *_tag_args("--addtag", add), *_tag_args("--deltag", delete), "--", target])
 
+    async def drop_tag(self, vg: str, lvs: Sequence[str], tag: str) -> None:
+        """Remove `tag` from several LVs of `vg` in one lvchange (one metadata commit)."""
+        targets = [f"{check_name(vg, 'volume group')}/{check_name(lv)}" for lv in lvs]
+        await self._run(["lvchange", *_tag_args("--deltag", [tag]), "--", *targets])
+
     async def activate_lv(self, vg: str, lv: str) -> None:
         await self._run(["lvchange", "-a", "y", "--", f"{check_name(vg, 'volume group')}/{check_name(lv)}"])
 
