@@ -338,3 +338,14 @@ def test_every_command_names_its_vg_after_the_double_dash() -> None:
     assert target_vg([*FULLREPORT_ARGS, "--", "vg2"]) == "vg2"
     assert target_vg(["version"]) is None
     assert target_vg(["lvs", "--"]) is None
+
+
+def test_a_thin_pool_whose_metadata_is_nearly_full_is_out_of_space() -> None:
+    """Seen from LVM 2.03.16 when a thin pool's metadata reached 75% (the benchmark's 1000-volume fill)."""
+    stderr = (
+        "  WARNING: Remaining free space in metadata of thin pool ldbench-thin/pool is too low (75.00% >= 75.00%)."
+        " Resize is recommended.\n"
+        "  Cannot create new thin volume, free space in thin pool ldbench-thin/pool reached threshold.\n"
+    )
+    assert is_insufficient_space(stderr)
+    assert isinstance(classify(["lvm", "lvcreate"], 5, stderr), InsufficientCapacity)

@@ -81,7 +81,7 @@ _NOT_FOUND = re.compile(
 )
 _NO_SPACE = re.compile(
     r"insufficient free space|Insufficient free space|Insufficient suitable allocatable extents"
-    r"|free space in thin-pool \S+ reached threshold|Thin pool \S+ is out of (data|metadata) space"
+    r"|free space in thin[- ]pool \S+ reached threshold|Thin pool \S+ is out of (data|metadata) space"
 )
 _EXISTS = re.compile(r"already exists in volume group")
 _IN_USE = re.compile(
