@@ -118,7 +118,7 @@ async def peer_create(runner: CommandRunner, backend: str, vg: str, name: str) -
 
 
 async def peer_delete_all(runner: CommandRunner, vg: str) -> None:
-    await runner.run(["lvm", "lvremove", "-y", "--select", "lv_name=~^ldv-", "--", vg], timeout=1800)
+    await runner.run(["lvm", "lvremove", "-y", "--select", "lv_name=~^ldv-", "--", vg])
 
 
 async def peer_create_nth(runner: CommandRunner, backend: str, vg: str, names: list[str], i: int) -> None:

@@ -234,7 +234,7 @@ class VolumeManager:
         cached = [b for b in self.backends.values() if isinstance(b, CachedState) and b.refresh_interval > 0]
         if not cached:
             return
-        due = dict.fromkeys(range(len(cached)), 0.0)
+        due = [0.0] * len(cached)
         while True:
             now = anyio.current_time()
             for index, backend in enumerate(cached):
@@ -244,7 +244,7 @@ class VolumeManager:
                         await backend.refresh_state()
                     except Exception as exc:  # the cache stays as it was; reads fall back to reading themselves
                         log.warning("re-reading the state of %s pool %r failed: %s", backend.kind, backend.pool, exc)
-            await anyio.sleep(max(min(due.values()) - anyio.current_time(), 0.05))
+            await anyio.sleep(max(min(due) - anyio.current_time(), 0.05))
 
     async def capacity(self, backend: str, pool: str | None = None) -> Capacity:
         return await self.backend(backend, pool).capacity()

@@ -397,7 +397,7 @@ class _LvmBackend:
         self.features = features
         self.extent = features.alignment  # replaced by the VG's extent size at open()
         self._lock = anyio.Lock()  # check-then-change on this pool's space happens one at a time
-        self._ready_tags = PendingDrops(lvm, vg, busy=lambda: self._lock.locked())
+        self._ready_tags = PendingDrops(lvm, vg, busy=self._lock.locked)
         self.view = VgView(lvm, vg, view_max_age)
 
     # hooks

@@ -64,7 +64,7 @@ RESERVED_LV = re.compile(
     r"^(snapshot|pvmove)$|_(cdata|cmeta|corig|cpool|cvol|imeta|iorig|mimage|mlog|pmspare|rimage|rmeta|tdata|tmeta|vdata|vorigin|wcorig)"
 )
 DEVNAME = re.compile(r"^IDTYPE=\S+ .*\bDEVNAME=(\S+)", re.MULTILINE)
-SAFE_DEVICE = re.compile(r"/dev/[A-Za-z0-9_+.:/-]+")  # a PV path usable in `--devices` (comma-separated)
+SAFE_DEVICE = re.compile(r"/dev/[A-Za-z0-9_+.:/-]+")  # a PV path fit for a devices file and an lvm shell line
 TAG = re.compile(r"[A-Za-z0-9_+.\-/=!:&#]{1,1024}")
 
 # Failures a devices file can cause (it hides a VG or one of its PVs): the command runs again, scanning everything.
@@ -401,14 +401,13 @@ class Lvm:
                 await self._unscope()  # a VG not in the devices file (a pool being opened): scan everything
         if self.scoped and self.devices_file:
             result = await self.executor.run([args[0], "--devicesfile", self.devices_file, *args[1:]])
-            if result.returncode == 0 or not _SCOPE_SUSPECT.search(result.error_text):
-                if result.returncode != 0:
-                    raise classify(result.argv, result.returncode, result.error_text)
-                return result
-            # A VG or PV not found may be the devices file's doing: once more, seeing every device.
-            await self._unscope()
-            self._rewrite = True
-        result = await self.executor.run(args)
+            if result.returncode != 0 and _SCOPE_SUSPECT.search(result.error_text):
+                # A VG or PV not found may be the devices file's doing: once more, seeing every device.
+                await self._unscope()
+                self._rewrite = True
+                result = await self.executor.run(args)
+        else:
+            result = await self.executor.run(args)
         if result.returncode != 0:
             raise classify(result.argv, result.returncode, result.error_text)
         return result
@@ -434,9 +433,9 @@ class Lvm:
         assert self.devices_file is not None
         await self._unscope()
         self._rewrite = False  # a failure here is not retried until the PVs change or a command fails scoped
-        vgs = sorted(vg for vg, pvs in self.pvs.items() if pvs)
-        if not vgs or any(not pvs for pvs in self.pvs.values()):
+        if not self.pvs or not all(self.pvs.values()):
             return  # a VG whose PVs we cannot name: keep scanning everything
+        vgs = sorted(self.pvs)
         directory = devices_dir(self.executor_env())
         wanted = frozenset().union(*self.pvs.values())
         try:
