@@ -151,9 +151,9 @@ def _lvm_bench(session: nox.Session, out: str) -> None:
     GetCapacity/ListVolumes at growing numbers of volumes (on that guest's thin pool) and memory.
 
     Each compares localdisk with its baseline inside the same guest in the same run; the parts are merged into
-    one table and JSON file. The full counts take about an hour here.
+    one table and JSON file. The full counts take one to two hours here.
     """
-    sandbox = ["--vg", "ldbench-lin:2G", "--vg", "ldbench-thin:2G", "--thin", "ldbench-thin/pool:1G"]
+    sandbox = ["--vg", "ldbench-lin:2G", "--vg", "ldbench-thin:2G", "--thin", "ldbench-thin/pool:1G:64M"]
     guests = {
         "thin": {"BENCH_BACKENDS": "thin", "BENCH_PHASES": "overhead,provisioning"},
         "lvm": {"BENCH_BACKENDS": "lvm", "BENCH_PHASES": "memory,provisioning,levels"},  # levels: on its thin pool
@@ -162,7 +162,7 @@ def _lvm_bench(session: nox.Session, out: str) -> None:
     runs = {}
     for name, extra in guests.items():
         env = {**os.environ, **extra, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-        argv = [str(bin_dir / "localdisk"), "sandbox", "run", *sandbox, "--timeout", "7200", "--"]
+        argv = [str(bin_dir / "localdisk"), "sandbox", "run", *sandbox, "--timeout", "10800", "--"]
         argv += [str(bin_dir / "python"), "bench/lvmbench.py", f"{out}.{name}.part"]
         log = open(f"{out}.{name}.log", "wb")  # noqa: SIM115 - closed below, after the guest exits
         runs[name] = (subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log)

@@ -53,7 +53,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.csi_helpers import create_request
 
 LIN_VG, THIN_VG, THIN_POOL = "ldbench-lin", "ldbench-thin", "pool"
-SANDBOX_ARGS = ["--vg", f"{LIN_VG}:2G", "--vg", f"{THIN_VG}:1G", "--thin", f"{THIN_VG}/{THIN_POOL}:512M"]
 MiB = 1024 * 1024
 SIZE = 4 * MiB
 CONFIG = f"""
@@ -188,6 +187,8 @@ class Bench:
         self.results["provisioning"] = out
 
     async def overhead(self) -> None:
+        self.results["syscall_us"] = syscall_cost()
+        log(f"one system call here costs (us): {self.results['syscall_us']}")
         probes = []
         for _ in range(CALLS * 4):
             start = time.monotonic()
@@ -219,7 +220,7 @@ class Bench:
         for level in LEVELS:
             if level > existing:
                 start = time.monotonic()
-                await timed_all(level - existing, 8, functools.partial(self.fill, existing))
+                await timed_all(level - existing, 32, functools.partial(self.fill, existing))
                 log(f"filled the thin pool to {level} volumes in {time.monotonic() - start:.1f}s")
                 existing = level
             capacity, listing = [], []
@@ -250,6 +251,21 @@ class Bench:
             }
             log(f"at {level} volumes: {out[str(level)]}")
         self.results["capacity_and_listing"] = out
+
+
+def syscall_cost() -> dict[str, float]:
+    """What one system call costs on this machine, the unit every socket round trip is paid in: in the UML guest
+    every call traps to the guest kernel through the host (and CLOCK_MONOTONIC has no vDSO there)."""
+    out = {}
+    for name, call in (("getpid", os.getpid), ("clock_gettime", time.monotonic)):
+        rounds = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(1000):
+                call()
+            rounds.append((time.perf_counter() - start) / 1000)
+        out[name] = round(sorted(rounds)[2] * 1e6, 2)
+    return out
 
 
 def children_of(pid: int) -> list[int]:
@@ -322,6 +338,7 @@ def table(results: dict[str, Any]) -> str:
             f" {row['list_volumes_p50_ms']:9.2f} {row['list_volumes_p95_ms']:9.2f} {row['lvm_commands_during']:8d}"
         )
     lines.append(f"== CSI overhead (ms) == {results.get('csi_overhead')}")
+    lines.append(f"== one system call (us) == {results.get('syscall_us')}")
     lines.append(f"== memory == {results.get('memory')}")
     lines.append(f"== lvm shell == {results.get('lvm_shell')}")
     top = max(CONCURRENCY)

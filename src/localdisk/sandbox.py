@@ -144,19 +144,27 @@ class VolumeGroupRequest:
 
 @dataclass(frozen=True)
 class ThinPoolRequest:
-    """A thin pool of `size_bytes` data, with zeroing on, in a requested volume group."""
+    """A thin pool of `size_bytes` data, with zeroing on, in a requested volume group; `metadata_bytes` of metadata
+    when given (LVM's default is about 0.1% of the data, too small for thousands of volumes in a small pool)."""
 
     vg: str
     pool: str
     size_bytes: int
+    metadata_bytes: int | None = None
 
     @classmethod
     def parse(cls, text: str) -> ThinPoolRequest:
-        where, sep, size = text.rpartition(":")
+        where, sep, sizes = text.partition(":")
         vg, slash, pool = where.partition("/")
+        size, _, metadata = sizes.partition(":")
         if not sep or not slash:
-            raise InvalidArgument(f"--thin {text!r}: expected VG/POOL:SIZE, e.g. ldtest/pool:512M")
-        return cls(_lvm_name(vg, "volume group"), _lvm_name(pool, "thin pool"), parse_size(size))
+            raise InvalidArgument(f"--thin {text!r}: expected VG/POOL:SIZE[:METADATA], e.g. ldtest/pool:512M")
+        return cls(
+            _lvm_name(vg, "volume group"),
+            _lvm_name(pool, "thin pool"),
+            parse_size(size),
+            parse_size(metadata) if metadata else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -352,7 +360,9 @@ def _prepare(
         "cwd": os.getcwd(),
         "env": _guest_env(os.environ, layout, vgs, thin),
         "vgs": [{"name": vg.name, "device": f"/dev/ubd{chr(ord('a') + i)}"} for i, vg in enumerate(vgs)],
-        "thin": [{"vg": t.vg, "pool": t.pool, "size_bytes": t.size_bytes} for t in thin],
+        "thin": [
+            {"vg": t.vg, "pool": t.pool, "size_bytes": t.size_bytes, "metadata_bytes": t.metadata_bytes} for t in thin
+        ],
         "modules": modules,
         "root": str(layout.root),
     }
@@ -629,7 +639,9 @@ async def _prepare_guest(spec: dict[str, Any]) -> None:
             await lvm.create_vg(vg["name"], [vg["device"]])
             step(f"vg {vg['name']} created")
         for pool in spec["thin"]:
-            await lvm.create_thin_pool(pool["vg"], pool["pool"], pool["size_bytes"], zero=True)
+            await lvm.create_thin_pool(
+                pool["vg"], pool["pool"], pool["size_bytes"], zero=True, metadata=pool["metadata_bytes"]
+            )
             step(f"thin pool {pool['vg']}/{pool['pool']} created")
     finally:
         log.close()
@@ -676,7 +688,7 @@ def _build_app() -> typer.Typer:
         vg: Annotated[list[str] | None, typer.Option("--vg", help="NAME:SIZE: a volume group on a fresh disk.")] = None,
         thin: Annotated[
             list[str] | None,
-            typer.Option("--thin", help="VG/POOL:SIZE: a thin pool (zeroing on) in one of the VGs."),
+            typer.Option("--thin", help="VG/POOL:SIZE[:METADATA]: a thin pool (zeroing on) in one of the VGs."),
         ] = None,
         timeout: Annotated[float, typer.Option(help="Seconds before the guest is killed.")] = 1800.0,
         memory: Annotated[str, typer.Option(help="Guest memory (UML mem=).")] = "1G",

@@ -48,10 +48,11 @@ def test_bad_sizes(text: str) -> None:
 def test_requests_are_parsed_and_checked() -> None:
     assert VolumeGroupRequest.parse("vg0:1G") == VolumeGroupRequest("vg0", 1 << 30)
     assert ThinPoolRequest.parse("vg0/pool:256M") == ThinPoolRequest("vg0", "pool", 256 << 20)
+    assert ThinPoolRequest.parse("vg0/pool:1G:64M") == ThinPoolRequest("vg0", "pool", 1 << 30, 64 << 20)
     for bad in ("vg0", "-vg:1G", "a b:1G", "vg:"):
         with pytest.raises(InvalidArgument):
             VolumeGroupRequest.parse(bad)
-    for bad in ("vg0:1G", "vg0/:1G", "vg0/-p:1G"):
+    for bad in ("vg0:1G", "vg0/:1G", "vg0/-p:1G", "vg0/pool:1G:lots", "vg0/pool:1G:64M:1"):
         with pytest.raises(InvalidArgument):
             ThinPoolRequest.parse(bad)
 

@@ -55,6 +55,13 @@ async def test_open_refuses_a_pool_without_zeroing(runner: CommandRunner, lvm: L
     await backend.open()
 
 
+async def test_a_pool_gets_the_metadata_size_asked_for(runner: CommandRunner, lvm: Lvm, clean_thin: None) -> None:
+    await lvm.create_thin_pool(THIN_VG, "bigmeta", 16 * MiB, metadata=8 * MiB)  # LVM alone would give 4 MiB
+    sizes = ["--noheadings", "--units", "b", "--nosuffix", "-o", "lv_metadata_size"]
+    listed = await runner.run(["lvm", "lvs", *sizes, "--", f"{THIN_VG}/bigmeta"])
+    assert int(listed.text.strip()) == 8 * MiB
+
+
 async def test_snapshot_restore_and_clone_keep_their_content(thin: ThinBackend, lvm: Lvm) -> None:
     manager = manager_for(thin)
     size = 8 * MiB

@@ -514,11 +514,14 @@ class Lvm:
             raise InvalidArgument(f"devices {list(devices)} must be paths under /dev")
         await self._run(["vgcreate", "-y", "--", check_name(vg, "volume group"), *devices])
 
-    async def create_thin_pool(self, vg: str, pool: str, size: int, *, zero: bool = True) -> None:
+    async def create_thin_pool(
+        self, vg: str, pool: str, size: int, *, zero: bool = True, metadata: int | None = None
+    ) -> None:
         zeroing = "y" if zero else "n"
+        metadata_size = ("--poolmetadatasize", _size(metadata)) if metadata else ()
         await self._run(
             [
-                *("lvcreate", "-y", "--type", "thin-pool", "-Z", zeroing, "-L", _size(size)),
+                *("lvcreate", "-y", "--type", "thin-pool", "-Z", zeroing, "-L", _size(size), *metadata_size),
                 *("-n", check_lv_name(pool), "--", check_name(vg, "volume group")),
             ]
         )
