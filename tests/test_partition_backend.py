@@ -40,10 +40,10 @@ runner = CommandRunner(default_timeout=60)
 
 @asynccontextmanager
 async def partition_pool(
-    disks: list[str], *, opened: bool = True, **settings: object
+    disks: list[str], *, opened: bool = True, view_max_age: float = 0.0, **settings: object
 ) -> AsyncIterator[PartitionBackend]:
     config = PartitionPoolConfig.model_validate({"disks": disks, **settings})
-    backend = PartitionBackend("test", config, runner)
+    backend = PartitionBackend("test", config, runner, view_max_age=view_max_age)
     if not opened:
         yield backend
         return
@@ -313,6 +313,42 @@ class TestPartitionBackend:
             assert await manager.get_volume(volume.id) == volume
             await manager.delete_volume(volume.id)
             assert (await read_table(disk)).partitions == ()
+
+    async def test_delete_refuses_a_volume_held_open_without_touching_the_table(self) -> None:
+        """The kernel is told first: a partition someone holds open (not exclusively, so O_EXCL does not see it)
+        is refused by the kernel before the table changes, and the volume stays whole."""
+        async with loop_disks(1, DISK) as (disk,), partition_pool([disk], wipe="signatures") as backend:
+            manager = manager_for(backend)
+            volume = await manager.create_volume(request("pvc-held", 8 * MiB))
+            assert volume.device_path is not None
+            fd = os.open(volume.device_path, os.O_RDONLY)
+            try:
+                with pytest.raises(FailedPrecondition, match=r"in use \(open"):  # the kernel's refusal
+                    await manager.delete_volume(volume.id)
+            finally:
+                os.close(fd)
+            assert [p.uuid for p in (await read_table(disk)).partitions] == [volume.ref.handle]
+            assert await manager.get_volume(volume.id) == volume
+            await manager.delete_volume(volume.id)
+            assert (await read_table(disk)).partitions == ()
+            assert not Path(volume.device_path).exists()
+
+    async def test_create_repairs_a_kernel_out_of_step(self) -> None:
+        """A partition the kernel still has but the table lost (a crash between the two) is in the way of the next
+        create's BLKPG add: the create repairs the kernel and goes on."""
+        async with loop_disks(1, DISK) as (disk,), partition_pool([disk]) as backend:
+            await runner.run(["parted", "--script", "--", disk, "mkpart", "gone", "1MiB", "9MiB"])
+            await runner.run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", "--delete", "--", disk, "1"])
+            assert (
+                Path("/sys/class/block") / Path(disk).name / f"{Path(disk).name}p1"
+                in (Path("/sys/class/block") / Path(disk).name).iterdir()
+            )
+            volume = await manager_for(backend).create_volume(request("pvc-after-crash", 16 * MiB))
+            (part,) = (await read_table(disk)).partitions
+            assert (part.number, part.uuid, part.start * 512) == (1, volume.ref.handle, MiB)
+            assert volume.device_path is not None
+            size = int(Path(f"/sys/class/block/{Path(volume.device_path).resolve().name}/size").read_text())
+            assert size * 512 == 16 * MiB
 
     async def test_pending_partition_converges(self) -> None:
         """A create interrupted after mkpart leaves an "lp-" partition: a retry finishes it, a restart drops it."""

@@ -173,6 +173,8 @@ KNOWN_OPTIONS = {
     "--no-tell-kernel",
     "--wipe",
     "--wipe-partitions",
+    "--append",
+    "--part-label",
     "--getsize64",
     "--setro",
     "--setrw",

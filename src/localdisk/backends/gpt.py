@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from localdisk.errors import BackendFailure
@@ -59,6 +59,19 @@ class Table:
 
     def by_name(self, name: str) -> Partition | None:
         return next((p for p in self.partitions if p.name == name), None)
+
+    def with_partition(self, part: Partition) -> Table:
+        """This table after `part` was written to it: added, or replacing the entry of the same number."""
+        kept = [p for p in self.partitions if p.number != part.number]
+        return replace(self, partitions=tuple(sorted([*kept, part], key=lambda p: p.number)))
+
+    def without_partition(self, number: int) -> Table:
+        return replace(self, partitions=tuple(p for p in self.partitions if p.number != number))
+
+    def free_number(self) -> int:
+        """The lowest unused entry number, which the next partition takes (as parted and sfdisk would pick it)."""
+        used = {p.number for p in self.partitions}
+        return next(n for n in range(1, len(used) + 2) if n not in used)
 
     def kernel_units(self, sectors: int) -> int:
         return sectors * self.sector_size // 512

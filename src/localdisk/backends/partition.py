@@ -8,21 +8,43 @@ volumes by reading the tables again.
 Changes to one disk are serialized with a per-disk lock, because every tool rewrites the whole table: two creates
 racing on one disk would each write a table without the other's partition. Reads take the lock too, so they never
 see a half-written table. Zeroing a deleted volume, which can take minutes, runs outside the lock.
+
+Each disk's table is kept as a cached view (`_Disk`): the last `sfdisk --json` read, with our own changes applied in
+memory as they succeed, dropped after any failed or interrupted change, and read again once older than the pool's
+`view_max_age_seconds` (in the background by the server's `VolumeManager.keep_fresh`, so GetCapacity, ListVolumes and
+lookups by name spawn no process). Every change re-reads its disk under the lock first, so a decision that takes
+space or destroys data is never made on a stale view; a change made behind localdisk's back therefore shows up at
+once to the next change of that disk and within the max age to reads. The kernel's partition nodes (sysfs) are
+mapped once per table, not once per volume. A backend constructed directly (tests, tools) reads on every call unless
+given `view_max_age`.
+
+Changes are one table write each: `sfdisk --append` creates a partition with its number, place, name and PARTUUID
+given (so nothing has to be read back), `sfdisk --part-label` renames it, `sfdisk --delete` removes it, all with
+the kernel left alone; localdisk then tells the kernel about that one partition itself (the BLKPG ioctl `partx` and
+parted use, made in-process), so no other partition's node is ever re-created and no process is spent on it.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import ctypes
 import errno
+import fcntl
 import hashlib
+import math
 import os
 import re
 import stat
-from dataclasses import dataclass
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import anyio
+import anyio.to_thread
 from pydantic import Field, field_validator
 
 from localdisk.backends.gpt import Partition, Table, best_fit, parse_sfdisk, parse_wipefs
@@ -52,6 +74,9 @@ _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{1
 _SYSFS_BLOCK = Path("/sys/class/block")
 _BY_PARTUUID = Path("/dev/disk/by-partuuid")
 _UDEV_CONTROL = Path("/run/udev/control")
+_KERNEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+VIEW_MAX_AGE = 30.0  # seconds a cached table is trusted for changes made outside localdisk
+_SFDISK_WRITE = ["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel"]  # write the table, leave the kernel alone
 assert len(READY_PREFIX) + KEY_LENGTH <= GPT_NAME_LIMIT
 
 
@@ -61,7 +86,7 @@ def volume_key(name: str) -> str:
     A CSI name may be 128 bytes of any UTF-8 and a GPT name holds 36 UTF-16 units, so the name itself cannot be
     stored; its hash can. 160 bits make an accidental collision negligible (for a million volumes on one node the
     birthday bound is about 1e12 / 2**161, i.e. 1e-36), and crafting one needs about 2**80 SHA-256 evaluations,
-    far beyond anyone who can merely choose PVC names. Base32 keeps the name to [a-z2-7], safe for parted's argv.
+    far beyond anyone who can merely choose PVC names. Base32 keeps the name to [a-z2-7], safe in sfdisk's argv.
     """
     digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).digest()
     return base64.b32encode(digest).decode("ascii").lower()[:KEY_LENGTH]
@@ -89,6 +114,10 @@ class PartitionPoolConfig(PoolConfig):
     filesystem signatures, which is fast but leaks data between tenants."""
     settle_timeout_seconds: float = Field(default=10.0, gt=0)
     """How long to wait for the kernel and udev to show a changed partition."""
+    view_max_age_seconds: float = Field(default=VIEW_MAX_AGE, ge=0)
+    """How long GetCapacity, ListVolumes and lookups may answer from the cached partition tables, so how late they
+    see a change made to the disks by anything but localdisk (0: read the disks on every call). Changes always
+    re-read their disk first."""
 
     @field_validator("disks")
     @classmethod
@@ -127,20 +156,71 @@ def kernel_partitions(device: str) -> dict[int, KernelPartition]:
     return found
 
 
+def kernel_partition(device: str, number: int) -> KernelPartition | None:
+    """Partition `number` of `device` as the kernel knows it, read from its own sysfs entry where it is named as
+    the kernel names partitions (loop0p3, sda3), else found among all of the disk's partitions."""
+    disk = Path(device).name
+    name = f"{disk}p{number}" if disk[-1:].isdigit() else f"{disk}{number}"
+    entry = _SYSFS_BLOCK / disk / name
+    try:
+        if int((entry / "partition").read_text()) == number:
+            return KernelPartition(name, int((entry / "start").read_text()), int((entry / "size").read_text()))
+    except (OSError, ValueError):
+        pass
+    return kernel_partitions(device).get(number)
+
+
 class _Disk:
-    def __init__(self, configured: str) -> None:
+    """One disk of a pool: its lock, and the cached view of its table (see the module docstring).
+
+    `table` is the last read with our own changes applied since; only code holding `lock` reads or changes it, so a
+    reader without the lock sees either the table before a change or after it.
+    """
+
+    def __init__(self, configured: str, max_age: float) -> None:
         self.configured = configured
         self.lock = anyio.Lock()
+        self.max_age = max_age
+        self.table: Table | None = None
+        self.read_at = -math.inf  # monotonic time of the read `table` comes from
+        self.reads = 0
+        self._kernel: dict[int, KernelPartition] | None = None  # sysfs's partitions, mapped once per table
 
     def device(self) -> str:
         """The kernel node behind the configured (stable) path, resolved each time: it may change across reboots."""
         return os.path.realpath(self.configured)
 
+    def cached(self) -> Table | None:
+        """The view if it is young enough to answer from (never with a max age of 0)."""
+        if self.table is not None and time.monotonic() - self.read_at < self.max_age:
+            return self.table
+        return None
+
+    def remember(self, table: Table, read_at: float | None = None) -> None:
+        """Take `table` as the view: a fresh read (`read_at` given) or the last one after a change of ours."""
+        self.table = table
+        if read_at is not None:
+            self.read_at = read_at
+            self.reads += 1
+        self._kernel = None
+
+    def invalidate(self) -> None:
+        """Drop the view after a failed or interrupted change: the disk may hold something we did not see."""
+        self.table = None
+        self._kernel = None
+
+    def kernel(self) -> dict[int, KernelPartition]:
+        if self._kernel is None:
+            self._kernel = kernel_partitions(self.device())
+        return self._kernel
+
 
 class PartitionBackend:
     kind = "partition"
 
-    def __init__(self, pool: str, config: PartitionPoolConfig, runner: CommandRunner) -> None:
+    def __init__(
+        self, pool: str, config: PartitionPoolConfig, runner: CommandRunner, *, view_max_age: float = 0.0
+    ) -> None:
         self.pool = pool
         self.config = config
         self.runner = runner
@@ -151,10 +231,11 @@ class PartitionBackend:
         # Key -> CSI name for names seen by this process. The disks keep only the key, so after a restart a volume
         # is listed under its GPT name until CreateVolume (whose retries always look the name up) shows it again.
         self._names: dict[str, str] = {}
+        self._max_age = view_max_age
 
     # -- lifecycle --------------------------------------------------------------------------------------------------
     async def open(self) -> None:
-        self._disks = [_Disk(path) for path in self.config.disks]
+        self._disks = [_Disk(path, self._max_age) for path in self.config.disks]
         devices = [self._check_block_device(disk) for disk in self._disks]
         if len(set(devices)) != len(devices):
             raise ConfigError(f"partition pool {self.pool!r}: two entries of disks name the same device")
@@ -166,6 +247,17 @@ class PartitionBackend:
 
     async def aclose(self) -> None:
         return None
+
+    @property
+    def refresh_interval(self) -> float:
+        """Half the views' age limit: re-read in the background well before a read would have to wait for it."""
+        return self._max_age / 2
+
+    async def refresh_state(self) -> None:
+        for disk in self._disks:
+            if disk.table is None or time.monotonic() - disk.read_at >= self.refresh_interval:
+                async with disk.lock:
+                    await self._read(disk)
 
     def _check_block_device(self, disk: _Disk) -> str:
         device = disk.device()
@@ -225,37 +317,70 @@ class PartitionBackend:
 
     # -- reading ----------------------------------------------------------------------------------------------------
     async def _read(self, disk: _Disk) -> Table:
+        """Read the disk's table and take it as its view; the caller holds the disk's lock."""
         device = disk.device()
+        read_at = time.monotonic()
         try:
             result = await self.runner.run(["sfdisk", "--json", "--", device])
         except CommandFailed as exc:
+            disk.invalidate()
             if "does not contain a recognized partition table" in exc.stderr:
                 raise FailedPrecondition(
                     f"disk {disk.configured} ({device}) of partition pool {self.pool!r} has lost its partition table"
                 ) from exc
             raise
-        return parse_sfdisk(result.text, device)
+        except BaseException:
+            disk.invalidate()
+            raise
+        table = parse_sfdisk(result.text, device)
+        disk.remember(table, read_at)
+        return table
 
-    async def _tables(self) -> list[tuple[_Disk, Table]]:
-        tables = []
+    async def _views(self, *, fresh: bool = False) -> list[tuple[_Disk, Table]]:
+        """Every disk's view: the cached one while young enough (unless `fresh`), else read under the disk's lock."""
+        views = []
         for disk in self._disks:
-            async with disk.lock:
-                tables.append((disk, await self._read(disk)))
-        return tables
+            table = None if fresh else disk.cached()
+            if table is None:
+                asked = time.monotonic()
+                async with disk.lock:
+                    table = disk.table
+                    if table is None or disk.read_at < asked:  # nobody read it while we waited for the lock
+                        table = await self._read(disk)
+            views.append((disk, table))
+        return views
 
-    async def _locate(self, handle: str) -> tuple[_Disk, Partition] | None:
-        """The disk and partition of a handle, if it is one of our partitions (ready or pending) on a pool disk."""
+    @contextlib.asynccontextmanager
+    async def _changing(self, disk: _Disk) -> AsyncIterator[Table]:
+        """The disk's lock and its table read afresh under it, to decide a change on; a failed or interrupted change
+        drops the view, as the disk may then hold something we did not see."""
+        async with disk.lock:
+            try:
+                yield await self._read(disk)
+            except BaseException:
+                disk.invalidate()
+                raise
+
+    async def _locate(self, handle: str) -> tuple[_Disk, Table, Partition] | None:
+        """The disk and partition of a handle, if it is one of our partitions (ready or pending) on a pool disk.
+
+        A handle missing from the cached views is looked up again on fresh reads before it is called gone: a delete
+        must not report success for a volume that exists.
+        """
         if not _UUID.match(handle):
             return None
-        for disk, table in await self._tables():
-            part = table.by_uuid(handle)
-            if part is not None and is_ours(part):
-                return disk, part
+        for fresh in (False, True):
+            for disk, table in await self._views(fresh=fresh):
+                part = table.by_uuid(handle)
+                if part is not None and is_ours(part):
+                    return disk, table, part
+            if self._max_age == 0:
+                break  # the views were read just now
         return None
 
-    def _volume(self, table: Table, part: Partition) -> Volume:
+    def _volume(self, disk: _Disk, table: Table, part: Partition) -> Volume:
         key = part.name[len(READY_PREFIX) :]
-        path = self._device_path(table, part)
+        path = self._device_path(disk, table, part)
         return Volume(
             ref=ObjectRef(self.kind, self.pool, part.uuid),
             name=self._names.get(key, part.name),
@@ -267,12 +392,18 @@ class PartitionBackend:
         )
 
     @staticmethod
-    def _device_path(table: Table, part: Partition) -> str | None:
-        """udev's /dev/disk/by-partuuid link when there is one, else the kernel node now holding that partition."""
+    def _device_path(disk: _Disk, table: Table, part: Partition) -> str | None:
+        """udev's /dev/disk/by-partuuid link when there is one, else the kernel node now holding that partition.
+
+        The node comes from the disk's sysfs map (built once per table), checked against sysfs itself when the map
+        does not show the partition where the table puts it.
+        """
         link = _BY_PARTUUID / part.uuid
         if link.exists():
             return str(link)
-        known = kernel_partitions(table.device).get(part.number)
+        known = disk.kernel().get(part.number)
+        if known is None or known.start != table.kernel_units(part.start):
+            known = kernel_partition(table.device, part.number)
         if known is None or known.start != table.kernel_units(part.start):
             return None
         node = Path("/dev") / known.name
@@ -282,8 +413,8 @@ class PartitionBackend:
     async def _settle(self, device: str, table: Table) -> None:
         """Wait until the kernel's partitions match `table` and their nodes exist, then let udev finish.
 
-        parted and sfdisk tell the kernel about each change themselves (BLKPG); `partx -u` repairs what they could
-        not (a change made while the kernel was out of step, a crash in between). Bounded by the settle timeout.
+        localdisk tells the kernel about each change itself (BLKPG); `partx -u` repairs what that could not (a
+        change made while the kernel was out of step, a crash in between). Bounded by the settle timeout.
         """
         timeout = self.config.settle_timeout_seconds
         deadline = anyio.current_time() + timeout
@@ -296,8 +427,8 @@ class PartitionBackend:
                     " is a partition held open? check with lsblk and retry"
                 )
             if now >= next_repair:
-                # `partx -u` adds and resizes but never deletes: a partition the table no longer holds (parted was
-                # killed between writing the table and telling the kernel) is deleted by number.
+                # `partx -u` adds and resizes but never deletes: a partition the table no longer holds (a crash
+                # between writing the table and telling the kernel) is deleted by number.
                 for number in sorted(set(kernel_partitions(device)) - {p.number for p in table.partitions}):
                     stale = ["partx", "--delete", "--nr", f"{number}:{number}", "--", device]
                     await self.runner.run(stale, check=False)
@@ -307,63 +438,129 @@ class PartitionBackend:
         if _udev_running():
             await self.runner.run(["udevadm", "settle", f"--timeout={max(1, int(timeout))}"], check=False)
 
+    async def _settle_one(self, disk: _Disk, table: Table, part: Partition) -> None:
+        """Wait until the kernel shows `part` where `table` puts it, with its node; the whole-disk `_settle`, which
+        repairs, if it does not soon. The usual check after a change of ours: one partition's sysfs entry."""
+        wanted = (table.kernel_units(part.start), table.kernel_units(part.size))
+        deadline = anyio.current_time() + 1.0
+        while True:
+            known = kernel_partition(table.device, part.number)
+            if known is not None and (known.start, known.size) == wanted and (Path("/dev") / known.name).exists():
+                break
+            if anyio.current_time() >= deadline:
+                await self._settle(table.device, table)
+                break
+            await anyio.sleep(0.005)
+        disk.remember(table)  # the kernel changed: map its partitions again when next needed
+        if _udev_running():
+            timeout = max(1, int(self.config.settle_timeout_seconds))
+            await self.runner.run(["udevadm", "settle", f"--timeout={timeout}"], check=False)
+
+    # -- changing a table: one write each, then the kernel is told about that one partition -------------------------
+    async def _make(self, disk: _Disk, table: Table, name: str, start: int, sectors: int) -> tuple[Table, Partition]:
+        """Create partition `name` at [start, start + sectors) in the lowest free entry; the disk's lock is held.
+
+        Its number and PARTUUID are chosen here and given to sfdisk, so the new table is known without a read.
+        sfdisk refuses an entry that is taken or a range that overlaps a partition (ours or not), whatever the view
+        said. The partition is named in the same write that creates it, so no crash leaves an unnamed partition.
+        """
+        part = Partition(table.free_number(), start, sectors, str(uuid.uuid4()), name)
+        line = f"{_node_name(table.device, part.number)} : start={start}, size={sectors}, name={name}, uuid={part.uuid}"
+        append = ["--append", "--wipe", "never", "--wipe-partitions", "never", "--", table.device]
+        await self.runner.run([*_SFDISK_WRITE, *append], input=f"{line}\n".encode())
+        table = table.with_partition(part)
+        disk.remember(table)
+        try:
+            await _tell_kernel(table, _BLKPG_ADD, part)
+        except OSError:
+            await self._settle(table.device, table)  # the kernel is out of step (a stale partition in the way)
+        await self._settle_one(disk, table, part)
+        return table, part
+
+    async def _rename(self, disk: _Disk, table: Table, part: Partition, name: str) -> tuple[Table, Partition]:
+        """Rename a partition of ours (a label change: the kernel's view stays as it is); the disk's lock is held."""
+        label = ["--part-label", "--", table.device, str(part.number), name]
+        await self.runner.run([*_SFDISK_WRITE, *label])
+        part = replace(part, name=name)
+        table = table.with_partition(part)
+        disk.remember(table)
+        return table, part
+
+    async def _delete(self, disk: _Disk, table: Table, part: Partition) -> None:
+        """Remove a partition of ours from the kernel, then from the table; the disk's lock is held.
+
+        The kernel goes first: it refuses a partition anyone holds open, and then nothing has changed yet. A crash
+        between the two leaves the kernel behind the table, which `_settle` repairs (`partx -u`).
+        """
+        try:
+            await _tell_kernel(table, _BLKPG_DELETE, part)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                raise FailedPrecondition(
+                    f"partition {part.number} of {table.device} is in use (open, mounted or held by another device);"
+                    " unpublish and unstage the volume first"
+                ) from exc
+            if exc.errno != errno.ENXIO:  # ENXIO: the kernel did not have it, which is what we want
+                raise BackendFailure(f"cannot remove partition {part.number} of {table.device}: {exc}") from exc
+        await self.runner.run([*_SFDISK_WRITE, "--delete", "--", table.device, str(part.number)])
+        disk.remember(table.without_partition(part.number))
+
     # -- volumes ----------------------------------------------------------------------------------------------------
     async def create_volume(self, spec: VolumeSpec) -> Volume:
         key = volume_key(spec.name)
         self._names[key] = spec.name
         ready, pending = READY_PREFIX + key, PENDING_PREFIX + key
         resume: _Disk | None = None  # the disk of a pending partition a crashed create left, to finish it
-        for disk, table in await self._tables():
+        views = await self._views()
+        for disk, table in views:
             part = table.by_name(ready)
             if part is not None:
-                return self._volume(table, part)
+                return self._volume(disk, table, part)
             leftover = table.by_name(pending)
             if leftover is not None:
                 if leftover.size * table.sector_size == spec.size_bytes:
                     resume = disk
                 else:
                     await self._remove(disk, leftover, zero=False)
-        # Best fit across disks, decided on a read without the locks, then checked again under the chosen disk's
-        # lock: another create may have taken the extent meanwhile, in which case look again.
-        for _ in range(len(self._disks) + 1):
+                    views = await self._views()
+        # Best fit across disks, decided on the views without the locks, then checked again on a fresh read under
+        # the chosen disk's lock: another create may have taken the extent meanwhile, in which case look again.
+        for attempt in range(len(self._disks) + 1):
             choice, resume = resume, None
             if choice is None:
-                tables = await self._tables()
-                choice = self._choose(tables, spec.size_bytes)
+                if attempt:
+                    views = await self._views()
+                choice = self._choose(views, spec.size_bytes)
                 if choice is None:
-                    raise self._no_room(tables, spec.size_bytes)
-            async with choice.lock:
-                table = await self._read(choice)
-                if (part := table.by_name(pending)) is None:
+                    views = await self._views(fresh=True)  # refuse only on what the disks hold now
+                    choice = self._choose(views, spec.size_bytes)
+                    if choice is None:
+                        raise self._no_room(views, spec.size_bytes)
+            async with self._changing(choice) as table:
+                if (done := table.by_name(ready)) is not None:
+                    return self._volume(choice, table, done)
+                if (part := table.by_name(pending)) is None or part.size * table.sector_size != spec.size_bytes:
+                    if part is not None:  # left with another size: drop it, then make the volume afresh
+                        await self._settle(table.device, table)
+                        await self._wipe(table, part, zero=False)
+                        await self._delete(choice, table, part)
+                        table = table.without_partition(part.number)
                     sectors = spec.size_bytes // table.sector_size
                     extent = best_fit(table.free_extents(ALIGNMENT), sectors)
                     if extent is None:
                         continue
-                    # The partition is named in the same parted run that creates it: parted writes the table once,
-                    # so no crash can leave an unnamed partition. It is born pending ("lp-"): until it is wiped and
-                    # renamed "ld-" no lookup returns it, a retry of this create resumes it, and `open` drops it.
-                    first, last = f"{extent.start}s", f"{extent.start + sectors - 1}s"
-                    mkpart = ["mkpart", pending, first, last]
-                    await self.runner.run(
-                        ["parted", "--script", "--align", "none", "--", table.device, "unit", "s", *mkpart]
-                    )
-                    table = await self._read(choice)
-                    part = table.by_name(pending)
-                    if part is None:
-                        raise BackendFailure(f"parted reported success but {table.device} has no partition {pending}")
-                await self._settle(table.device, table)
+                    # Born pending ("lp-"): until it is wiped and renamed "ld-" no lookup returns it, a retry of
+                    # this create resumes it, and `open` drops it.
+                    table, part = await self._make(choice, table, pending, extent.start, sectors)
+                else:
+                    await self._settle(table.device, table)  # a leftover of a failure: the kernel may lag behind
                 # Space freed by localdisk was zeroed when its volume was deleted, so only stale signatures can be
                 # left here (from before the disk joined the pool). Erasing them is cheap and stops the node from
                 # mounting an old filesystem instead of formatting; zeroing every new volume would double the
                 # write cost of each volume on disks that cannot offload zeroing.
                 await self._wipe(table, part, zero=False)
-                await self.runner.run(["parted", "--script", "--", table.device, "name", str(part.number), ready])
-                table = await self._read(choice)
-                await self._settle(table.device, table)
-                done = table.by_uuid(part.uuid)
-                if done is None or done.name != ready:
-                    raise BackendFailure(f"partition {part.uuid} on {table.device} was not renamed to {ready}")
-                return self._volume(table, done)
+                table, done = await self._rename(choice, table, part, ready)
+                return self._volume(choice, table, done)
         raise InsufficientCapacity(
             f"partition pool {self.pool!r}: other volumes kept taking the free space; retry later"
         )
@@ -388,57 +585,57 @@ class PartitionBackend:
         located = await self._locate(handle)
         if located is None:
             return
-        disk, part = located
+        disk, _, part = located
         await self._remove(disk, part, zero=self.config.wipe == "zero")
 
     async def _remove(self, disk: _Disk, part: Partition, *, zero: bool) -> None:
         """Wipe a partition of ours, then delete it; the caller must not hold the disk's lock.
 
         The wipe runs outside the lock, as zeroing may take minutes; a crash during it leaves the partition in
-        place, so the retried delete wipes it again. No space is freed before it is clean.
+        place, so the retried delete wipes it again. No space is freed before it is clean. Both steps decide on a
+        fresh read: what is wiped and what is removed must be ours at that very moment.
         """
-        async with disk.lock:
-            table = await self._read(disk)
+        async with self._changing(disk) as table:
             current = table.by_uuid(part.uuid)
-            if current is None:
+            if current is None or not is_ours(current):
                 return
             part = current
-            await self._settle(table.device, table)
+            await self._settle_one(disk, table, part)
         await self._wipe(table, part, zero=zero)
-        async with disk.lock:
-            table = await self._read(disk)
+        async with self._changing(disk) as table:
             now = table.by_uuid(part.uuid)
             if now is None:
                 return
-            if (now.start, now.size) != (part.start, part.size):
+            if (now.number, now.start, now.size) != (part.number, part.start, part.size):
                 raise BackendFailure(f"partition {part.uuid} changed while it was being deleted; retry")
-            await self.runner.run(["parted", "--script", "--", table.device, "rm", str(now.number)])
-            await self._settle(table.device, await self._read(disk))
+            await self._delete(disk, table, now)
 
     async def _wipe(self, table: Table, part: Partition, *, zero: bool) -> None:
-        node = self._device_path(table, part)
-        if node is None:
+        """Erase a partition's signatures, or zero all of it (which erases them too), after checking its node."""
+        known = kernel_partition(table.device, part.number)
+        node = Path("/dev") / known.name if known is not None else None
+        if known is None or node is None or known.start != table.kernel_units(part.start) or not node.exists():
             raise BackendFailure(f"no device node for partition {part.number} of {table.device}; run partx -u")
-        _refuse_if_in_use(node)
+        _refuse_if_in_use(str(node))
         if zero:
             # BLKZEROOUT (in-process, see localdisk.blockdev): the disk zeroes (or discards with guaranteed zeroes)
             # where it can, else the kernel writes zeros itself, which can cost a full write of the volume.
-            await zero_out(node, self.runner.observers)
-        await self.runner.run(["wipefs", "--all", "--quiet", "--", node])
+            await zero_out(str(node), self.runner.observers)
+        else:
+            await self.runner.run(["wipefs", "--all", "--quiet", "--", str(node)])
 
     async def expand_volume(self, handle: str, size_bytes: int) -> Volume:
         located = await self._locate(handle)
-        if located is None or not is_ready(located[1]):
+        if located is None or not is_ready(located[2]):
             raise NotFound(f"volume {handle!r} not found in partition pool {self.pool!r}")
         disk = located[0]
-        async with disk.lock:
-            table = await self._read(disk)
+        async with self._changing(disk) as table:
             part = table.by_uuid(handle)
             if part is None or not is_ready(part):
                 raise NotFound(f"volume {handle!r} not found in partition pool {self.pool!r}")
             sectors = size_bytes // table.sector_size
             if sectors <= part.size:
-                return self._volume(table, part)
+                return self._volume(disk, table, part)
             disk_end = table.usable_end(ALIGNMENT)
             if part.start + sectors > disk_end:
                 most = (disk_end - part.start) * table.sector_size
@@ -455,48 +652,48 @@ class PartitionBackend:
                     " data to a new, larger volume"
                 )
             # sfdisk, not parted: parted's resizepart asks for a confirmation when the partition is in use (mounted
-            # for online expansion), which --script answers with "no". sfdisk changes the table only; util-linux
-            # `resizepart` (BLKPG_RESIZE_PARTITION) then grows the kernel's partition in place. Not `partx -u`:
+            # for online expansion), which --script answers with "no". sfdisk changes the table only; BLKPG's
+            # resize (what util-linux `resizepart` does) then grows the kernel's partition in place. Not `partx -u`:
             # on recent kernels it deletes and re-adds a partition nobody holds open (a raw block publication holds
             # none), which gives it a new device number and leaves the published node pointing at nothing.
-            quiet = ["--quiet", "--no-reread", "--no-tell-kernel", "--wipe", "never", "--wipe-partitions", "never"]
-            await self.runner.run(
-                ["sfdisk", *quiet, "-N", str(part.number), "--", table.device], input=f",{sectors}\n".encode()
-            )
-            # A crash between the table write and resizepart leaves the table grown and the kernel not. The retried
-            # expand finds the volume big enough and is answered without coming here, and the restart the crash
-            # implies runs `_settle` in `open`, which sees the kernel's size differ and resizes it (partx -u).
-            kernel_sectors = sectors * table.sector_size // 512  # resizepart counts 512-byte sectors
-            await self.runner.run(["resizepart", table.device, str(part.number), str(kernel_sectors)])
-            table = await self._read(disk)
-            await self._settle(table.device, table)
-            grown = table.by_uuid(handle)
-            if grown is None or grown.size != sectors:
-                raise BackendFailure(f"sfdisk did not resize partition {part.number} of {table.device}")
-            return self._volume(table, grown)
+            resize = ["--wipe", "never", "--wipe-partitions", "never", "-N", str(part.number), "--", table.device]
+            await self.runner.run([*_SFDISK_WRITE, *resize], input=f",{sectors}\n".encode())
+            grown = replace(part, size=sectors)
+            table = table.with_partition(grown)
+            disk.remember(table)
+            # A crash between the table write and the kernel's resize leaves the table grown and the kernel not.
+            # The retried expand finds the volume big enough and is answered without coming here, and the restart
+            # the crash implies runs `_settle` in `open`, which sees the kernel's size differ and resizes it.
+            try:
+                await _tell_kernel(table, _BLKPG_RESIZE, grown)
+            except OSError as exc:
+                raise BackendFailure(
+                    f"the table of {table.device} now gives partition {part.number} {human(size_bytes)}, but the"
+                    f" kernel refused to grow it ({exc.strerror}); retry, or run partx -u on the disk"
+                ) from exc
+            await self._settle_one(disk, table, grown)
+            return self._volume(disk, table, grown)
 
     async def get_volume(self, handle: str) -> Volume:
-        if _UUID.match(handle):
-            for _, table in await self._tables():
-                part = table.by_uuid(handle)
-                if part is not None and is_ready(part):
-                    return self._volume(table, part)
+        located = await self._locate(handle)
+        if located is not None and is_ready(located[2]):
+            return self._volume(*located)
         raise NotFound(f"volume {handle!r} not found in partition pool {self.pool!r}")
 
     async def find_volume(self, name: str) -> Volume | None:
         key = volume_key(name)
-        for _, table in await self._tables():
+        for disk, table in await self._views():
             part = table.by_name(READY_PREFIX + key)
             if part is not None:
                 self._names[key] = name
-                return self._volume(table, part)
+                return self._volume(disk, table, part)
         return None
 
     async def list_volumes(self) -> list[Volume]:
-        return [self._volume(t, p) for _, t in await self._tables() for p in t.partitions if is_ready(p)]
+        return [self._volume(d, t, p) for d, t in await self._views() for p in t.partitions if is_ready(p)]
 
     async def capacity(self) -> Capacity:
-        tables = await self._tables()
+        tables = await self._views()
         extents = [e.size * t.sector_size for _, t in tables for e in t.free_extents(ALIGNMENT)]
         used = sum(p.size * t.sector_size for _, t in tables for p in t.partitions if is_ours(p))
         available = sum(extents)
@@ -564,9 +761,53 @@ def _refuse_if_in_use(node: str) -> None:
     os.close(fd)
 
 
+def _node_name(device: str, number: int) -> str:
+    """The node the kernel gives partition `number` of `device`: how an sfdisk script line names its entry."""
+    disk = Path(device).name
+    if not _KERNEL_NAME.match(disk) or not device.startswith("/dev/"):
+        raise BackendFailure(f"unexpected device name {device!r}: localdisk cannot name its partitions for sfdisk")
+    return f"{device}p{number}" if disk[-1].isdigit() else f"{device}{number}"
+
+
+# Telling the kernel about one partition: the BLKPG ioctl (linux/blkpg.h), as partx, resizepart and parted make it.
+_BLKPG = 0x1269  # _IO(0x12, 105)
+_BLKPG_ADD, _BLKPG_DELETE, _BLKPG_RESIZE = 1, 2, 3
+
+
+class _BlkpgPartition(ctypes.Structure):
+    _fields_ = [
+        ("start", ctypes.c_longlong),  # bytes
+        ("length", ctypes.c_longlong),  # bytes
+        ("pno", ctypes.c_int),
+        ("devname", ctypes.c_char * 64),  # unused by the kernel
+        ("volname", ctypes.c_char * 64),  # unused by the kernel
+    ]
+
+
+class _BlkpgArg(ctypes.Structure):
+    _fields_ = [("op", ctypes.c_int), ("flags", ctypes.c_int), ("datalen", ctypes.c_int), ("data", ctypes.c_void_p)]
+
+
+def _blkpg(device: str, op: int, number: int, start: int, length: int) -> None:
+    part = _BlkpgPartition(start=start, length=length, pno=number)
+    arg = _BlkpgArg(op=op, flags=0, datalen=ctypes.sizeof(part), data=ctypes.addressof(part))
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, _BLKPG, arg)
+    finally:
+        os.close(fd)
+
+
+async def _tell_kernel(table: Table, op: int, part: Partition) -> None:
+    """Add, delete or resize the kernel's partition `part.number` of `table.device` as `table` has it; OSError
+    (EBUSY: taken, overlapping or open; ENXIO: no such partition) when the kernel refuses."""
+    start, length = part.start * table.sector_size, part.size * table.sector_size
+    await anyio.to_thread.run_sync(_blkpg, table.device, op, part.number, start, length)
+
+
 def _factory(pool: str, config: PoolConfig, runner: CommandRunner) -> PartitionBackend:
     assert isinstance(config, PartitionPoolConfig)
-    return PartitionBackend(pool, config, runner)
+    return PartitionBackend(pool, config, runner, view_max_age=config.view_max_age_seconds)
 
 
 BACKEND = BackendSpec("partition", PartitionPoolConfig, _factory, "GPT partitions on whole disks")
