@@ -26,6 +26,7 @@ from localdisk.backends.partition import (
     READY_PREFIX,
     PartitionBackend,
     PartitionPoolConfig,
+    kernel_partitions,
     volume_key,
 )
 from localdisk.runner import CommandRunner
@@ -349,6 +350,32 @@ class TestPartitionBackend:
             assert volume.device_path is not None
             size = int(Path(f"/sys/class/block/{Path(volume.device_path).resolve().name}/size").read_text())
             assert size * 512 == 16 * MiB
+
+    async def test_start_up_repairs_a_kernel_behind_a_table_with_gaps(self) -> None:
+        """The state a kill left once (crash loop, seed 1795786003): the table holds 3, 4 and 7 (1, 2, 5 and 6 were
+        deleted), the kernel a stale 3 where the table's 7 is, a 4 shorter than the table's, a 5 the table no longer
+        holds, and no 7. `partx --update` never reaches 7 (it walks numbers up to the count of partitions) and
+        could not add it anyway while the stale 3 is in the way; the start-up repair must leave the kernel as the
+        table says, every volume with its device."""
+        async with loop_disks(1, DISK) as (disk,):
+            names = {3: "pvc-three", 4: "pvc-four", 7: "pvc-seven"}
+            places = {3: (2048, 16384), 4: (40960, 8192), 7: (20480, 16384)}  # 512-byte sectors
+            script = "label: gpt\n" + "".join(
+                f"{disk}p{n} : start={start}, size={size}, name={READY_PREFIX + volume_key(names[n])}\n"
+                for n, (start, size) in places.items()
+            )
+            write = ["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", "--", disk]
+            await runner.run(write, input=script.encode())
+            for number, (start, size) in ((3, (20480, 16384)), (4, (40960, 4096)), (5, (61440, 4096))):
+                await runner.run(["addpart", disk, str(number), str(start), str(size)])
+            async with partition_pool([disk]) as backend:
+                assert {n: (k.start, k.size) for n, k in kernel_partitions(disk).items()} == places
+                volumes = await backend.list_volumes()
+                assert sorted(v.name for v in volumes) == sorted(READY_PREFIX + volume_key(n) for n in names.values())
+                for volume in volumes:
+                    assert volume.abnormal is None
+                    assert volume.device_path is not None
+                    assert Path(volume.device_path).exists()
 
     async def test_pending_partition_converges(self) -> None:
         """A create interrupted after mkpart leaves an "lp-" partition: a retry finishes it, a restart drops it."""

@@ -388,7 +388,8 @@ class PartitionBackend:
             device_path=path,
             abnormal=None
             if path
-            else f"the kernel shows no device for partition {part.number} of {table.device}; run partx -u on it",
+            else f"the kernel shows no device for partition {part.number} of {table.device}; restart the driver on"
+            " this node: at start it puts the kernel's partitions in line with the disk's table",
         )
 
     @staticmethod
@@ -413,27 +414,27 @@ class PartitionBackend:
     async def _settle(self, device: str, table: Table) -> None:
         """Wait until the kernel's partitions match `table` and their nodes exist, then let udev finish.
 
-        localdisk tells the kernel about each change itself (BLKPG); `partx -u` repairs what that could not (a
-        change made while the kernel was out of step, a crash in between). Bounded by the settle timeout.
+        localdisk tells the kernel about each change itself (BLKPG); what that could not do (a crash between the
+        table write and the kernel update, a change made while the kernel was out of step) is repaired here, one
+        partition at a time with the same ioctl (`_repair_kernel`). Not `partx --update`: it walks partition numbers
+        only up to the count of partitions, so after a gap (1 and 2 deleted, 3 and 7 in use) it never reaches 7 and
+        the kernel stays without it. Bounded by the settle timeout.
         """
         timeout = self.config.settle_timeout_seconds
         deadline = anyio.current_time() + timeout
         next_repair = anyio.current_time()
+        refused: list[str] = []
         while (problem := _kernel_mismatch(table)) is not None:
             now = anyio.current_time()
             if now >= deadline:
                 raise BackendFailure(
-                    f"the kernel still disagrees with the partition table of {device} after {timeout}s: {problem};"
-                    " is a partition held open? check with lsblk and retry"
+                    f"the kernel still disagrees with the partition table of {device} after {timeout}s: {problem}"
+                    f" ({'; '.join(refused) or 'no change refused'}; {_views_of(table)}); is a partition held open?"
+                    " check with lsblk and retry"
                 )
             if now >= next_repair:
-                # `partx -u` adds and resizes but never deletes: a partition the table no longer holds (a crash
-                # between writing the table and telling the kernel) is deleted by number.
-                for number in sorted(set(kernel_partitions(device)) - {p.number for p in table.partitions}):
-                    stale = ["partx", "--delete", "--nr", f"{number}:{number}", "--", device]
-                    await self.runner.run(stale, check=False)
-                await self.runner.run(["partx", "--update", "--", device], check=False)
-                next_repair = now + 1.0
+                refused = await anyio.to_thread.run_sync(_repair_kernel, table)
+                next_repair = now + 0.5
             await anyio.sleep(0.05)
         if _udev_running():
             await self.runner.run(["udevadm", "settle", f"--timeout={max(1, int(timeout))}"], check=False)
@@ -490,7 +491,7 @@ class PartitionBackend:
         """Remove a partition of ours from the kernel, then from the table; the disk's lock is held.
 
         The kernel goes first: it refuses a partition anyone holds open, and then nothing has changed yet. A crash
-        between the two leaves the kernel behind the table, which `_settle` repairs (`partx -u`).
+        between the two leaves the kernel behind the table, which `_settle` repairs.
         """
         try:
             await _tell_kernel(table, _BLKPG_DELETE, part)
@@ -615,7 +616,10 @@ class PartitionBackend:
         known = kernel_partition(table.device, part.number)
         node = Path("/dev") / known.name if known is not None else None
         if known is None or node is None or known.start != table.kernel_units(part.start) or not node.exists():
-            raise BackendFailure(f"no device node for partition {part.number} of {table.device}; run partx -u")
+            raise BackendFailure(
+                f"no device node for partition {part.number} of {table.device}; retry: the retry repairs the kernel's"
+                " view of the disk first"
+            )
         _refuse_if_in_use(str(node))
         if zero:
             # BLKZEROOUT (in-process, see localdisk.blockdev): the disk zeroes (or discards with guaranteed zeroes)
@@ -635,6 +639,9 @@ class PartitionBackend:
                 raise NotFound(f"volume {handle!r} not found in partition pool {self.pool!r}")
             sectors = size_bytes // table.sector_size
             if sectors <= part.size:
+                # Also the retry of an expand cut between the table write and the kernel's resize: the kernel must
+                # show the size the answer gives (a restart repairs it too, but a retry may come first).
+                await self._settle_one(disk, table, part)
                 return self._volume(disk, table, part)
             disk_end = table.usable_end(ALIGNMENT)
             if part.start + sectors > disk_end:
@@ -669,7 +676,7 @@ class PartitionBackend:
             except OSError as exc:
                 raise BackendFailure(
                     f"the table of {table.device} now gives partition {part.number} {human(size_bytes)}, but the"
-                    f" kernel refused to grow it ({exc.strerror}); retry, or run partx -u on the disk"
+                    f" kernel refused to grow it ({exc.strerror}); retry: the retry repairs the kernel's view first"
                 ) from exc
             await self._settle_one(disk, table, grown)
             return self._volume(disk, table, grown)
@@ -742,6 +749,44 @@ def _kernel_mismatch(table: Table) -> str | None:
         if not (Path("/dev") / have.name).exists():
             return f"/dev/{have.name} does not exist yet"
     return None
+
+
+def _views_of(table: Table) -> str:
+    """The table's partitions and the kernel's, as (start, size) in the kernel's 512-byte units, for an error."""
+    wanted = {p.number: (table.kernel_units(p.start), table.kernel_units(p.size)) for p in table.partitions}
+    known = {n: (k.start, k.size) for n, k in sorted(kernel_partitions(table.device).items())}
+    return f"table {dict(sorted(wanted.items()))}, kernel {known}"
+
+
+def _repair_kernel(table: Table) -> list[str]:
+    """One pass of bringing the kernel's partitions of `table.device` in line with `table`, partition by partition:
+    drop what the table no longer holds, resize in place what starts where the table says, move (drop, then add)
+    what starts elsewhere, add what is missing. Returns what the kernel refused (EBUSY: a partition held open, or an
+    add overlapping one not moved yet, which the next pass sees gone), for the caller's next pass or its error."""
+    refused: list[str] = []
+
+    def attempt(what: str, op: int, number: int, part: Partition | None = None) -> None:
+        start, length = (part.start * table.sector_size, part.size * table.sector_size) if part else (0, 0)
+        try:
+            _blkpg(table.device, op, number, start, length)
+        except OSError as exc:
+            refused.append(f"{what} of partition {number} refused: {exc.strerror}")
+
+    wanted = {p.number: p for p in table.partitions}
+    for number, have in sorted(kernel_partitions(table.device).items()):
+        part = wanted.get(number)
+        if part is None:
+            attempt("removal", _BLKPG_DELETE, number)
+        elif (have.start, have.size) != (table.kernel_units(part.start), table.kernel_units(part.size)):
+            if have.start == table.kernel_units(part.start):
+                attempt("resize", _BLKPG_RESIZE, number, part)
+            else:
+                attempt("move", _BLKPG_DELETE, number)
+    known = kernel_partitions(table.device)
+    for number, part in sorted(wanted.items()):
+        if number not in known:
+            attempt("addition", _BLKPG_ADD, number, part)
+    return refused
 
 
 def _udev_running() -> bool:
