@@ -1,13 +1,15 @@
-"""`localdisk.blockdev.zero_out` on a real loop device: all zeroed, a device in use refused, a missing one named."""
+"""`localdisk.blockdev.zero_out` on a real loop device: all zeroed, a device in use refused, a missing one named,
+a claim handed over always closed."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 
+import anyio
 import pytest
 
-from localdisk.blockdev import zero_out
+from localdisk.blockdev import open_exclusive, zero_out
 from localdisk.errors import Busy, NotFound
 from localdisk.sizes import MiB
 from tests.loopdisks import loop_disks, needs_loop_devices
@@ -61,3 +63,32 @@ async def test_a_device_open_exclusively_is_not_zeroed() -> None:
 async def test_a_missing_device_is_not_found(tmp_path: os.PathLike[str]) -> None:
     with pytest.raises(NotFound, match="does not exist"):
         await zero_out(os.path.join(tmp_path, "no-such-device"))
+
+
+@needs_loop_devices
+async def test_a_claim_handed_over_is_zeroed_through_and_released() -> None:
+    async with loop_disks(1, SIZE) as (device,):
+        _fill(device)
+        claim = open_exclusive(device)
+        with pytest.raises(Busy):
+            open_exclusive(device)  # held: nobody else gets the device meanwhile
+        assert await zero_out(device, fd=claim) == SIZE
+        assert _read(device) == bytes(SIZE)
+        os.close(open_exclusive(device))  # released
+
+
+@needs_loop_devices
+async def test_a_claim_is_released_when_the_zeroing_is_cancelled() -> None:
+    async with loop_disks(1, SIZE) as (device,):
+        claim = open_exclusive(device)
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await zero_out(device, fd=claim)
+        for _ in range(200):  # the thread, had it started, closes the claim when done
+            try:
+                os.close(open_exclusive(device))
+                break
+            except Busy:
+                await anyio.sleep(0.05)
+        else:
+            raise AssertionError("the claim was never released")

@@ -7,7 +7,11 @@ zeroes (WRITE ZEROES, or a discard that guarantees zeroes) where it can, and the
 cannot, exactly as blkdiscard would.
 
 The device is opened with O_EXCL, which the kernel refuses (EBUSY) while the device is mounted, is part of another
-device (a holder) or is open exclusively elsewhere: a volume in use is never zeroed. The ioctl cannot be interrupted;
+device (a holder) or is open exclusively elsewhere: a volume in use is never zeroed. For a partition, "elsewhere"
+includes its whole disk: sfdisk opens the disk O_EXCL while it writes the table, so a partition opened during a
+table write is refused although nobody uses it. A caller that writes tables itself takes the claim
+(`open_exclusive`) while it keeps its table writers out, and hands it to `zero_out` to zero later; sfdisk, finding
+a partition claimed, falls back to a shared open of the disk. The ioctl cannot be interrupted;
 a cancelled caller returns at once and the thread finishes the zeroing on its own, which leaves nothing wrong behind
 (the volume is still marked pending and the retried create zeroes it again).
 """
@@ -18,6 +22,7 @@ import errno
 import fcntl
 import os
 import struct
+import threading
 import time
 from collections.abc import Sequence
 
@@ -31,8 +36,36 @@ BLKZEROOUT = 0x127F  # _IO(0x12, 127): zero a byte range [start, start + length)
 SECTOR = 512  # the ioctl wants the range in multiples of 512 bytes
 
 
-def _zero_sync(path: str) -> int:
-    fd = os.open(path, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)
+def open_exclusive(path: str) -> int:
+    """Open block device `path` for writing, exclusively (O_EXCL): Busy while it is in use (see the module's text)."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFound(f"block device {path} does not exist") from None
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise Busy(f"{path} is in use (mounted, held by another device or open exclusively); not zeroed") from None
+        raise BackendFailure(f"cannot open {path}: {exc.strerror or exc}") from None
+
+
+class _Handoff:
+    """An open descriptor passed to the worker thread: whoever takes it first closes it, the thread when it starts,
+    else the caller (cancelled before the thread ran), so a claim is never left open."""
+
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+
+    def take(self) -> int | None:
+        with self._lock:
+            fd, self._fd = self._fd, None
+            return fd
+
+
+def _zero_sync(path: str, handoff: _Handoff) -> int:
+    fd = handoff.take()
+    if fd is None:
+        fd = open_exclusive(path)
     try:
         size = os.lseek(fd, 0, os.SEEK_END)
         length = size - size % SECTOR
@@ -43,21 +76,23 @@ def _zero_sync(path: str) -> int:
         os.close(fd)
 
 
-async def zero_out(path: str, observers: Sequence[Observer] = ()) -> int:
-    """Zero all of block device `path`; its size in bytes. Observers see it as the command `BLKZEROOUT <path>`."""
+async def zero_out(path: str, observers: Sequence[Observer] = (), *, fd: int | None = None) -> int:
+    """Zero all of block device `path`; its size in bytes. Observers see it as the command `BLKZEROOUT <path>`.
+
+    `fd`: the device already opened by `open_exclusive`; zero_out takes it over and closes it, whatever happens.
+    """
     started = time.monotonic()
     ok = False
+    handoff = _Handoff(fd)
     try:
-        size = await anyio.to_thread.run_sync(_zero_sync, path, abandon_on_cancel=True)
+        size = await anyio.to_thread.run_sync(_zero_sync, path, handoff, abandon_on_cancel=True)
         ok = True
         return size
-    except FileNotFoundError:
-        raise NotFound(f"block device {path} does not exist") from None
     except OSError as exc:
-        if exc.errno == errno.EBUSY:
-            raise Busy(f"{path} is in use (mounted, held by another device or open exclusively); not zeroed") from None
         raise BackendFailure(f"zeroing {path} failed: {exc.strerror or exc}") from None
     finally:
+        if (unused := handoff.take()) is not None:  # the thread never started: the claim is still ours to close
+            os.close(unused)
         duration = time.monotonic() - started
         for observe in observers:
             observe(["BLKZEROOUT", path], duration, ok)

@@ -48,7 +48,7 @@ import anyio.to_thread
 from pydantic import Field, field_validator
 
 from localdisk.backends.gpt import Partition, Table, best_fit, parse_sfdisk, parse_wipefs
-from localdisk.blockdev import zero_out
+from localdisk.blockdev import open_exclusive, zero_out
 from localdisk.errors import (
     BackendFailure,
     CommandFailed,
@@ -543,7 +543,7 @@ class PartitionBackend:
                 if (part := table.by_name(pending)) is None or part.size * table.sector_size != spec.size_bytes:
                     if part is not None:  # left with another size: drop it, then make the volume afresh
                         await self._settle(table.device, table)
-                        await self._wipe(table, part, zero=False)
+                        await self._wipe(table, part)
                         await self._delete(choice, table, part)
                         table = table.without_partition(part.number)
                     sectors = spec.size_bytes // table.sector_size
@@ -559,7 +559,7 @@ class PartitionBackend:
                 # left here (from before the disk joined the pool). Erasing them is cheap and stops the node from
                 # mounting an old filesystem instead of formatting; zeroing every new volume would double the
                 # write cost of each volume on disks that cannot offload zeroing.
-                await self._wipe(table, part, zero=False)
+                await self._wipe(table, part)
                 table, done = await self._rename(choice, table, part, ready)
                 return self._volume(choice, table, done)
         raise InsufficientCapacity(
@@ -592,8 +592,9 @@ class PartitionBackend:
     async def _remove(self, disk: _Disk, part: Partition, *, zero: bool) -> None:
         """Wipe a partition of ours, then delete it; the caller must not hold the disk's lock.
 
-        The wipe runs outside the lock, as zeroing may take minutes; a crash during it leaves the partition in
-        place, so the retried delete wipes it again. No space is freed before it is clean. Both steps decide on a
+        Zeroing runs outside the lock, as it may take minutes, through an exclusive claim on the partition taken
+        under it; a signature wipe is quick and runs under it. A crash during either leaves the partition in place,
+        so the retried delete wipes it again. No space is freed before it is clean. Both steps decide on a
         fresh read: what is wiped and what is removed must be ours at that very moment.
         """
         async with self._changing(disk) as table:
@@ -602,7 +603,18 @@ class PartitionBackend:
                 return
             part = current
             await self._settle_one(disk, table, part)
-        await self._wipe(table, part, zero=zero)
+            if not zero:  # a signature wipe is quick: wipe and remove under one hold of the lock
+                await self._wipe(table, part)
+                await self._delete(disk, table, part)
+                return
+            # The exclusive claim is taken here, under the lock, where no table write of ours holds the whole disk
+            # (which would make the kernel refuse it, see localdisk.blockdev), and kept through the zeroing.
+            node = self._node(table, part)
+            _refuse_if_in_use(node)  # the answer for a mounted volume: unpublish it first
+            claim = open_exclusive(node)
+        # BLKZEROOUT (in-process, see localdisk.blockdev): the disk zeroes (or discards with guaranteed zeroes) where
+        # it can, else the kernel writes zeros itself, which can cost a full write of the volume.
+        await zero_out(node, self.runner.observers, fd=claim)
         async with self._changing(disk) as table:
             now = table.by_uuid(part.uuid)
             if now is None:
@@ -611,8 +623,9 @@ class PartitionBackend:
                 raise BackendFailure(f"partition {part.uuid} changed while it was being deleted; retry")
             await self._delete(disk, table, now)
 
-    async def _wipe(self, table: Table, part: Partition, *, zero: bool) -> None:
-        """Erase a partition's signatures, or zero all of it (which erases them too), after checking its node."""
+    @staticmethod
+    def _node(table: Table, part: Partition) -> str:
+        """The kernel's node of `part`, checked to be where the table puts it."""
         known = kernel_partition(table.device, part.number)
         node = Path("/dev") / known.name if known is not None else None
         if known is None or node is None or known.start != table.kernel_units(part.start) or not node.exists():
@@ -620,13 +633,14 @@ class PartitionBackend:
                 f"no device node for partition {part.number} of {table.device}; retry: the retry repairs the kernel's"
                 " view of the disk first"
             )
-        _refuse_if_in_use(str(node))
-        if zero:
-            # BLKZEROOUT (in-process, see localdisk.blockdev): the disk zeroes (or discards with guaranteed zeroes)
-            # where it can, else the kernel writes zeros itself, which can cost a full write of the volume.
-            await zero_out(str(node), self.runner.observers)
-        else:
-            await self.runner.run(["wipefs", "--all", "--quiet", "--", str(node)])
+        return str(node)
+
+    async def _wipe(self, table: Table, part: Partition) -> None:
+        """Erase a partition's signatures after checking its node; the disk's lock is held, so no table write of
+        ours has the whole disk open exclusively (which would make the O_EXCL opens below fail)."""
+        node = self._node(table, part)
+        _refuse_if_in_use(node)
+        await self.runner.run(["wipefs", "--all", "--quiet", "--", node])
 
     async def expand_volume(self, handle: str, size_bytes: int) -> Volume:
         located = await self._locate(handle)
