@@ -9,12 +9,15 @@ from collections.abc import Sequence
 import anyio
 import pytest
 
-from localdisk.blockdev import open_exclusive, zero_out
+from localdisk.backends.gpt import Signature, parse_wipefs
+from localdisk.blockdev import erase_signatures, open_exclusive, zero_out
 from localdisk.errors import Busy, NotFound
+from localdisk.runner import CommandRunner
 from localdisk.sizes import MiB
 from tests.loopdisks import loop_disks, needs_loop_devices
 
 pytestmark = pytest.mark.anyio
+runner = CommandRunner(default_timeout=60)
 SIZE = 8 * MiB + 512  # not a multiple of the 4 KiB pages: the tail sector must be zeroed too
 
 
@@ -92,3 +95,33 @@ async def test_a_claim_is_released_when_the_zeroing_is_cancelled() -> None:
                 await anyio.sleep(0.05)
         else:
             raise AssertionError("the claim was never released")
+
+
+@needs_loop_devices
+async def test_signatures_are_erased_at_both_ends_and_nothing_else_is_touched() -> None:
+    size = 32 * MiB
+    async with loop_disks(1, size) as (device,):
+        fd = os.open(device, os.O_WRONLY)
+        try:
+            os.write(fd, b"\xa5" * size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        # A protective MBR and a GPT at the start, the GPT's backup in the last sectors:
+        await runner.run(["sfdisk", "--quiet", "--", device], input=b"label: gpt\n")
+        assert {s.type for s in await signatures(device)} == {"gpt", "PMBR"}
+        seen: list[Sequence[str]] = []
+        assert await erase_signatures(device, [lambda argv, _seconds, _ok: seen.append(argv)]) == size
+        assert await signatures(device) == []
+        assert seen == [["BLKZEROOUT", "--ends", device]]
+        fd = os.open(device, os.O_RDONLY)
+        try:
+            assert os.pread(fd, 8 * MiB, 0) == bytes(8 * MiB)
+            assert os.pread(fd, MiB, size - MiB) == bytes(MiB)
+            assert os.pread(fd, MiB, size - 2 * MiB) == b"\xa5" * MiB  # the middle is left as it was
+        finally:
+            os.close(fd)
+
+
+async def signatures(device: str) -> list[Signature]:
+    return parse_wipefs((await runner.run(["wipefs", "--json", "--", device])).text)

@@ -74,8 +74,9 @@ async def test_own_changes_are_visible_at_once_and_reads_spawn_nothing() -> None
         manager = manager_for(backend)
         free = (await backend.capacity()).available_bytes
         volume = await manager.create_volume(request("pvc-cached", 8 * MiB))
-        # One table read (under the disk's lock), one write to create, a wipe, one write to rename: nothing else.
-        assert commands.take() == ["sfdisk --json", "sfdisk --append", "wipefs --all", "sfdisk --part-label"]
+        # One table read (under the disk's lock), one write to create, the wipe (in-process), one write to rename:
+        # nothing else.
+        assert commands.take() == ["sfdisk --json", "sfdisk --append", "BLKZEROOUT --ends", "sfdisk --part-label"]
         assert await backend.list_volumes() == [volume]
         assert (await backend.capacity()).available_bytes == free - 8 * MiB
         assert await backend.find_volume("pvc-cached") == volume

@@ -24,7 +24,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import anyio
 import anyio.to_thread
@@ -34,6 +34,8 @@ from localdisk.runner import Observer
 
 BLKZEROOUT = 0x127F  # _IO(0x12, 127): zero a byte range [start, start + length)
 SECTOR = 512  # the ioctl wants the range in multiples of 512 bytes
+SIGNATURE_HEAD = 8 << 20  # see erase_signatures
+SIGNATURE_TAIL = 1 << 20
 
 
 def open_exclusive(path: str) -> int:
@@ -62,15 +64,26 @@ class _Handoff:
             return fd
 
 
-def _zero_sync(path: str, handoff: _Handoff) -> int:
+def _all(size: int) -> list[tuple[int, int]]:
+    return [(0, size - size % SECTOR)]
+
+
+def _ends(size: int) -> list[tuple[int, int]]:
+    usable = size - size % SECTOR
+    if usable <= SIGNATURE_HEAD + SIGNATURE_TAIL:
+        return [(0, usable)]
+    return [(0, SIGNATURE_HEAD), (usable - SIGNATURE_TAIL, SIGNATURE_TAIL)]
+
+
+def _zero_sync(path: str, handoff: _Handoff, ranges: Callable[[int], list[tuple[int, int]]]) -> int:
     fd = handoff.take()
     if fd is None:
         fd = open_exclusive(path)
     try:
         size = os.lseek(fd, 0, os.SEEK_END)
-        length = size - size % SECTOR
-        if length:
-            fcntl.ioctl(fd, BLKZEROOUT, struct.pack("=QQ", 0, length))
+        for start, length in ranges(size):
+            if length:
+                fcntl.ioctl(fd, BLKZEROOUT, struct.pack("=QQ", start, length))
         return size
     finally:
         os.close(fd)
@@ -81,11 +94,32 @@ async def zero_out(path: str, observers: Sequence[Observer] = (), *, fd: int | N
 
     `fd`: the device already opened by `open_exclusive`; zero_out takes it over and closes it, whatever happens.
     """
+    return await _zero(path, observers, fd, _all, ["BLKZEROOUT", path])
+
+
+async def erase_signatures(path: str, observers: Sequence[Observer] = ()) -> int:
+    """Zero the first 8 MiB and the last 1 MiB of block device `path` (all of it if smaller); its size in bytes.
+
+    What `wipefs --all` is for, without its process: every signature libblkid looks for lies there (filesystems and
+    LVM near the start, LUKS2's secondary headers up to 4 MiB, the GPT backup, md 0.90/1.0 superblocks and ZFS's
+    last labels at the end), so the node never finds an old filesystem to mount instead of formatting. Observers
+    see it as the command `BLKZEROOUT --ends <path>`.
+    """
+    return await _zero(path, observers, None, _ends, ["BLKZEROOUT", "--ends", path])
+
+
+async def _zero(
+    path: str,
+    observers: Sequence[Observer],
+    fd: int | None,
+    ranges: Callable[[int], list[tuple[int, int]]],
+    shown: list[str],
+) -> int:
     started = time.monotonic()
     ok = False
     handoff = _Handoff(fd)
     try:
-        size = await anyio.to_thread.run_sync(_zero_sync, path, handoff, abandon_on_cancel=True)
+        size = await anyio.to_thread.run_sync(_zero_sync, path, handoff, ranges, abandon_on_cancel=True)
         ok = True
         return size
     except OSError as exc:
@@ -95,4 +129,4 @@ async def zero_out(path: str, observers: Sequence[Observer] = (), *, fd: int | N
             os.close(unused)
         duration = time.monotonic() - started
         for observe in observers:
-            observe(["BLKZEROOUT", path], duration, ok)
+            observe(shown, duration, ok)

@@ -176,6 +176,7 @@ KNOWN_OPTIONS = {
     "--append",
     "--part-label",
     "--getsize64",
+    "--ends",  # not a process: blockdev.erase_signatures as its observers see it
     "--setro",
     "--setrw",
     "--bind",

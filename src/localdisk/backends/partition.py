@@ -48,7 +48,7 @@ import anyio.to_thread
 from pydantic import Field, field_validator
 
 from localdisk.backends.gpt import Partition, Table, best_fit, parse_sfdisk, parse_wipefs
-from localdisk.blockdev import open_exclusive, zero_out
+from localdisk.blockdev import erase_signatures, open_exclusive, zero_out
 from localdisk.errors import (
     BackendFailure,
     CommandFailed,
@@ -640,7 +640,7 @@ class PartitionBackend:
         ours has the whole disk open exclusively (which would make the O_EXCL opens below fail)."""
         node = self._node(table, part)
         _refuse_if_in_use(node)
-        await self.runner.run(["wipefs", "--all", "--quiet", "--", node])
+        await erase_signatures(node, self.runner.observers)
 
     async def expand_volume(self, handle: str, size_bytes: int) -> Volume:
         located = await self._locate(handle)
