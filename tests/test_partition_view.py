@@ -97,7 +97,8 @@ async def test_own_changes_are_visible_at_once_and_reads_spawn_nothing() -> None
 
 @needs_loop_devices
 async def test_change_behind_its_back_shows_up_after_the_max_age() -> None:
-    async with loop_disks(1, DISK) as (disk,), partition_pool([disk], view_max_age=1.0, adopt="free-space") as backend:
+    # 5 s: the steps between the create's read and the first listing below take ~0.3 s, but over 1 s under load
+    async with loop_disks(1, DISK) as (disk,), partition_pool([disk], view_max_age=5.0, adopt="free-space") as backend:
         free = (await backend.capacity()).available_bytes
         reads = backend._disks[0].reads
         await runner.run(["parted", "--script", "--", disk, "mkpart", "theirs", "1MiB", "9MiB"])
@@ -112,7 +113,7 @@ async def test_change_behind_its_back_shows_up_after_the_max_age() -> None:
         number = next(p.number for p in (await read_table(disk)).partitions if p.uuid == volume.ref.handle)
         await runner.run(["sfdisk", "--quiet", "--delete", "--", disk, str(number)])
         assert [v.id for v in await backend.list_volumes()] == [volume.id]
-        await anyio.sleep(1.1)
+        await anyio.sleep(5.1)
         assert await backend.list_volumes() == []
         assert (await backend.capacity()).available_bytes == free - 8 * MiB
         assert backend._disks[0].reads > reads + 1
@@ -142,7 +143,8 @@ async def test_a_failed_change_drops_the_view_and_the_retry_converges() -> None:
 @needs_loop_devices
 async def test_keep_fresh_rereads_in_the_background() -> None:
     """With `keep_fresh` running, reads spawn no process, yet a change made behind our back shows up."""
-    async with loop_disks(1, DISK) as (disk,), partition_pool([disk], view_max_age=1.0, adopt="free-space") as backend:
+    # 5 s: the steps between the create's read and the first listing below take ~0.3 s, but over 1 s under load
+    async with loop_disks(1, DISK) as (disk,), partition_pool([disk], view_max_age=5.0, adopt="free-space") as backend:
         manager = manager_for(backend)
         backend.runner = CommandRunner(default_timeout=60)
         async with anyio.create_task_group() as tasks:
