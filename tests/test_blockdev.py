@@ -21,10 +21,10 @@ runner = CommandRunner(default_timeout=60)
 SIZE = 8 * MiB + 512  # not a multiple of the 4 KiB pages: the tail sector must be zeroed too
 
 
-def _fill(device: str) -> None:
+def _fill(device: str, size: int = SIZE) -> None:
     fd = os.open(device, os.O_WRONLY)
     try:
-        os.write(fd, b"\xa5" * SIZE)
+        os.write(fd, b"\xa5" * size)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -101,12 +101,7 @@ async def test_a_claim_is_released_when_the_zeroing_is_cancelled() -> None:
 async def test_signatures_are_erased_at_both_ends_and_nothing_else_is_touched() -> None:
     size = 32 * MiB
     async with loop_disks(1, size) as (device,):
-        fd = os.open(device, os.O_WRONLY)
-        try:
-            os.write(fd, b"\xa5" * size)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fill(device, size)
         # A protective MBR and a GPT at the start, the GPT's backup in the last sectors:
         await runner.run(["sfdisk", "--quiet", "--", device], input=b"label: gpt\n")
         assert {s.type for s in await signatures(device)} == {"gpt", "PMBR"}

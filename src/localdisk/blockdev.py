@@ -97,15 +97,15 @@ async def zero_out(path: str, observers: Sequence[Observer] = (), *, fd: int | N
     return await _zero(path, observers, fd, _all, ["BLKZEROOUT", path])
 
 
-async def erase_signatures(path: str, observers: Sequence[Observer] = ()) -> int:
+async def erase_signatures(path: str, observers: Sequence[Observer] = (), *, fd: int | None = None) -> int:
     """Zero the first 8 MiB and the last 1 MiB of block device `path` (all of it if smaller); its size in bytes.
 
     What `wipefs --all` is for, without its process: every signature libblkid looks for lies there (filesystems and
     LVM near the start, LUKS2's secondary headers up to 4 MiB, the GPT backup, md 0.90/1.0 superblocks and ZFS's
     last labels at the end), so the node never finds an old filesystem to mount instead of formatting. Observers
-    see it as the command `BLKZEROOUT --ends <path>`.
+    see it as the command `BLKZEROOUT --ends <path>`. `fd`: as for `zero_out`.
     """
-    return await _zero(path, observers, None, _ends, ["BLKZEROOUT", "--ends", path])
+    return await _zero(path, observers, fd, _ends, ["BLKZEROOUT", "--ends", path])
 
 
 async def _zero(

@@ -76,6 +76,10 @@ class Table:
     def kernel_units(self, sectors: int) -> int:
         return sectors * self.sector_size // 512
 
+    def kernel_place(self, part: Partition) -> tuple[int, int]:
+        """Where the kernel should have `part`: (start, size) in its 512-byte units, as sysfs shows them."""
+        return self.kernel_units(part.start), self.kernel_units(part.size)
+
     def free_extents(self, alignment_bytes: int) -> list[Extent]:
         """Gaps between partitions inside the usable area, with both ends rounded inwards to `alignment_bytes`."""
         align = self.alignment_sectors(alignment_bytes)

@@ -51,6 +51,7 @@ from localdisk.backends.gpt import Partition, Table, best_fit, parse_sfdisk, par
 from localdisk.blockdev import erase_signatures, open_exclusive, zero_out
 from localdisk.errors import (
     BackendFailure,
+    Busy,
     CommandFailed,
     ConfigError,
     FailedPrecondition,
@@ -442,11 +443,9 @@ class PartitionBackend:
     async def _settle_one(self, disk: _Disk, table: Table, part: Partition) -> None:
         """Wait until the kernel shows `part` where `table` puts it, with its node; the whole-disk `_settle`, which
         repairs, if it does not soon. The usual check after a change of ours: one partition's sysfs entry."""
-        wanted = (table.kernel_units(part.start), table.kernel_units(part.size))
         deadline = anyio.current_time() + 1.0
         while True:
-            known = kernel_partition(table.device, part.number)
-            if known is not None and (known.start, known.size) == wanted and (Path("/dev") / known.name).exists():
+            if _kernel_shows(table, part):
                 break
             if anyio.current_time() >= deadline:
                 await self._settle(table.device, table)
@@ -610,8 +609,7 @@ class PartitionBackend:
             # The exclusive claim is taken here, under the lock, where no table write of ours holds the whole disk
             # (which would make the kernel refuse it, see localdisk.blockdev), and kept through the zeroing.
             node = self._node(table, part)
-            _refuse_if_in_use(node)  # the answer for a mounted volume: unpublish it first
-            claim = open_exclusive(node)
+            claim = _claim(node)
         # BLKZEROOUT (in-process, see localdisk.blockdev): the disk zeroes (or discards with guaranteed zeroes) where
         # it can, else the kernel writes zeros itself, which can cost a full write of the volume.
         await zero_out(node, self.runner.observers, fd=claim)
@@ -639,8 +637,7 @@ class PartitionBackend:
         """Erase a partition's signatures after checking its node; the disk's lock is held, so no table write of
         ours has the whole disk open exclusively (which would make the O_EXCL opens below fail)."""
         node = self._node(table, part)
-        _refuse_if_in_use(node)
-        await erase_signatures(node, self.runner.observers)
+        await erase_signatures(node, self.runner.observers, fd=_claim(node))
 
     async def expand_volume(self, handle: str, size_bytes: int) -> Volume:
         located = await self._locate(handle)
@@ -655,7 +652,8 @@ class PartitionBackend:
             if sectors <= part.size:
                 # Also the retry of an expand cut between the table write and the kernel's resize: the kernel must
                 # show the size the answer gives (a restart repairs it too, but a retry may come first).
-                await self._settle_one(disk, table, part)
+                if not _kernel_shows(table, part):
+                    await self._settle_one(disk, table, part)
                 return self._volume(disk, table, part)
             disk_end = table.usable_end(ALIGNMENT)
             if part.start + sectors > disk_end:
@@ -758,7 +756,7 @@ def _kernel_mismatch(table: Table) -> str | None:
         have = known.get(number)
         if have is None:
             return f"partition {number} has no kernel device yet"
-        if (have.start, have.size) != (table.kernel_units(part.start), table.kernel_units(part.size)):
+        if (have.start, have.size) != table.kernel_place(part):
             return f"the kernel has partition {number} at another place or size than the table"
         if not (Path("/dev") / have.name).exists():
             return f"/dev/{have.name} does not exist yet"
@@ -767,7 +765,7 @@ def _kernel_mismatch(table: Table) -> str | None:
 
 def _views_of(table: Table) -> str:
     """The table's partitions and the kernel's, as (start, size) in the kernel's 512-byte units, for an error."""
-    wanted = {p.number: (table.kernel_units(p.start), table.kernel_units(p.size)) for p in table.partitions}
+    wanted = {p.number: table.kernel_place(p) for p in table.partitions}
     known = {n: (k.start, k.size) for n, k in sorted(kernel_partitions(table.device).items())}
     return f"table {dict(sorted(wanted.items()))}, kernel {known}"
 
@@ -791,7 +789,7 @@ def _repair_kernel(table: Table) -> list[str]:
         part = wanted.get(number)
         if part is None:
             attempt("removal", _BLKPG_DELETE, number)
-        elif (have.start, have.size) != (table.kernel_units(part.start), table.kernel_units(part.size)):
+        elif (have.start, have.size) != table.kernel_place(part):
             if have.start == table.kernel_units(part.start):
                 attempt("resize", _BLKPG_RESIZE, number, part)
             else:
@@ -807,17 +805,25 @@ def _udev_running() -> bool:
     return _UDEV_CONTROL.exists()
 
 
-def _refuse_if_in_use(node: str) -> None:
-    """Refuse to wipe a partition that is mounted or held (O_EXCL fails then), before destroying anything."""
+def _kernel_shows(table: Table, part: Partition) -> bool:
+    """Whether the kernel has `part` where and as large as `table` says, with its node."""
+    known = kernel_partition(table.device, part.number)
+    return (
+        known is not None
+        and (known.start, known.size) == table.kernel_place(part)
+        and (Path("/dev") / known.name).exists()
+    )
+
+
+def _claim(node: str) -> int:
+    """The partition opened exclusively for wiping: refused for a volume that is mounted or held, before anything
+    is destroyed (the claim is then handed to blockdev, which closes it)."""
     try:
-        fd = os.open(node, os.O_RDONLY | os.O_EXCL)
-    except OSError as exc:
-        if exc.errno == errno.EBUSY:
-            raise FailedPrecondition(
-                f"{node} is in use (mounted or held by another device); unpublish and unstage the volume first"
-            ) from exc
-        raise BackendFailure(f"cannot open {node}: {exc.strerror}") from exc
-    os.close(fd)
+        return open_exclusive(node)
+    except Busy as exc:
+        raise FailedPrecondition(
+            f"{node} is in use (mounted or held by another device); unpublish and unstage the volume first"
+        ) from exc
 
 
 def _node_name(device: str, number: int) -> str:
