@@ -429,3 +429,75 @@ class NodeLifecycle:
         assert "nothing is mounted" in broken.volume_condition.message
         await self.unpublish_and_unstage(csi, volume_id, paths)
         await csi.controller.delete_volume(DeleteVolumeRequest(volume_id=volume_id))
+
+    # -- access modes and where a volume is ---------------------------------------------------------------------
+    @pytest.mark.parametrize("kind", ["ext4", "block"])
+    async def test_single_writer_is_published_once(
+        self, csi: Csi, backend: VolumeBackend, kubelet_root: Path, kind: str
+    ) -> None:
+        """SINGLE_NODE_SINGLE_WRITER (ReadWriteOncePod): a second target path is FAILED_PRECONDITION, the same
+        target again is idempotent, and the second target works once the first is unpublished."""
+        cap = capability(kind, Mode.SINGLE_NODE_SINGLE_WRITER)
+        name = f"pvc-rwop-{kind}"
+        volume_id = await self.create(csi, backend, name, cap)
+        first = kubelet_paths(kubelet_root, name, block=kind == "block", pod="pod-1")
+        second = kubelet_paths(kubelet_root, name, block=kind == "block", pod="pod-2")
+        await self.stage_and_publish(csi, volume_id, first, cap)
+        await self.stage_and_publish(csi, volume_id, first, cap)  # idempotent
+        message = await expect(Status.FAILED_PRECONDITION, self._publish(csi, volume_id, second, cap))
+        assert first.target in message
+        assert not os.path.lexists(second.target), "a refused publish leaves nothing at the target"
+        # A multi-writer publication elsewhere also keeps a single-writer one from being added.
+        if kind != "block":
+            await csi.node.node_unpublish_volume(
+                NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=first.target)
+            )
+            await self._publish(csi, volume_id, second, capability(kind, Mode.SINGLE_NODE_MULTI_WRITER))
+            await expect(Status.FAILED_PRECONDITION, self._publish(csi, volume_id, first, cap))
+            await csi.node.node_unpublish_volume(
+                NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=second.target)
+            )
+        else:
+            await csi.node.node_unpublish_volume(
+                NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=first.target)
+            )
+        await self._publish(csi, volume_id, second, cap)
+        await self.unpublish_and_unstage(csi, volume_id, second)
+        await csi.controller.delete_volume(DeleteVolumeRequest(volume_id=volume_id))
+
+    async def _publish(self, csi: Csi, volume_id: str, paths: Paths, cap: VolumeCapability) -> None:
+        await csi.node.node_publish_volume(
+            NodePublishVolumeRequest(
+                volume_id=volume_id, staging_target_path=paths.staging, target_path=paths.target, volume_capability=cap
+            )
+        )
+
+    async def test_stats_and_expand_only_where_the_volume_is(
+        self, csi: Csi, backend: VolumeBackend, kubelet_root: Path
+    ) -> None:
+        """NOT_FOUND for an unknown volume, a path the volume cannot be at, and a path inside the kubelet root
+        where it is not mounted; an expand at a wrong path grows nothing."""
+        cap = capability("ext4")
+        volume_id = await self.create(csi, backend, "pvc-where", cap)
+        paths = kubelet_paths(kubelet_root, "pvc-where", block=False)
+        await self.stage_and_publish(csi, volume_id, paths, cap)
+        elsewhere = kubelet_root / "pods" / "other"
+        elsewhere.mkdir(parents=True)
+        unknown = volume_id[:-4] + ("0000" if not volume_id.endswith("0000") else "1111")
+        for vid, path in ((unknown, paths.target), (unknown, "some/path"), (volume_id, "some/path")):
+            await expect(
+                Status.NOT_FOUND,
+                csi.node.node_get_volume_stats(NodeGetVolumeStatsRequest(volume_id=vid, volume_path=path)),
+            )
+        for vid, path in ((unknown, paths.target), (volume_id, "some/path"), (volume_id, str(elsewhere))):
+            grow = NodeExpandVolumeRequest(
+                volume_id=vid, volume_path=path, capacity_range=CapacityRange(required_bytes=self.grown_bytes)
+            )
+            await expect(Status.NOT_FOUND, csi.node.node_expand_volume(grow))
+        assert (await csi.manager.get_volume(volume_id)).size_bytes == self.volume_bytes, "nothing was grown"
+        await expect(
+            Status.INVALID_ARGUMENT,
+            csi.node.node_get_volume_stats(NodeGetVolumeStatsRequest(volume_id=volume_id, volume_path="")),
+        )
+        await self.unpublish_and_unstage(csi, volume_id, paths)
+        await csi.controller.delete_volume(DeleteVolumeRequest(volume_id=volume_id))

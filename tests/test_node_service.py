@@ -73,7 +73,7 @@ class TestLoopNode(NodeLifecycle):
     def backend(self, loop_backend: LoopBackend) -> LoopBackend:
         return loop_backend
 
-    async def test_volume_removed_underneath_is_abnormal(
+    async def test_volume_removed_underneath_is_not_found(
         self, csi: Csi, backend: LoopBackend, kubelet_root: Path, runner: CommandRunner
     ) -> None:
         for kind, cap in (("fs", mount_cap("ext4")), ("block", block_cap())):
@@ -83,9 +83,9 @@ class TestLoopNode(NodeLifecycle):
             await self.stage_and_publish(csi, volume_id, paths, cap)
             device = await self.device_of(csi, volume_id)
             await backend.delete_volume(ObjectRef.parse(volume_id).handle)  # loop detached, image deleted
-            stats = await self.stats(csi, volume_id, paths.target)
-            assert stats.volume_condition is not None and stats.volume_condition.abnormal
-            assert "no longer exists" in stats.volume_condition.message
+            # CSI: NodeGetVolumeStats of a volume that does not exist is NOT_FOUND, not OK with a condition.
+            error = await expect(Status.NOT_FOUND, self.stats(csi, volume_id, paths.target))
+            assert "not found" in error
             # Cleaning up still works, and the loop device is really released afterwards.
             await self.unpublish_and_unstage(csi, volume_id, paths)
             await self.unpublish_and_unstage(csi, volume_id, paths)
@@ -319,11 +319,15 @@ async def test_paths_outside_the_kubelet_root_are_refused(csi: Csi, root: Path, 
                 )
             ),
             csi.node.node_unpublish_volume(NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=path)),
-            csi.node.node_get_volume_stats(NodeGetVolumeStatsRequest(volume_id=volume_id, volume_path=path)),
-            csi.node.node_expand_volume(NodeExpandVolumeRequest(volume_id=volume_id, volume_path=path)),
         ]
         for call in calls:
             await expect(Status.INVALID_ARGUMENT, call)
+        # A volume_path is where the volume is staged or published: outside the root it cannot be (CSI: NOT_FOUND).
+        for where in (
+            csi.node.node_get_volume_stats(NodeGetVolumeStatsRequest(volume_id=volume_id, volume_path=path)),
+            csi.node.node_expand_volume(NodeExpandVolumeRequest(volume_id=volume_id, volume_path=path)),
+        ):
+            assert "not staged or published" in await expect(Status.NOT_FOUND, where)
     assert list(outside.iterdir()) == [], "nothing may be created through the symlink"
 
 

@@ -450,6 +450,21 @@ class Mounter:
             problem=problem,
         )
 
+    def holds(self, path: str, device: str) -> bool:
+        """Whether `path` is where `device` is staged or published: a mount of its filesystem (or a bind of one),
+        or a bind of the device node itself."""
+        rdev = device_number(device)
+        if _is_block_node(path):
+            return self.mount_at(path) is not None and self._is_node_of(path, rdev)
+        mount = self.mount_at(path)
+        return mount is not None and self.mounted_from(mount, rdev)
+
+    def publications(self, staged: MountInfo) -> list[MountInfo]:
+        """The bind mounts of the staged filesystem `staged` elsewhere (its publications)."""
+        return [
+            m for m in self.mounts() if m.mount_id != staged.mount_id and m.dev == staged.dev and m.root == staged.root
+        ]
+
     async def expand(self, path: str, device: str) -> int:
         """Grow the filesystem mounted at `path` online to the size of `device`; returns the device size.
         A raw block volume needs nothing."""

@@ -41,10 +41,17 @@ from localdisk.config import NodeConfig
 from localdisk.csi import convert, validate
 from localdisk.csi.paths import KubeletPaths
 from localdisk.csi.status import rpc
-from localdisk.errors import AlreadyExists, FailedPrecondition, LocalDiskError, NotFound, OutOfRange
+from localdisk.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    LocalDiskError,
+    NotFound,
+    OutOfRange,
+)
 from localdisk.manager import KeyedGuard, VolumeManager
 from localdisk.model import Volume
-from localdisk.mounts import Mounter, device_number, mount_flags
+from localdisk.mounts import Mounter, MountInfo, device_number, mount_flags
 
 Cap = NodeServiceCapabilityRpcType
 log = logging.getLogger(__name__)
@@ -98,6 +105,16 @@ class NodeService(NodeBase):
             log.info("volume %s: device unknown during clean-up: %s", volume_id, exc.message)
             return None
 
+    def _volume_path(self, volume_id: str, path: str) -> str:
+        """The checked `volume_path` of NodeGetVolumeStats or NodeExpandVolume. The volume can only be staged or
+        published inside the kubelet root, so a path that is not a safe place there (relative, outside, through a
+        symlink leading out) is where the volume is not: NOT_FOUND, as CSI's error tables say, and nothing is read,
+        mounted or resized there."""
+        try:
+            return self.paths.check(path, "volume_path")
+        except InvalidArgument as exc:
+            raise NotFound(f"volume {volume_id} is not staged or published at that path: {exc.message}") from None
+
     def _default_fs(self, volume: Volume) -> str:
         """The filesystem an empty device of `volume` gets when the capability names none."""
         return self.pool_fs.get((volume.ref.backend, volume.ref.pool)) or self.default_fs
@@ -141,19 +158,35 @@ class NodeService(NodeBase):
         staging = self.paths.check(message.staging_target_path, "staging_target_path")
         cap = _capability(message.volume_capability)
         readonly = message.readonly or _reader_only(cap)
+        single_writer = cap.access_mode is not None and cap.access_mode.mode == validate.Mode.SINGLE_NODE_SINGLE_WRITER
         with self._guard.hold(message.volume_id):
             volume, device = await self._device(message.volume_id)
             if cap.mount is None:
+                if single_writer:
+                    self._refuse_second_writer(volume.id, target, self.mounter.block_binds(device))
                 await self.mounter.publish_block(device, target, readonly)
                 return NodePublishVolumeResponse()
             staged = self.mounter.mount_at(staging)
             if staged is not None and not self.mounter.mounted_from(staged, device_number(device)):
                 raise FailedPrecondition(f"{staging} is not where volume {volume.id} is staged")
+            if single_writer and staged is not None:
+                self._refuse_second_writer(volume.id, target, self.mounter.publications(staged))
             wanted = cap.mount.fs_type
             if staged is not None and wanted and staged.fs_type != wanted:
                 raise FailedPrecondition(f"volume {volume.id} is staged as {staged.fs_type}, not {wanted}")
             await self.mounter.publish_filesystem(staging, target, readonly, cap.mount.mount_flags)
         return NodePublishVolumeResponse()
+
+    @staticmethod
+    def _refuse_second_writer(volume_id: str, target: str, publications: list[MountInfo]) -> None:
+        """SINGLE_NODE_SINGLE_WRITER (ReadWriteOncePod): one publication on the node, not one per target path.
+        Publishing again at the same target stays idempotent."""
+        others = [m.mount_point for m in publications if m.mount_point != target]
+        if others:
+            raise FailedPrecondition(
+                f"volume {volume_id} has access mode SINGLE_NODE_SINGLE_WRITER and is already published at"
+                f" {others[0]}; unpublish it there first"
+            )
 
     @rpc
     async def node_unpublish_volume(self, message: NodeUnpublishVolumeRequest) -> NodeUnpublishVolumeResponse:
@@ -167,16 +200,11 @@ class NodeService(NodeBase):
     @rpc
     async def node_get_volume_stats(self, message: NodeGetVolumeStatsRequest) -> NodeGetVolumeStatsResponse:
         validate.require(message.volume_id, "volume_id")
-        path = self.paths.check(message.volume_path, "volume_path")
+        validate.require(message.volume_path, "volume_path")
         self.paths.check_optional(message.staging_target_path, "staging_target_path")
-        problem: str | None = None
-        device: str | None = None
-        try:
-            volume = await self.manager.get_volume(message.volume_id)
-        except NotFound as exc:
-            problem = f"the volume no longer exists: {exc.message}"
-        else:
-            device, problem = volume.device_path, volume.abnormal
+        volume = await self.manager.get_volume(message.volume_id)  # CSI: NOT_FOUND for a volume that is not there
+        path = self._volume_path(volume.id, message.volume_path)
+        device, problem = volume.device_path, volume.abnormal
         stats = await self.mounter.stats(path, device)
         problem = problem or stats.problem
         usage = [VolumeUsage(unit=VolumeUsageUnit.BYTES, total=stats.total_bytes)]
@@ -206,13 +234,17 @@ class NodeService(NodeBase):
     @rpc
     async def node_expand_volume(self, message: NodeExpandVolumeRequest) -> NodeExpandVolumeResponse:
         validate.require(message.volume_id, "volume_id")
-        path = self.paths.check(message.volume_path, "volume_path")
+        validate.require(message.volume_path, "volume_path")
         self.paths.check_optional(message.staging_target_path, "staging_target_path")
         required, limit = validate.capacity(message.capacity_range)
         if message.volume_capability is not None:
             validate.check_capability(message.volume_capability, "volume_capability")
         with self._guard.hold(message.volume_id):
+            await self.manager.get_volume(message.volume_id)  # NOT_FOUND first, then where it is (not)
+            path = self._volume_path(message.volume_id, message.volume_path)
             volume, device = await self._device(message.volume_id)
+            if not self.mounter.holds(path, device):  # checked before growing anything
+                raise NotFound(f"volume {volume.id} is not staged or published at {path}")
             if required and volume.size_bytes < required:
                 # Node-side expansion: in a per-node deployment only this node can reach the volume, and the
                 # external-resizer has no per-node mode, so the driver does not advertise controller expansion and
