@@ -39,9 +39,10 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The test suite on the host. Tests that need the UML sandbox skip here, with a reason; `e2e` runs them."""
+    """The test suite on the host. Tests that need the UML sandbox skip here, with a reason; `e2e` runs them;
+    the csi-sanity runs are `sanity`'s."""
     session.install("-e", ".[test]")
-    session.run("pytest", "-m", "not uml", *session.posargs)
+    session.run("pytest", "-m", "not uml and not sanity", *session.posargs)
 
 
 # The volume groups the LVM suites expect (tests/lvm/conftest.py names them) and how the suites are split: UML runs
@@ -125,6 +126,49 @@ def _prefix_lines(shard: str, run: subprocess.Popen[bytes]) -> None:
     for line in run.stdout:
         sys.stdout.write(f"[{shard}] {line.decode('utf-8', 'replace')}")
         sys.stdout.flush()
+
+
+SANITY_BACKENDS = ["fake", "partition-mount", "partition-block", "lvm", "thin"]
+
+
+@nox.session
+def sanity(session: nox.Session) -> None:
+    """csi-sanity (kubernetes-csi/csi-test) against `localdisk serve` on every backend: the fake pool and a
+    partition pool on loop disks (filesystem and raw block) on the host, an lvm and a thin pool in a sandbox guest.
+
+    The binary comes from $CSI_SANITY or PATH; without one the session skips and says what to install, except with
+    CI=true, where that is a failure. Needs root. Prints Passed/Failed/Skipped per backend at the end.
+    """
+    sys.path.insert(0, str(ROOT))
+    from tests import sanity as harness
+
+    if not (os.environ.get("CSI_SANITY") or shutil.which("csi-sanity")):
+        if os.environ.get("CI", "").lower() == "true":
+            session.error(f"CI=true but {harness.INSTALL_HINT}")
+        session.skip(harness.INSTALL_HINT)
+    session.install("-e", ".[test]")
+    bin_dir = Path(session.bin)
+    results = Path(tempfile.mkdtemp(prefix="localdisk-sanity-results-"))
+    env = {**os.environ, "LOCALDISK_SANITY_RESULTS": str(results)}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    pytest_argv = [str(bin_dir / "python"), "-m", "pytest", "-p", "no:cacheprovider", "-q", "-m", "sanity"]
+    pytest_argv += session.posargs
+    guest = [str(bin_dir / "localdisk"), "sandbox", "run", *E2E_SANDBOX, "--"]
+    codes = {
+        "host": subprocess.run([*pytest_argv, "tests/test_sanity.py"], cwd=ROOT, env=env, check=False).returncode,
+        "sandbox": subprocess.run(
+            [*guest, *pytest_argv, "tests/lvm/test_sanity_lvm.py"], cwd=ROOT, env=env, check=False
+        ).returncode,
+    }
+    found = harness.load_results(results)
+    shutil.rmtree(results, ignore_errors=True)
+    session.log("csi-sanity summary:")
+    for line in harness.summary_lines(found):
+        print(line)
+    missing = [name for name in SANITY_BACKENDS if name not in {r.name for r in found}]
+    failed = [r.name for r in found if r.failed]
+    if missing or failed or any(codes.values()):
+        session.error(f"csi-sanity: failed {failed}, did not run {missing}, pytest exit codes {codes}")
 
 
 @nox.session

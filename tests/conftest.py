@@ -32,3 +32,13 @@ def _is_runner(task: asyncio.Task[object]) -> bool:
     coro = task.get_coro()
     module = getattr(getattr(coro, "cr_code", None), "co_filename", "")
     return "anyio" in module
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """csi-sanity's counts per backend (`tests/sanity.py`), when this run had any."""
+    from tests import sanity
+
+    if sanity.RESULTS:
+        terminalreporter.section("csi-sanity")
+        for line in sanity.summary_lines(sanity.RESULTS):
+            terminalreporter.write_line(line)
