@@ -29,6 +29,21 @@ def free_port() -> int:
         return port
 
 
+async def scrape_until(http: aiohttp.ClientSession, url: str, lines: list[str], seconds: float) -> str:
+    """The metrics page once it holds every one of `lines`, read again until then; an error naming what is missing
+    after `seconds`."""
+    text = ""
+    with anyio.move_on_after(seconds):
+        while True:
+            async with http.get(url) as response:
+                text = await response.text()
+            if all(line in text for line in lines):
+                return text
+            await anyio.sleep(0.05)
+    missing = [line for line in lines if line not in text]
+    raise AssertionError(f"still no {missing} after {seconds}s in:\n{text}")
+
+
 async def test_controller_end_to_end_and_sigterm(fake: FakeKubernetes, kubeconfig: str) -> None:
     await fake.put("storageclasses", objects.storage_class("localdisk-lvm"))
     pvc = await fake.put("persistentvolumeclaims", objects.claim("apps", "data-db-0", volume="pv-1"))
@@ -42,17 +57,16 @@ async def test_controller_end_to_end_and_sigterm(fake: FakeKubernetes, kubeconfi
         kubeconfig=kubeconfig,
     )
     async with aiohttp.ClientSession() as http:
-        with anyio.fail_after(10):
+        with anyio.fail_after(60):
             async with anyio.create_task_group() as group:
                 group.start_soon(main, settings)
                 while not (fake.get("persistentvolumes", "pv-1") or {}).get("metadata", {}).get("deletionTimestamp"):
                     await anyio.sleep(0.05)
                 async with http.get(f"http://127.0.0.1:{port}/healthz") as health:
                     assert health.status == 200
-                async with http.get(f"http://127.0.0.1:{port}/metrics") as metrics:
-                    text = await metrics.text()
-                assert "localdisk_controller_leader 1.0" in text
-                assert "localdisk_node_loss_released_volumes_total 1.0" in text
+                # The counter goes up after the release's last write (the finalizer), not with the PV's deletion.
+                wanted = ["localdisk_controller_leader 1.0", "localdisk_node_loss_released_volumes_total 1.0"]
+                await scrape_until(http, f"http://127.0.0.1:{port}/metrics", wanted, seconds=30)
                 os.kill(os.getpid(), signal.SIGTERM)  # what the kubelet sends: main() must stop cleanly
     lease = fake.get("leases", "localdisk-controller", "localdisk")
     assert lease is not None and lease["spec"]["holderIdentity"] == "", "released on the way out"

@@ -90,16 +90,24 @@ async def test_controller_needs_nothing_beyond_its_role(fake: FakeKubernetes, ap
     fake.requests.clear()
     node_loss = NodeLossController(api, registry=CollectorRegistry(), pacer=Pacer(0.05))
     elector = LeaderElector(api, LeaseSettings(NAMESPACE, "localdisk-controller", "replica-1", 1.0, 0.6, 0.1))
-    with anyio.fail_after(10):
+
+    def pv_lists() -> int:
+        return sum(1 for m, p in fake.requests if m == "GET" and p.split("?")[0] == "/api/v1/persistentvolumes")
+
+    def verbs() -> set[str]:
+        return {attributes(m, p)[0] for m, p in fake.requests}
+
+    with anyio.fail_after(30):
         async with anyio.create_task_group() as group:
             group.start_soon(elector.run, node_loss.run)
             while fake.count("DELETE", "/persistentvolumes/") == 0 or fake.count("PATCH") == 0:
                 await anyio.sleep(0.05)
-            await fake.remove("nodes", "n1")  # a watched deletion too
-            await anyio.sleep(0.3)
+            lists = pv_lists()
+            await fake.remove("nodes", "n1")  # a watched deletion too: the controller reads the node, lists the PVs
+            while fake.count("GET", "/api/v1/nodes/n1") == 0 or pv_lists() == lists or "update" not in verbs():
+                await anyio.sleep(0.05)
             group.cancel_scope.cancel()
-    verbs = {attributes(m, p)[0] for m, p in fake.requests}
-    assert verbs >= {"get", "list", "watch", "create", "update", "patch", "delete"}, "the scenario covered them all"
+    assert verbs() >= {"get", "list", "watch", "create", "update", "patch", "delete"}, "the scenario covered them all"
     assert denied(fake, "localdisk-controller") == []
 
 

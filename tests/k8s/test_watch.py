@@ -56,13 +56,17 @@ async def test_events_after_the_list_arrive_once_across_reconnects(fake: FakeKub
         await seen.until(lambda: seen.relists)
         for name in ("n1", "n2", "n3"):
             await fake.put("nodes", objects.node(name))
-            await anyio.sleep(0.15)
+            await seen.until(lambda added=("ADDED", name): added in seen.events)
+            watches = fake.count("GET", "watch=")  # the one that brought the change included
+            with anyio.fail_after(5):  # the next change is made only once that watch has ended and been resumed
+                while fake.count("GET", "watch=") == watches:
+                    await anyio.sleep(0.02)
         await fake.remove("nodes", "n1")
         await seen.until(lambda: ("DELETED", "n1") in seen.events)
         group.cancel_scope.cancel()
     assert seen.relists == [["n0"]]
     assert seen.events == [("ADDED", "n1"), ("ADDED", "n2"), ("ADDED", "n3"), ("DELETED", "n1")]
-    assert fake.count("GET", "watch=") >= 2, "the watches did end and were resumed"
+    assert fake.count("GET", "watch=") >= 4, "each change came on a watch of its own, resumed where the last stopped"
 
 
 async def test_expired_resource_version_relists(fake: FakeKubernetes, api: Any) -> None:

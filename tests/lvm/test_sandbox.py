@@ -1,11 +1,14 @@
 """The sandbox itself, on the host: what it refuses before booting, and that a boot carries a command's status and
 output back and leaves nothing behind (no run directory, no UML process, nothing in the host's /etc/lvm), also when
-the command outlives its timeout.
+the command outlives its timeout; and that in the guest `localdisk doctor` finds device-mapper answering (the host's
+kernel may have none).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -93,10 +96,15 @@ def _etc_lvm() -> list[str]:
 @needs_uml
 def test_run_carries_status_and_output_and_cleans_up(tmp_path: Path) -> None:
     etc_lvm = _etc_lvm()
-    script = "lvm vgs --noheadings -o vg_name,vg_size --units m; echo sandbox=$LOCALDISK_SANDBOX; pwd; exit 7"
+    doctor = f"{shlex.quote(sys.executable)} -m localdisk.cli doctor --json > doctor.json"  # written to tmp_path
+    script = (
+        f"lvm vgs --noheadings -o vg_name,vg_size --units m; echo sandbox=$LOCALDISK_SANDBOX; pwd; {doctor}; exit 7"
+    )
     done = _sandbox(tmp_path, "--vg", "ldsandbox:64M", "--", "sh", "-c", script)
     assert done.returncode == 7, done.stderr
     assert "ldsandbox" in done.stdout and "sandbox=1" in done.stdout and str(tmp_path) in done.stdout
+    [device_mapper] = [c for c in json.loads((tmp_path / "doctor.json").read_text()) if c["name"] == "device-mapper"]
+    assert device_mapper["ok"] and device_mapper["detail"].startswith("kernel driver 4."), "the guest's driver answers"
     assert "booted in" in done.stderr and "command exited 7" in done.stderr
     assert _left_behind(tmp_path) == []
     assert _etc_lvm() == etc_lvm

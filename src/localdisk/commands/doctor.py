@@ -1,14 +1,21 @@
 """`localdisk doctor`: does this host have what localdisk needs, and if not, how to fix it.
 
-Checks are cheap probes (a version flag, a file in /proc or /sys); what is required depends on the configured
-backends: a node with only partition pools does not need device-mapper.
+Checks are cheap probes (a version flag, a file in /proc or /sys, one ioctl); what is required depends on the
+configured backends: a node with only partition pools does not need device-mapper.
+
+Device-mapper is asked for its version (DM_VERSION on /dev/mapper/control) rather than looked for: the control node
+can exist on a kernel without the driver (`dmsetup` creates it), and only the ioctl proves the driver answers.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import re
 import stat
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -73,18 +80,63 @@ async def _tool(runner: CommandRunner, tool: Tool, backends: set[str]) -> Check:
     return Check(tool.name, True, found.group(0) if found else "present", required=required)
 
 
-def _device_mapper(backends: set[str]) -> Check:
-    misc = Path("/proc/misc").read_text() if Path("/proc/misc").exists() else ""
-    ok = "device-mapper" in misc or Path("/dev/mapper/control").exists()
-    return Check(
-        "device-mapper",
-        ok,
-        "kernel driver present" if ok else "this kernel has no device-mapper: LVM cannot activate volumes",
-        ""
-        if ok
-        else "load dm_mod (modprobe dm_thin_pool), or use the partition backend; tests use `localdisk sandbox`",
-        required=bool(backends & {"lvm", "thin"}),
-    )
+DM_CONTROL = "/dev/mapper/control"
+# struct dm_ioctl (linux/dm-ioctl.h) is 312 bytes and starts with version[3], data_size, data_start (all __u32).
+DM_IOCTL_SIZE = 312
+DM_IOCTL_HEAD = struct.Struct("=5I")
+DM_VERSION = (3 << 30) | (DM_IOCTL_SIZE << 16) | (0xFD << 8) | 0  # _IOWR(DM_IOCTL, DM_VERSION_CMD, struct dm_ioctl)
+NO_DEVICE_MAPPER = "no device-mapper in this kernel; LVM volumes cannot be activated"
+WITHOUT_DEVICE_MAPPER = (
+    "use the partition backend or run under `localdisk sandbox` (a kernel that has it as a module: modprobe dm_mod)"
+)
+
+
+def dm_version(
+    control: str = DM_CONTROL,
+    *,
+    open_file: Callable[[str, int], int] = os.open,
+    ioctl: Callable[[int, int, bytearray], object] = fcntl.ioctl,
+) -> tuple[int, int, int]:
+    """The kernel device-mapper driver's interface version, from DM_VERSION; OSError if the driver does not answer."""
+    fd = open_file(control, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        request = bytearray(DM_IOCTL_SIZE)
+        DM_IOCTL_HEAD.pack_into(request, 0, 4, 0, 0, DM_IOCTL_SIZE, DM_IOCTL_SIZE)  # we speak 4.0.0, or later
+        ioctl(fd, DM_VERSION, request)
+        major, minor, patch = DM_IOCTL_HEAD.unpack_from(request)[:3]
+        return major, minor, patch
+    finally:
+        os.close(fd)
+
+
+def _proc_misc() -> str:
+    try:
+        return Path("/proc/misc").read_text()
+    except OSError:
+        return ""
+
+
+def _device_mapper(
+    backends: set[str],
+    version: Callable[[], tuple[int, int, int]] = dm_version,
+    proc_misc: Callable[[], str] = _proc_misc,
+) -> Check:
+    def check(ok: bool, detail: str, fix: str = "") -> Check:
+        return Check("device-mapper", ok, detail, fix, required=bool(backends & {"lvm", "thin"}))
+
+    try:
+        major, minor, patch = version()
+    except OSError as exc:
+        if exc.errno in (errno.ENODEV, errno.ENXIO):
+            return check(False, NO_DEVICE_MAPPER, WITHOUT_DEVICE_MAPPER)
+        if exc.errno == errno.ENOENT:
+            if "device-mapper" in proc_misc():
+                return check(False, f"the driver is loaded but {DM_CONTROL} is missing", "create it: dmsetup mknodes")
+            return check(False, f"{NO_DEVICE_MAPPER} (no {DM_CONTROL})", WITHOUT_DEVICE_MAPPER)
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return check(False, f"cannot ask {DM_CONTROL}: permission denied", "run `localdisk doctor` as root")
+        return check(False, f"{DM_CONTROL} does not answer DM_VERSION: {exc.strerror}", "see the kernel log (dmesg)")
+    return check(True, f"kernel driver {major}.{minor}.{patch}")
 
 
 def _cgroup() -> Check:
