@@ -19,7 +19,6 @@ paths where the device must appear; volumes, backends and gRPC are not its busin
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import stat
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 
 import anyio
 
+from localdisk.beneath import MOUNT_FLAGS, Beneath, fd_path
 from localdisk.errors import (
     AlreadyExists,
     BackendFailure,
@@ -198,9 +198,17 @@ class PathStats:
 class Mounter:
     """Formats, mounts and unmounts volume devices, through a `CommandRunner`."""
 
-    def __init__(self, runner: CommandRunner | None = None, mountinfo: str = "/proc/self/mountinfo") -> None:
+    def __init__(
+        self, runner: CommandRunner | None = None, mountinfo: str = "/proc/self/mountinfo", root: str = "/"
+    ) -> None:
         self.runner = runner or CommandRunner()
         self.mountinfo = mountinfo
+        self.beneath = Beneath(root)
+
+    def within(self, root: str) -> Mounter:
+        """This mounter, working only beneath `root` (the kubelet root): what it makes, mounts onto, unmounts
+        and removes there is reached without following a symlink (`localdisk.beneath`)."""
+        return Mounter(self.runner, self.mountinfo, root)
 
     # -- reading the state ----------------------------------------------------------------------------------
     def mounts(self) -> list[MountInfo]:
@@ -332,9 +340,15 @@ class Mounter:
             options.append("ro")
         if fs_type == "xfs" and "nouuid" not in options:
             options.append("nouuid")  # clones and snapshots share the UUID of their origin
-        os.makedirs(staging, exist_ok=True)
-        argv = ["mount", "-t", fs_type, *(["-o", ",".join(options)] if options else []), "--", device, staging]
-        await self._mount(argv, staging)
+        staging_fd = self.beneath.makedirs(staging)
+        try:
+            if self.mount_at(staging) is not None:
+                raise AlreadyExists(f"{staging} got a mount while the volume was being prepared; unstage it first")
+            fs_options = ["-o", ",".join(options)] if options else []
+            argv = ["mount", "--no-canonicalize", "-t", fs_type, *fs_options, "--", device, fd_path(staging_fd)]
+            await self._mount(argv, staging, (staging_fd,), user_flags=[f for f in flags if f])
+        finally:
+            os.close(staging_fd)
         return fs_type
 
     async def unstage(self, staging: str) -> None:
@@ -359,13 +373,38 @@ class Mounter:
                 f"{target} already has another mount ({existing.source}, {'ro' if existing.readonly else 'rw'});"
                 " unpublish it first"
             )
-        if os.path.lexists(target) and not os.path.isdir(target):
+        found = self.beneath.lstat(target)
+        if found is not None and not stat.S_ISDIR(found.st_mode):
             raise FailedPrecondition(f"target {target} exists and is not a directory")
-        os.makedirs(target, exist_ok=True)
         if want_ro:
             options.insert(0, "ro")
-        argv = ["mount", "--bind", *(["-o", ",".join(options)] if options else []), "--", staging, target]
-        await self._mount(argv, target)
+        with self.beneath.opened(staging, os.O_PATH | os.O_DIRECTORY) as source_fd:
+            if self.mount_at(staging) != staged:
+                raise FailedPrecondition(f"the mount at {staging} changed while publishing; try again")
+            target_fd = self.beneath.makedirs(target)
+            try:
+                if _has_entries(target_fd):
+                    raise FailedPrecondition(
+                        f"target {target} is a directory that is not empty; its files would be hidden under the"
+                        " volume and kept from being removed at unpublish. Publish onto an empty directory"
+                    )
+                argv = ["mount", "--no-canonicalize", "--bind", "--", fd_path(source_fd), fd_path(target_fd)]
+                await self._mount(argv, target, (source_fd, target_fd))
+            finally:
+                os.close(target_fd)
+        if options:  # what the bind carries from the staged mount, plus what was asked, set in one remount
+            bits = 0
+            for option in {*options, *(o for o in staged.options if o in MOUNT_FLAGS)}:
+                bits |= MOUNT_FLAGS.get(option, 0)
+            await self._settle_options(target, bits)
+
+    async def _settle_options(self, target: str, flags: int) -> None:
+        try:
+            await anyio.to_thread.run_sync(self.beneath.remount_bind, target, flags)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._unmount_all(target)
+            raise
 
     async def publish_block(self, device: str, target: str, readonly: bool = False) -> None:
         """Bind-mount the device node onto a file at the target path; idempotent.
@@ -387,21 +426,25 @@ class Mounter:
                 f"device {device} is published {'writable' if readonly else 'read-only'} at {clash[0]}; a raw block"
                 " volume is read-only for every user or for none, unpublish that first"
             )
-        if os.path.lexists(target) and not stat.S_ISREG(os.lstat(target).st_mode):
+        found = self.beneath.lstat(target)
+        if found is not None and not stat.S_ISREG(found.st_mode):
             raise FailedPrecondition(f"target {target} exists and is not a regular file")
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        os.close(fd)
-        if readonly:
-            await self.runner.run(["blockdev", "--setro", device])
-        argv = ["mount", "--bind", *(["-o", "ro"] if readonly else []), "--", device, target]
+        target_fd = self.beneath.make_file(target)
         try:
-            await self._mount(argv, target)
-        except BaseException:
-            if readonly and not others:
-                with anyio.CancelScope(shield=True):
-                    await self.runner.run(["blockdev", "--setrw", device], check=False)
-            raise
+            if readonly:
+                await self.runner.run(["blockdev", "--setro", device])
+            argv = ["mount", "--no-canonicalize", "--bind", "--", device, fd_path(target_fd)]
+            try:
+                await self._mount(argv, target, (target_fd,))
+                if readonly:
+                    await self._settle_options(target, MOUNT_FLAGS["ro"])
+            except BaseException:
+                if readonly and not others:
+                    with anyio.CancelScope(shield=True):
+                        await self.runner.run(["blockdev", "--setrw", device], check=False)
+                raise
+        finally:
+            os.close(target_fd)
 
     async def unpublish(self, target: str, device: str | None = None) -> None:
         """Unmount the target and remove the file or directory there; already gone is success.
@@ -524,52 +567,59 @@ class Mounter:
             return f"{mount.mount_point} is a mount of {mount.source}, not of the volume's device {device}"
         return None
 
-    async def _mount(self, argv: list[str], path: str) -> None:
+    async def _mount(self, argv: list[str], path: str, fds: Sequence[int], user_flags: Sequence[str] = ()) -> None:
+        """Run mount(8) onto `path`, held as one of `fds`. A failure with options the caller chose is told apart
+        from any other: mount(8) says the same ("wrong fs type, bad option, bad superblock") for a filesystem
+        option it does not know and for a broken filesystem."""
         before = self.mount_at(path)
         try:
-            await self.runner.run(argv)
-        except BaseException:
+            await self.runner.run(argv, pass_fds=fds)
+        except BaseException as exc:
             # Keep nothing half-done: mount(8) may have bound and then failed to apply the options.
             with anyio.CancelScope(shield=True):
                 after = self.mount_at(path)
                 if after is not None and after != before:
-                    await self.runner.run(["umount", "--", path], check=False)
+                    await anyio.to_thread.run_sync(self.beneath.umount, path)
+                refused = isinstance(exc, CommandFailed) and exc.returncode == 32 and bool(user_flags)
+                if refused and await self._mounts_without(argv, path, fds, user_flags):
+                    raise InvalidArgument(
+                        f"the filesystem refused the mount options {list(user_flags)}: one of them is not an"
+                        f" option it knows ({str(getattr(exc, 'stderr', '')).strip()})"
+                    ) from exc
             raise
+
+    async def _mounts_without(self, argv: list[str], path: str, fds: Sequence[int], flags: Sequence[str]) -> bool:
+        """Whether the mount `argv` succeeds read-only without the caller's `flags` (undone right away)."""
+        index = argv.index("-o") if "-o" in argv else -1
+        kept = [o for o in argv[index + 1].split(",") if o not in flags] if index >= 0 else []
+        trial = argv[:index] + argv[index + 2 :] if index >= 0 else list(argv)
+        trial[1:1] = ["-o", ",".join([*kept, "ro"])]
+        done = await self.runner.run(trial, check=False, pass_fds=fds)
+        if done.returncode != 0:
+            return False
+        await anyio.to_thread.run_sync(self.beneath.umount, path)
+        return True
 
     async def _unmount_all(self, path: str) -> None:
         for _ in range(MAX_STACKED):
             if self.mount_at(path) is None:
                 return
             try:
-                await self.runner.run(["umount", "--", path])
-            except CommandFailed:
+                await anyio.to_thread.run_sync(self.beneath.umount, path)
+            except (FailedPrecondition, BackendFailure):
                 if self.mount_at(path) is None:  # unmounted by someone else meanwhile
                     return
                 raise
         raise BackendFailure(f"{path} still has mounts after {MAX_STACKED} unmounts; inspect it by hand")
 
-    @staticmethod
-    def _remove_target(path: str) -> None:
-        try:
-            st = os.lstat(path)
-        except (FileNotFoundError, NotADirectoryError):  # nothing there: no file can be below a regular file
-            return
-        try:
-            if stat.S_ISDIR(st.st_mode):
-                os.rmdir(path)
-            elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
-                os.unlink(path)
-            else:
-                raise FailedPrecondition(f"{path} is not an empty file or directory; refusing to delete it")
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            if exc.errno == errno.ENOTEMPTY:
-                raise FailedPrecondition(
-                    f"{path} is not empty after unmounting; it holds files that are not on the volume, refusing"
-                    " to delete them"
-                ) from exc
-            raise BackendFailure(f"cannot remove {path}: {exc.strerror}") from exc
+    def _remove_target(self, path: str) -> None:
+        self.beneath.remove(path)
+
+
+def _has_entries(dir_fd: int) -> bool:
+    """Whether the directory held by the O_PATH descriptor `dir_fd` has any entry."""
+    with os.scandir(fd_path(dir_fd)) as entries:
+        return next(entries, None) is not None
 
 
 def _is_block_node(path: str) -> bool:

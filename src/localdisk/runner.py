@@ -63,6 +63,7 @@ class CommandRunner:
         input: bytes | None = None,
         check: bool = True,
         env: Mapping[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> CommandResult:
         args = [str(a) for a in argv]
         if not args or any("\0" in a for a in args):
@@ -76,6 +77,7 @@ class CommandRunner:
                     stdin=None if input is not None else subprocess.DEVNULL,  # never wait on a prompt
                     check=False,
                     env={**self._env, **(env or {})},
+                    pass_fds=pass_fds,
                 )
         except TimeoutError as exc:
             self._observe(args, start, ok=False)

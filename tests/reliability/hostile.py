@@ -159,6 +159,7 @@ def path_strategy(root: str, inside_link: str, outside_link: str) -> st.SearchSt
 # -- watching argv ------------------------------------------------------------------------------------------------
 # Every option localdisk's partition backend and mounter pass (checked: grep the argv lists in src/localdisk).
 KNOWN_OPTIONS = {
+    "--no-canonicalize",
     "--",
     "--script",
     "--align",

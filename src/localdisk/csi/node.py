@@ -84,7 +84,7 @@ class NodeService(NodeBase):
         self.paths = KubeletPaths(config.node.kubelet_dir)
         self.default_fs: str = config.node.default_fs
         self.pool_fs = {(p.backend, p.name): p.config.fs_type for p in config.pools if p.config.fs_type}
-        self.mounter = mounter or Mounter()
+        self.mounter = (mounter or Mounter()).within(self.paths.root)
         self._guard = KeyedGuard()
 
     async def _device(self, volume_id: str) -> tuple[Volume, str]:
