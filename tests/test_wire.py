@@ -274,3 +274,78 @@ def test_metrics_and_structured_logs(pb: tuple[Any, Any], tmp_path: Path) -> Non
     assert refused, output
     assert refused[0]["request_id"]
     assert "volume_id is required" in refused[0]["message"]
+
+
+def test_errors_that_quote_huge_input_stay_readable(
+    pb: tuple[Any, Any], server: tuple[Path, subprocess.Popen[bytes]]
+) -> None:
+    """A message quoting a 20 KB field used to exceed the client's 16 KiB header limit: the client then saw
+    RESOURCE_EXHAUSTED "Stream removed" instead of the real status. Messages are now cut (`status.brief`)."""
+    csi_pb2, csi_grpc = pb
+    sock, _ = server
+    cap = csi_pb2.VolumeCapability(
+        block=csi_pb2.VolumeCapability.BlockVolume(),
+        access_mode=csi_pb2.VolumeCapability.AccessMode(mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER),
+    )
+    huge_id, huge_pool, huge_token = "v" * 20_000, "p" * 10_000, "9" * 10_000
+    unknown_keys = {f"key-{i}-{'k' * 20}": "x" for i in range(3000)}
+    with grpc.insecure_channel(f"unix://{sock}") as channel:
+        controller, node = csi_grpc.ControllerStub(channel), csi_grpc.NodeStub(channel)
+        calls: list[tuple[str, Any, Any]] = [
+            ("get volume", controller.ControllerGetVolume, csi_pb2.ControllerGetVolumeRequest(volume_id=huge_id)),
+            (
+                "expand",
+                controller.ControllerExpandVolume,
+                csi_pb2.ControllerExpandVolumeRequest(
+                    volume_id=huge_id, capacity_range=csi_pb2.CapacityRange(required_bytes=MiB)
+                ),
+            ),
+            ("snapshot", controller.CreateSnapshot, csi_pb2.CreateSnapshotRequest(source_volume_id=huge_id, name="s")),
+            (
+                "stats",
+                node.NodeGetVolumeStats,
+                csi_pb2.NodeGetVolumeStatsRequest(volume_id=huge_id, volume_path="/x/" + huge_id),
+            ),
+            (
+                "pool",
+                controller.CreateVolume,
+                csi_pb2.CreateVolumeRequest(
+                    name="pvc-pool", volume_capabilities=[cap], parameters={"backend": "fake", "pool": huge_pool}
+                ),
+            ),
+            ("capacity", controller.GetCapacity, csi_pb2.GetCapacityRequest(parameters={"pool": huge_pool})),
+            (
+                "fs type",
+                controller.CreateVolume,
+                csi_pb2.CreateVolumeRequest(
+                    name="pvc-fs",
+                    volume_capabilities=[
+                        csi_pb2.VolumeCapability(
+                            mount=csi_pb2.VolumeCapability.MountVolume(fs_type="f" * 20_000),
+                            access_mode=cap.access_mode,
+                        )
+                    ],
+                ),
+            ),
+            (
+                "unknown keys",
+                controller.CreateVolume,
+                csi_pb2.CreateVolumeRequest(name="pvc-keys", volume_capabilities=[cap], parameters=unknown_keys),
+            ),
+            ("list volumes", controller.ListVolumes, csi_pb2.ListVolumesRequest(starting_token=huge_token)),
+            ("list snapshots", controller.ListSnapshots, csi_pb2.ListSnapshotsRequest(starting_token=huge_token)),
+        ]
+        seen = {}
+        for what, method, request in calls:
+            try:
+                method(request, timeout=30)
+            except grpc.RpcError as refused:
+                code, details = refused.code(), refused.details() or ""
+                assert code not in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN), (what, details[:200])
+                assert details and len(details) <= 1024, (what, len(details))
+                seen[what] = code.name
+            else:
+                seen[what] = "OK"  # GetCapacity of an unknown pool is zero, not an error
+    assert seen["get volume"] == seen["expand"] == seen["snapshot"] == "NOT_FOUND"
+    assert seen["pool"] == seen["fs type"] == seen["unknown keys"] == "INVALID_ARGUMENT"
+    assert seen["list volumes"] == seen["list snapshots"] == "ABORTED"
