@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from tests.h2client import RawH2, framed
+
 grpc = pytest.importorskip("grpc")
 protoc = pytest.importorskip("grpc_tools.protoc")
 
@@ -349,3 +351,62 @@ def test_errors_that_quote_huge_input_stay_readable(
     assert seen["get volume"] == seen["expand"] == seen["snapshot"] == "NOT_FOUND"
     assert seen["pool"] == seen["fs type"] == seen["unknown keys"] == "INVALID_ARGUMENT"
     assert seen["list volumes"] == seen["list snapshots"] == "ABORTED"
+
+
+PROBE = "/csi.v1.Identity/Probe"
+GRPC = [("content-type", "application/grpc"), ("te", "trailers")]
+MALFORMED: dict[str, tuple[list[tuple[str, str]], bytes, str]] = {
+    # name: (headers, body sent with END_STREAM, the status gRPC servers answer)
+    "100 MiB prefix, no data": (GRPC, framed(b"", length=100 * MiB), "RESOURCE_EXHAUSTED"),
+    "4 GiB prefix, no data": (GRPC, framed(b"", length=0xFFFFFFFF), "RESOURCE_EXHAUSTED"),
+    "10-byte prefix, 3 bytes": (GRPC, framed(b"abc", length=10), "INVALID_ARGUMENT"),
+    "half a prefix": (GRPC, framed(b"")[:3], "INVALID_ARGUMENT"),
+    "no message": (GRPC, b"", "INVALID_ARGUMENT"),
+    "compressed flag": (GRPC, framed(b"", flag=1), "UNIMPLEMENTED"),
+    "flag 7": (GRPC, framed(b"", flag=7), "INVALID_ARGUMENT"),
+    "content-type text/x": ([("content-type", "text/x"), ("te", "trailers")], framed(b""), "INVALID_ARGUMENT"),
+    "no content-type": ([("te", "trailers")], framed(b""), "INVALID_ARGUMENT"),
+    "grpc+json": ([("content-type", "application/grpc+json"), ("te", "trailers")], framed(b""), "INVALID_ARGUMENT"),
+    "no te": ([("content-type", "application/grpc")], framed(b""), "INVALID_ARGUMENT"),
+    "gzip": ([*GRPC, ("grpc-encoding", "gzip")], framed(b"", flag=1), "UNIMPLEMENTED"),
+    "bad timeout": ([*GRPC, ("grpc-timeout", "soon")], framed(b""), "INVALID_ARGUMENT"),
+    "1 MiB of zero bytes": (GRPC, framed(bytes(MiB)), "INVALID_ARGUMENT"),
+}
+
+
+def test_malformed_framing_and_headers_get_a_deliberate_status(server: tuple[Path, subprocess.Popen[bytes]]) -> None:
+    """grpclib answered these with UNKNOWN (issue 20 item 7), a 1 MiB Probe of zero bytes after a minute (item 1)."""
+    sock, _ = server
+    seen = {}
+    for name, (headers, body, _) in MALFORMED.items():
+        with RawH2(sock, timeout=30) as client:
+            stream = client.start(PROBE, headers)
+            client.send(stream, body, end=True)
+            answer = client.answer(stream)
+        seen[name] = "no grpc-status" if answer.grpc_status is None else _code_name(answer.grpc_status)
+        assert answer.headers.get("grpc-message"), name
+    assert seen == {name: expected for name, (_, _, expected) in MALFORMED.items()}
+    with RawH2(sock, timeout=30) as client:  # the server still answers, on a fresh connection
+        stream = client.start(PROBE)
+        client.send(stream, framed(b""), end=True)
+        assert client.answer(stream).grpc_status == 0
+
+
+def _code_name(value: int) -> str:
+    return str(next(code.name for code in grpc.StatusCode if code.value[0] == value))
+
+
+def test_an_oversized_message_is_refused_before_its_body_is_read(server: tuple[Path, subprocess.Popen[bytes]]) -> None:
+    """A 4 GiB prefix used to make the server take (and keep) all the client sent (issue 20 item 2); now the
+    prefix alone is answered, and the server lets in no more than its flow-control window."""
+    sock, _ = server
+    with RawH2(sock, timeout=30) as client:
+        stream = client.start(PROBE)
+        sent = client.send(stream, framed(bytes(64 * MiB), length=0xFFFFFFFF))
+        answer = client.answer(stream)
+        assert _code_name(answer.grpc_status or 0) == "RESOURCE_EXHAUSTED"
+        assert "4294967295 bytes" in answer.headers["grpc-message"]
+        assert sent <= 2 * MiB, f"the server let in {sent} bytes of a message it refused"
+        again = client.start(PROBE)  # and the connection still serves
+        client.send(again, framed(b""), end=True)
+        assert client.answer(again).grpc_status == 0
