@@ -402,7 +402,7 @@ def test_an_oversized_message_is_refused_before_its_body_is_read(server: tuple[P
     sock, _ = server
     with RawH2(sock, timeout=30) as client:
         stream = client.start(PROBE)
-        sent = client.send(stream, framed(bytes(64 * MiB), length=0xFFFFFFFF))
+        sent = client.send(stream, framed(bytes(16 * MiB), length=0xFFFFFFFF))
         answer = client.answer(stream)
         assert _code_name(answer.grpc_status or 0) == "RESOURCE_EXHAUSTED"
         assert "4294967295 bytes" in answer.headers["grpc-message"]

@@ -290,11 +290,11 @@ def test_memory_is_bounded_and_given_back(fake_server: tuple[Path, subprocess.Po
         before = rss_mib(server.pid)
         answers: Counter[str] = Counter()
 
-        pushed = 0
+        pushed, push = 0, framed(bytes(200 * MiB), length=0xFFFFFFFF)
         for _ in range(5):  # the attack, five times
             with RawH2(socket) as client:
                 stream = client.start(PROBE)
-                pushed += client.send(stream, framed(bytes(200 * MiB), length=0xFFFFFFFF))
+                pushed += client.send(stream, push)
                 answers[code_name(client.answer(stream).grpc_status)] += 1
 
         clients = [RawH2(socket) for _ in range(10)]
@@ -328,6 +328,7 @@ def test_memory_is_bounded_and_given_back(fake_server: tuple[Path, subprocess.Po
         f" {after:.0f} MiB after them (and five 4 GiB prefixes pushing 200 MiB each: {pushed / MiB:.1f} MiB let in);"
         f" answers {dict(answers)} (UNKNOWN 0, INTERNAL 0 asserted)"
     )
+    del push
     assert set(answers) <= {"RESOURCE_EXHAUSTED"}, answers
     assert pushed <= 5 * 2 * MiB
     assert held < before + 96, (before, held)
