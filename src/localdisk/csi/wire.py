@@ -12,7 +12,8 @@ UNKNOWN. `GuardedServer` is grpclib's `Server` with these limits, in the order a
 - a message over `Limits.small_message_bytes` first reserves its size from one server-wide budget
   (`Limits.budget_bytes`), given back when the request is decoded or its stream or connection goes; when the budget
   is spent the request is RESOURCE_EXHAUSTED;
-- such a message is decoded in a worker thread, one at a time, so the event loop keeps answering;
+- a message over `Limits.inline_decode_bytes` is decoded in a worker thread, one at a time, so the event loop
+  keeps answering;
 - HTTP/2 flow control bounds what a client can send that the server has not asked for: `Limits.stream_window` per
   stream, `Limits.connection_window` per connection.
 
@@ -54,7 +55,8 @@ PREFIX_BYTES = 5  # gRPC's message prefix: a compressed flag and a 4-byte big-en
 @dataclass(frozen=True)
 class Limits:
     max_message_bytes: int = 4 * MiB  # gRPC's default; CSI requests are a few KiB
-    small_message_bytes: int = 64 * KiB  # read and decoded at once, without the budget
+    small_message_bytes: int = 64 * KiB  # read without the budget
+    inline_decode_bytes: int = 4 * KiB  # decoded on the event loop (at most some 2,000 fields: milliseconds)
     budget_bytes: int = 16 * MiB  # all larger messages being received or decoded at once
     stream_window: int = 64 * KiB  # HTTP/2's default, and its minimum
     connection_window: int = 1 * MiB
@@ -113,12 +115,24 @@ class GuardedServer(Server):
                 raise GRPCError(
                     Status.INVALID_ARGUMENT, f"the request ended before the {length} bytes its prefix announced"
                 ) from None
-            if not reserved:
+            if length <= self.limits.inline_decode_bytes:
                 return self._codec_strict.decode(data, request_type)
-            async with self._decoding:
-                return await asyncio.to_thread(self._codec_strict.decode, data, request_type)
+            await self._decoding.acquire()
+            decoding = asyncio.get_running_loop().run_in_executor(None, self._codec_strict.decode, data, request_type)
+            # A cancelled request (its stream reset, its connection gone) leaves the thread running: the lock and
+            # the budget go back when the thread ends, not before, or a client resetting streams could start any
+            # number of decodes at once.
+            decoding.add_done_callback(functools.partial(self._decoded, reserved))
+            reserved = 0  # now the callback's to give back
+            return await asyncio.shield(decoding)
         finally:
             self.budget_left += reserved
+
+    def _decoded(self, reserved: int, decoding: asyncio.Future[Any]) -> None:
+        self._decoding.release()
+        self.budget_left += reserved
+        if not decoding.cancelled():
+            decoding.exception()  # retrieved here, in case its request was cancelled and nobody else will
 
 
 class _Guarded:
