@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from tests.h2client import RawH2, framed
+
 grpc = pytest.importorskip("grpc")
 protoc = pytest.importorskip("grpc_tools.protoc")
 
@@ -274,3 +276,137 @@ def test_metrics_and_structured_logs(pb: tuple[Any, Any], tmp_path: Path) -> Non
     assert refused, output
     assert refused[0]["request_id"]
     assert "volume_id is required" in refused[0]["message"]
+
+
+def test_errors_that_quote_huge_input_stay_readable(
+    pb: tuple[Any, Any], server: tuple[Path, subprocess.Popen[bytes]]
+) -> None:
+    """A message quoting a 20 KB field used to exceed the client's 16 KiB header limit: the client then saw
+    RESOURCE_EXHAUSTED "Stream removed" instead of the real status. Messages are now cut (`status.brief`)."""
+    csi_pb2, csi_grpc = pb
+    sock, _ = server
+    cap = csi_pb2.VolumeCapability(
+        block=csi_pb2.VolumeCapability.BlockVolume(),
+        access_mode=csi_pb2.VolumeCapability.AccessMode(mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER),
+    )
+    huge_id, huge_pool, huge_token = "v" * 20_000, "p" * 10_000, "9" * 10_000
+    unknown_keys = {f"key-{i}-{'k' * 20}": "x" for i in range(3000)}
+    with grpc.insecure_channel(f"unix://{sock}") as channel:
+        controller, node = csi_grpc.ControllerStub(channel), csi_grpc.NodeStub(channel)
+        calls: list[tuple[str, Any, Any]] = [
+            ("get volume", controller.ControllerGetVolume, csi_pb2.ControllerGetVolumeRequest(volume_id=huge_id)),
+            (
+                "expand",
+                controller.ControllerExpandVolume,
+                csi_pb2.ControllerExpandVolumeRequest(
+                    volume_id=huge_id, capacity_range=csi_pb2.CapacityRange(required_bytes=MiB)
+                ),
+            ),
+            ("snapshot", controller.CreateSnapshot, csi_pb2.CreateSnapshotRequest(source_volume_id=huge_id, name="s")),
+            (
+                "stats",
+                node.NodeGetVolumeStats,
+                csi_pb2.NodeGetVolumeStatsRequest(volume_id=huge_id, volume_path="/x/" + huge_id),
+            ),
+            (
+                "pool",
+                controller.CreateVolume,
+                csi_pb2.CreateVolumeRequest(
+                    name="pvc-pool", volume_capabilities=[cap], parameters={"backend": "fake", "pool": huge_pool}
+                ),
+            ),
+            ("capacity", controller.GetCapacity, csi_pb2.GetCapacityRequest(parameters={"pool": huge_pool})),
+            (
+                "fs type",
+                controller.CreateVolume,
+                csi_pb2.CreateVolumeRequest(
+                    name="pvc-fs",
+                    volume_capabilities=[
+                        csi_pb2.VolumeCapability(
+                            mount=csi_pb2.VolumeCapability.MountVolume(fs_type="f" * 20_000),
+                            access_mode=cap.access_mode,
+                        )
+                    ],
+                ),
+            ),
+            (
+                "unknown keys",
+                controller.CreateVolume,
+                csi_pb2.CreateVolumeRequest(name="pvc-keys", volume_capabilities=[cap], parameters=unknown_keys),
+            ),
+            ("list volumes", controller.ListVolumes, csi_pb2.ListVolumesRequest(starting_token=huge_token)),
+            ("list snapshots", controller.ListSnapshots, csi_pb2.ListSnapshotsRequest(starting_token=huge_token)),
+        ]
+        seen = {}
+        for what, method, request in calls:
+            try:
+                method(request, timeout=30)
+            except grpc.RpcError as refused:
+                code, details = refused.code(), refused.details() or ""
+                assert code not in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN), (what, details[:200])
+                assert details and len(details) <= 1024, (what, len(details))
+                seen[what] = code.name
+            else:
+                seen[what] = "OK"  # GetCapacity of an unknown pool is zero, not an error
+    assert seen["get volume"] == seen["expand"] == seen["snapshot"] == "NOT_FOUND"
+    assert seen["pool"] == seen["fs type"] == seen["unknown keys"] == "INVALID_ARGUMENT"
+    assert seen["list volumes"] == seen["list snapshots"] == "ABORTED"
+
+
+PROBE = "/csi.v1.Identity/Probe"
+GRPC = [("content-type", "application/grpc"), ("te", "trailers")]
+MALFORMED: dict[str, tuple[list[tuple[str, str]], bytes, str]] = {
+    # name: (headers, body sent with END_STREAM, the status gRPC servers answer)
+    "100 MiB prefix, no data": (GRPC, framed(b"", length=100 * MiB), "RESOURCE_EXHAUSTED"),
+    "4 GiB prefix, no data": (GRPC, framed(b"", length=0xFFFFFFFF), "RESOURCE_EXHAUSTED"),
+    "10-byte prefix, 3 bytes": (GRPC, framed(b"abc", length=10), "INVALID_ARGUMENT"),
+    "half a prefix": (GRPC, framed(b"")[:3], "INVALID_ARGUMENT"),
+    "no message": (GRPC, b"", "INVALID_ARGUMENT"),
+    "compressed flag": (GRPC, framed(b"", flag=1), "UNIMPLEMENTED"),
+    "flag 7": (GRPC, framed(b"", flag=7), "INVALID_ARGUMENT"),
+    "content-type text/x": ([("content-type", "text/x"), ("te", "trailers")], framed(b""), "INVALID_ARGUMENT"),
+    "no content-type": ([("te", "trailers")], framed(b""), "INVALID_ARGUMENT"),
+    "grpc+json": ([("content-type", "application/grpc+json"), ("te", "trailers")], framed(b""), "INVALID_ARGUMENT"),
+    "no te": ([("content-type", "application/grpc")], framed(b""), "INVALID_ARGUMENT"),
+    "gzip": ([*GRPC, ("grpc-encoding", "gzip")], framed(b"", flag=1), "UNIMPLEMENTED"),
+    "bad timeout": ([*GRPC, ("grpc-timeout", "soon")], framed(b""), "INVALID_ARGUMENT"),
+    "1 MiB of zero bytes": (GRPC, framed(bytes(MiB)), "INVALID_ARGUMENT"),
+}
+
+
+def test_malformed_framing_and_headers_get_a_deliberate_status(server: tuple[Path, subprocess.Popen[bytes]]) -> None:
+    """grpclib answered these with UNKNOWN (issue 20 item 7), a 1 MiB Probe of zero bytes after a minute (item 1)."""
+    sock, _ = server
+    seen = {}
+    for name, (headers, body, _) in MALFORMED.items():
+        with RawH2(sock, timeout=30) as client:
+            stream = client.start(PROBE, headers)
+            client.send(stream, body, end=True)
+            answer = client.answer(stream)
+        seen[name] = "no grpc-status" if answer.grpc_status is None else _code_name(answer.grpc_status)
+        assert answer.headers.get("grpc-message"), name
+    assert seen == {name: expected for name, (_, _, expected) in MALFORMED.items()}
+    with RawH2(sock, timeout=30) as client:  # the server still answers, on a fresh connection
+        stream = client.start(PROBE)
+        client.send(stream, framed(b""), end=True)
+        assert client.answer(stream).grpc_status == 0
+
+
+def _code_name(value: int) -> str:
+    return str(next(code.name for code in grpc.StatusCode if code.value[0] == value))
+
+
+def test_an_oversized_message_is_refused_before_its_body_is_read(server: tuple[Path, subprocess.Popen[bytes]]) -> None:
+    """A 4 GiB prefix used to make the server take (and keep) all the client sent (issue 20 item 2); now the
+    prefix alone is answered, and the server lets in no more than its flow-control window."""
+    sock, _ = server
+    with RawH2(sock, timeout=30) as client:
+        stream = client.start(PROBE)
+        sent = client.send(stream, framed(bytes(16 * MiB), length=0xFFFFFFFF))
+        answer = client.answer(stream)
+        assert _code_name(answer.grpc_status or 0) == "RESOURCE_EXHAUSTED"
+        assert "4294967295 bytes" in answer.headers["grpc-message"]
+        assert sent <= 2 * MiB, f"the server let in {sent} bytes of a message it refused"
+        again = client.start(PROBE)  # and the connection still serves
+        client.send(again, framed(b""), end=True)
+        assert client.answer(again).grpc_status == 0

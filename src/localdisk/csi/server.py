@@ -11,14 +11,13 @@ from pathlib import Path
 
 import anyio
 from grpclib._typing import IServable
-from grpclib.server import Server
 from grpclib.utils import graceful_exit
 
 from localdisk.config import NodeConfig
-from localdisk.csi.codec import StrictProtoCodec
 from localdisk.csi.controller import ControllerService
 from localdisk.csi.identity import IdentityService
 from localdisk.csi.node import NodeService
+from localdisk.csi.wire import GuardedServer
 from localdisk.errors import ConfigError
 from localdisk.manager import VolumeManager
 from localdisk.metrics import Metrics
@@ -79,7 +78,7 @@ async def serve(
     path = socket_path(endpoint)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_socket(path)
-    server = Server(services(manager, node_id, metrics, config), codec=StrictProtoCodec())
+    server = GuardedServer(services(manager, node_id, metrics, config))
     async with manager.session():
         if metrics is not None and metrics_address:
             metrics.watch_pools(manager, asyncio.get_running_loop())

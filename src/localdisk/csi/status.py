@@ -2,7 +2,9 @@
 
 Every servicer method is wrapped by `rpc`: a `LocalDiskError` becomes its status with the error's message; any
 other exception is logged with its traceback and becomes INTERNAL with a short message, so neither stderr nor a
-traceback ever reaches a client.
+traceback ever reaches a client. Every message is cut to `MAX_MESSAGE_CHARS` (`brief`): messages quote the request,
+and a grpc-message header larger than the client's header limit (16 KiB in grpc-go and grpcio) replaces the real
+status with RESOURCE_EXHAUSTED "Stream removed".
 """
 
 from __future__ import annotations
@@ -33,6 +35,21 @@ STATUS: dict[type[errors.LocalDiskError], Status] = {
     errors.Busy: Status.ABORTED,
     errors.BackendFailure: Status.INTERNAL,
 }
+
+
+# Percent-encoded in the grpc-message header, a character takes at most 12 bytes (4 UTF-8 bytes, each as %XX): 1024
+# characters stay under 12 KiB, within the 16 KiB a client accepts for all its headers.
+MAX_MESSAGE_CHARS = 1024
+
+
+def brief(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`message` if it is at most `limit` characters, else its start and end around a note of what was cut."""
+    if len(message) <= limit:
+        return message
+    note = f" [...{len(message)} characters in all...] "
+    head = (limit - len(note)) * 3 // 4
+    tail = limit - len(note) - head
+    return f"{message[:head]}{note}{message[len(message) - tail :]}"
 
 
 def status_of(error: errors.LocalDiskError) -> Status:
@@ -71,12 +88,14 @@ def rpc(method: Callable[[Any, Req], Coroutine[Any, Any, Resp]]) -> Callable[[An
                 response = await method(self, request)
             except GRPCError as exc:
                 code = exc.status
-                log.info("%s -> %s: %s", name, code.name, exc.message)
-                raise
+                log.info("%s -> %s: %s", name, code.name, exc.message and brief(exc.message))
+                if exc.message is None or len(exc.message) <= MAX_MESSAGE_CHARS:
+                    raise
+                raise GRPCError(code, brief(exc.message), exc.details) from exc
             except errors.LocalDiskError as exc:
                 code = status_of(exc)
-                log.info("%s -> %s: %s", name, code.name, exc.message)
-                raise GRPCError(code, exc.message) from exc
+                log.info("%s -> %s: %s", name, code.name, brief(exc.message))
+                raise GRPCError(code, brief(exc.message)) from exc
             except Exception as exc:
                 code = Status.INTERNAL
                 log.exception("%s failed unexpectedly", name)

@@ -24,6 +24,13 @@ KNOWN_PARAMETERS = {"backend", "pool"}
 PASSTHROUGH_PREFIXES = ("csi.storage.k8s.io/",)  # metadata the external-provisioner may add
 
 
+def shown(value: str, limit: int = 64) -> str:
+    """`value` as a message quotes it: its repr, cut after `limit` characters (a request can hold megabytes)."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
 def require(value: object, field: str) -> None:
     if not value:
         raise InvalidArgument(f"{field} is required")
@@ -51,7 +58,7 @@ def check_capability(cap: VolumeCapability, field: str = "volume_capabilities") 
         )
     if cap.mount is not None and cap.mount.fs_type and cap.mount.fs_type not in FILESYSTEMS:
         raise InvalidArgument(
-            f"{field}: fs_type {cap.mount.fs_type!r} is not supported; use one of {', '.join(FILESYSTEMS)}"
+            f"{field}: fs_type {shown(cap.mount.fs_type)} is not supported; use one of {', '.join(FILESYSTEMS)}"
         )
 
 
@@ -64,8 +71,10 @@ def check_capabilities(caps: list[VolumeCapability], field: str = "volume_capabi
 def check_parameters(parameters: dict[str, str]) -> None:
     unknown = sorted(k for k in parameters if k not in KNOWN_PARAMETERS and not k.startswith(PASSTHROUGH_PREFIXES))
     if unknown:
+        listed = ", ".join(shown(key) for key in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
         raise InvalidArgument(
-            f"unknown StorageClass parameter(s) {unknown}; localdisk accepts {sorted(KNOWN_PARAMETERS)}"
+            f"unknown StorageClass parameter(s) [{listed}]{more}; localdisk accepts {sorted(KNOWN_PARAMETERS)}"
         )
 
 
