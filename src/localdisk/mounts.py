@@ -45,6 +45,9 @@ MKFS: dict[str, list[str]] = {  # quick and quiet, no discard (backends hand out
     "xfs": ["mkfs.xfs", "-q", "-K"],
     "btrfs": ["mkfs.btrfs", "-q", "-K"],
 }
+# The smallest device each mkfs accepts (mkfs.xfs of xfsprogs 6.1: 300 MiB; mkfs.btrfs 6.2: 109 MiB, rounded up to
+# what every pool's alignment reaches); ext4 formats a device of 1 MiB.
+MIN_FS_BYTES: dict[str, int] = {"xfs": 300 * 1024 * 1024, "btrfs": 112 * 1024 * 1024}
 # Mount options a bind mount can carry: per-mount (VFS) flags. Filesystem options apply when staging only.
 BIND_FLAGS = frozenset(
     {"ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec", "noatime", "atime", "nodiratime", "diratime"}
@@ -334,14 +337,14 @@ class Mounter:
                 f"{staging} already has {existing.fs_type} from {existing.source} mounted, not"
                 f" {fs_type or 'a filesystem'} from {device}; unstage it first"
             )
-        fs_type = await self.ensure_filesystem(device, fs_type, default_fs)
         options = list(mount_flags(flags))
-        if readonly:
-            options.append("ro")
-        if fs_type == "xfs" and "nouuid" not in options:
-            options.append("nouuid")  # clones and snapshots share the UUID of their origin
-        staging_fd = self.beneath.makedirs(staging)
+        staging_fd = self.beneath.makedirs(staging)  # held from before the probe: nothing swapped in counts
         try:
+            fs_type = await self.ensure_filesystem(device, fs_type, default_fs)
+            if readonly:
+                options.append("ro")
+            if fs_type == "xfs" and "nouuid" not in options:
+                options.append("nouuid")  # clones and snapshots share the UUID of their origin
             if self.mount_at(staging) is not None:
                 raise AlreadyExists(f"{staging} got a mount while the volume was being prepared; unstage it first")
             fs_options = ["-o", ",".join(options)] if options else []

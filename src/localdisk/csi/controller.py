@@ -40,11 +40,13 @@ from localdisk._proto.csi.v1 import (
     ValidateVolumeCapabilitiesResponseConfirmed,
     VolumeCondition,
 )
+from localdisk.config import NodeConfig
 from localdisk.csi import TOPOLOGY_KEY, convert, validate
 from localdisk.csi.status import rpc
-from localdisk.errors import InsufficientCapacity, InvalidArgument, NotFound
+from localdisk.errors import InsufficientCapacity, InvalidArgument, NotFound, OutOfRange
 from localdisk.manager import CreateRequest, VolumeManager
 from localdisk.model import Volume
+from localdisk.mounts import MIN_FS_BYTES
 
 Cap = ControllerServiceCapabilityRpcType
 
@@ -54,9 +56,37 @@ def _condition(volume: Volume) -> VolumeCondition:
 
 
 class ControllerService(ControllerBase):
-    def __init__(self, manager: VolumeManager, node_id: str) -> None:
+    def __init__(self, manager: VolumeManager, node_id: str, config: NodeConfig | None = None) -> None:
         self.manager = manager
         self.node_id = node_id
+        self.config = config or NodeConfig()
+
+    def _filesystem(self, message: CreateVolumeRequest) -> str | None:
+        """The filesystem the volume will be formatted with when first staged; None for raw block only."""
+        mounts = [c.mount for c in message.volume_capabilities if c.mount is not None]
+        if not mounts:
+            return None
+        asked = next((m.fs_type for m in mounts if m.fs_type), "")
+        if asked:
+            return asked
+        backend = message.parameters.get("backend", "")
+        pool = message.parameters.get("pool") or self.config.default_pool(backend)
+        entry = next((p for p in self.config.pools if p.backend == backend and p.name == pool), None)
+        return (entry.config.fs_type if entry is not None else None) or self.config.node.default_fs
+
+    def _at_least_filesystem_minimum(self, message: CreateVolumeRequest, required: int, limit: int) -> int:
+        """xfs and btrfs cannot be made on small devices: a smaller request is rounded up to the filesystem's
+        minimum (CSI lets a volume be larger than required_bytes), or refused when limit_bytes forbids that."""
+        fs = self._filesystem(message)
+        minimum = MIN_FS_BYTES.get(fs or "", 0)
+        if not minimum or required >= minimum:
+            return required
+        if limit and limit < minimum:
+            raise OutOfRange(
+                f"a {fs} volume needs at least {minimum} bytes (mkfs.{fs} refuses a smaller device), over"
+                f" limit_bytes {limit}; ask for {minimum} bytes or more, or another filesystem"
+            )
+        return minimum
 
     def _on_this_node(self, requirement: TopologyRequirement | None) -> bool:
         if requirement is None or not requirement.requisite:
@@ -68,7 +98,13 @@ class ControllerService(ControllerBase):
         validate.check_name(message.name)
         validate.check_capabilities(message.volume_capabilities)
         validate.check_parameters(message.parameters)
+        if message.mutable_parameters:
+            raise InvalidArgument(
+                "mutable_parameters (VolumeAttributesClass) are not supported by localdisk; create the claim"
+                " without a volumeAttributesClassName"
+            )
         required, limit = validate.capacity(message.capacity_range)
+        required = self._at_least_filesystem_minimum(message, required, limit)
         source = validate.content_source(message.volume_content_source)
         if not self._on_this_node(message.accessibility_requirements):
             raise InsufficientCapacity(

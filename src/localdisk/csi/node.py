@@ -147,6 +147,7 @@ class NodeService(NodeBase):
         validate.require(message.volume_id, "volume_id")
         staging = self.paths.check(message.staging_target_path, "staging_target_path")
         with self._guard.hold(message.volume_id):
+            await self._refuse_foreign_mount(message.volume_id, staging)
             await self.mounter.unstage(staging)
         return NodeUnstageVolumeResponse()
 
@@ -157,6 +158,11 @@ class NodeService(NodeBase):
         target = self.paths.check(message.target_path, "target_path")
         staging = self.paths.check(message.staging_target_path, "staging_target_path")
         cap = _capability(message.volume_capability)
+        if target == staging or target.startswith(staging + "/") or staging.startswith(target + "/"):
+            raise InvalidArgument(
+                "target_path and staging_target_path must be distinct and neither inside the other: a volume is"
+                " published from its staging path onto a target of its own"
+            )
         readonly = message.readonly or _reader_only(cap)
         single_writer = cap.access_mode is not None and cap.access_mode.mode == validate.Mode.SINGLE_NODE_SINGLE_WRITER
         with self._guard.hold(message.volume_id):
@@ -177,6 +183,36 @@ class NodeService(NodeBase):
             await self.mounter.publish_filesystem(staging, target, readonly, cap.mount.mount_flags)
         return NodePublishVolumeResponse()
 
+    async def _refuse_foreign_mount(self, volume_id: str, path: str) -> None:
+        """Unstage and unpublish touch only what is the given volume's: the mount at `path` must be its device
+        (or a bind of its staged filesystem). A volume that is gone, or whose device is, cannot be compared; its
+        mount may go unless it is another volume's, so a deleted volume never keeps a pod's mount in place."""
+        mount = self.mounter.mount_at(path)
+        if mount is None:
+            return
+        try:
+            volume: Volume | None = await self.manager.get_volume(volume_id)
+        except NotFound:
+            volume = None
+        if volume is not None and volume.device_path and self._device_exists(volume.device_path):
+            if self.mounter.holds(path, volume.device_path):
+                return
+            raise FailedPrecondition(
+                f"{path} holds a mount of {mount.source}, not of volume {volume_id}; it is left as it is"
+            )
+        for other in await self.manager.list_volumes():
+            device = other.device_path
+            if other.id != volume_id and device and self._device_exists(device) and self.mounter.holds(path, device):
+                raise FailedPrecondition(f"{path} holds volume {other.id}, not {volume_id}; it is left as it is")
+
+    @staticmethod
+    def _device_exists(device: str) -> bool:
+        try:
+            device_number(device)
+        except (FailedPrecondition, InvalidArgument):
+            return False
+        return True
+
     @staticmethod
     def _refuse_second_writer(volume_id: str, target: str, publications: list[MountInfo]) -> None:
         """SINGLE_NODE_SINGLE_WRITER (ReadWriteOncePod): one publication on the node, not one per target path.
@@ -193,6 +229,7 @@ class NodeService(NodeBase):
         validate.require(message.volume_id, "volume_id")
         target = self.paths.check(message.target_path, "target_path")
         with self._guard.hold(message.volume_id):
+            await self._refuse_foreign_mount(message.volume_id, target)
             await self.mounter.unpublish(target, await self._device_if_known(message.volume_id))
         return NodeUnpublishVolumeResponse()
 

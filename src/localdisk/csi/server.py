@@ -53,7 +53,7 @@ def services(
 ) -> list[IServable]:
     servicers: list[IServable] = [
         IdentityService(),
-        ControllerService(manager, node_id),
+        ControllerService(manager, node_id, config),
         NodeService(manager, node_id, config),
     ]
     for servicer in servicers:

@@ -47,6 +47,8 @@ def check_name(name: str, field: str = "name") -> None:
 def check_capability(cap: VolumeCapability, field: str = "volume_capabilities") -> None:
     if cap.block is None and cap.mount is None:
         raise InvalidArgument(f"{field}: access_type is required: set block or mount")
+    if cap.block is not None and cap.mount is not None:
+        raise InvalidArgument(f"{field}: access_type is one of block or mount, not both")
     if cap.access_mode is None:
         raise InvalidArgument(f"{field}: access_mode is required")
     mode = cap.access_mode.mode
