@@ -30,6 +30,7 @@ from localdisk._proto.csi.v1 import (
     VolumeCapabilityMountVolume,
 )
 from localdisk.sizes import GiB, MiB, TiB
+from tests.reliability.tally import TALLY
 
 # Strings that cannot appear in any command localdisk builds on its own, so finding one in an argv is a leak.
 NASTY = [
@@ -277,6 +278,8 @@ class ArgvWatch:
 
 # -- answers ------------------------------------------------------------------------------------------------------
 def proper(exc: GRPCError) -> None:
-    """A refusal must be a status chosen on purpose, with a message: never UNKNOWN or INTERNAL."""
+    """A refusal must be a status chosen on purpose, with a message: never UNKNOWN or INTERNAL. Every refusal is
+    counted by status for the summary, so it says 0 UNKNOWN and 0 INTERNAL in so many words."""
+    TALLY.refusals[exc.status.name] += 1
     assert exc.status not in (Status.UNKNOWN, Status.INTERNAL), (exc.status, exc.message)
     assert exc.message, f"{exc.status.name} without a message"

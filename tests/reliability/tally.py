@@ -17,6 +17,7 @@ class Tally:
     startup_kills: Counter[str] = field(default_factory=Counter)  # per backend: SIGKILLs during the server's start
     operations: Counter[str] = field(default_factory=Counter)  # per suite: acknowledged operations
     hostile: Counter[str] = field(default_factory=Counter)  # per suite: hostile requests sent
+    refusals: Counter[str] = field(default_factory=Counter)  # per gRPC status: how hostile requests were refused
     argv_checked: int = 0  # external commands whose argv was checked against hostile strings
     lost: int = 0  # acknowledged volumes or snapshots that were gone at the end
     leaked: int = 0  # volumes or snapshots found at the end that the client did not know of
@@ -24,7 +25,7 @@ class Tally:
     notes: list[str] = field(default_factory=list)
 
     def empty(self) -> bool:
-        return not (self.kills or self.startup_kills or self.operations or self.hostile or self.notes)
+        return not (self.kills or self.startup_kills or self.operations or self.hostile or self.notes or self.refusals)
 
     def lines(self) -> list[str]:
         out = []
@@ -38,6 +39,12 @@ class Tally:
             out.append(f"operations [{suite}]: {count}{wall}")
         for suite, count in sorted(self.hostile.items()):
             out.append(f"hostile inputs tried [{suite}]: {count}")
+        if self.refusals:
+            by_status = ", ".join(f"{name} {count}" for name, count in sorted(self.refusals.items()))
+            out.append(
+                f"hostile requests refused: {by_status};"
+                f" UNKNOWN {self.refusals['UNKNOWN']}, INTERNAL {self.refusals['INTERNAL']}"
+            )
         if self.argv_checked:
             out.append(f"external commands checked for hostile argv: {self.argv_checked}")
         out.append(f"volumes lost: {self.lost}, volumes leaked: {self.leaked}")
