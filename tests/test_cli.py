@@ -143,7 +143,9 @@ def live_server(tmp_path: Path) -> Iterator[str]:
     )
     try:
         deadline = time.monotonic() + 30
-        while not sock.exists() and time.monotonic() < deadline:
+        while not sock.exists():
+            assert proc.poll() is None, f"localdisk serve exited with {proc.returncode} before listening"
+            assert time.monotonic() < deadline, "localdisk serve did not create its socket within 30 s"
             time.sleep(0.05)
         yield f"unix://{sock}"
     finally:
