@@ -260,8 +260,14 @@ async def test_get_capacity(csi: Csi) -> None:
         )
     )
     assert elsewhere.available_capacity == 0
+    # A class for disks this node does not have: capacity 0 here (an answer the scheduler uses), not an error the
+    # external-provisioner would retry forever; a parameter localdisk does not know stays the caller's error.
+    for parameters in ({"backend": "lvm"}, {"backend": "fake", "pool": "nosuchpool"}):
+        other = await csi.controller.get_capacity(GetCapacityRequest(parameters=parameters))
+        assert other.available_capacity == 0 and other.maximum_volume_size == 0
     await expect(
-        Status.INVALID_ARGUMENT, csi.controller.get_capacity(GetCapacityRequest(parameters={"backend": "lvm"}))
+        Status.INVALID_ARGUMENT,
+        csi.controller.get_capacity(GetCapacityRequest(parameters={"backend": "fake", "x": "y"})),
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
@@ -49,6 +51,7 @@ from localdisk.model import Volume
 from localdisk.mounts import MIN_FS_BYTES
 
 Cap = ControllerServiceCapabilityRpcType
+log = logging.getLogger(__name__)
 
 
 def _condition(volume: Volume) -> VolumeCondition:
@@ -176,6 +179,13 @@ class ControllerService(ControllerBase):
         backend = message.parameters.get("backend", "")
         pool = message.parameters.get("pool") or None
         if backend:
+            try:
+                self.manager.backend(backend, pool)
+            except InvalidArgument as exc:
+                # A StorageClass for disks this node does not have: nothing to offer here, which is an answer
+                # (capacity 0, so the scheduler looks elsewhere), not an error the external-provisioner retries.
+                log.debug("GetCapacity: %s; answering 0", exc.message)
+                return GetCapacityResponse(available_capacity=0, maximum_volume_size=0)
             capacities = [await self.manager.capacity(backend, pool)]
         else:  # no StorageClass parameters: what the whole node has
             capacities = [await self.manager.capacity(b, p) for b, p in self.manager.pools()]
