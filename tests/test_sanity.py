@@ -7,6 +7,7 @@ summary. Run one here with `pytest -m sanity tests/test_sanity.py` (partitions n
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +75,18 @@ def test_parse_junit_counts_failures_skips_and_suite_nodes() -> None:  # a unit 
     assert (result.passed, result.failed, result.skipped) == (1, 2, 1)
     assert result.failures == ["B fails", "D errors"]
     assert result.skipped_specs == ["C skipped"]
+
+
+def test_missing_binary_skips_with_a_hint_and_fails_in_ci(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("CSI_SANITY", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no csi-sanity on it
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="CSI_SANITY"):
+        sanity.sanity_binary()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true"):
+        sanity.sanity_binary()
+    found = tmp_path / "csi-sanity"
+    found.write_text("#!/bin/sh\n")
+    found.chmod(0o755)
+    assert sanity.sanity_binary() == str(found)
