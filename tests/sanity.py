@@ -99,8 +99,9 @@ def _listening(path: Path) -> bool:
 
 
 @contextmanager
-def running_server(workdir: Path, config: Path) -> Iterator[Path]:
-    """`localdisk serve` on `config`, its socket in `workdir`; stopped with SIGTERM (SIGKILL after 60 s)."""
+def running_server(workdir: Path, config: Path, extra: Sequence[str] = ()) -> Iterator[Path]:
+    """`localdisk serve` on `config` (plus `extra` arguments), its socket in `workdir`; stopped with SIGTERM
+    (SIGKILL after 60 s)."""
     sock = workdir / "csi.sock"
     log = (workdir / "serve.log").open("wb")
     argv = [
@@ -111,7 +112,7 @@ def running_server(workdir: Path, config: Path) -> Iterator[Path]:
         "--node-id",
         "sanity-node",
     ]
-    argv += ["--config", str(config), "--log-format", "text", "--no-orphan-report"]
+    argv += ["--config", str(config), "--log-format", "text", "--no-orphan-report", *extra]
     server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT

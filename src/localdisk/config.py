@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from localdisk import registry
 from localdisk.errors import ConfigError, InvalidArgument
@@ -34,6 +34,8 @@ class NodeSettings(BaseModel):
 
     kubelet_dir: str = "/var/lib/kubelet"
     default_fs: FsType = "ext4"
+    pool_retry_seconds: float = Field(default=30.0, gt=0)
+    """How often a pool that could not open (a VG or disk missing, say) is tried again while the server runs."""
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import anyio
 
 from localdisk import registry
+from localdisk.availability import Available, PoolState
 from localdisk.backend import CachedState, VolumeBackend
 from localdisk.config import NodeConfig
 from localdisk.errors import AlreadyExists, Busy, InvalidArgument, NotFound, OutOfRange, Unsupported
@@ -23,6 +24,7 @@ from localdisk.runner import CommandRunner
 from localdisk.sizes import fits_range, resolve_size
 
 log = logging.getLogger(__name__)
+RETRY_INTERVAL = 30.0  # seconds between attempts to open a pool that is down
 
 
 class KeyedGuard:
@@ -58,7 +60,10 @@ class CreateRequest:
 
 class VolumeManager:
     def __init__(self, backends: Mapping[tuple[str, str], VolumeBackend], defaults: Mapping[str, str]) -> None:
-        self.backends = dict(backends)
+        # Every pool degrades on its own: one that cannot open is served as unavailable (`localdisk.availability`).
+        self.backends: dict[tuple[str, str], Available] = {
+            key: b if isinstance(b, Available) else Available(b) for key, b in backends.items()
+        }
         self.defaults = dict(defaults)
         self._guard = KeyedGuard()
 
@@ -73,8 +78,22 @@ class VolumeManager:
         return cls(backends, defaults)
 
     async def open(self) -> None:
+        """Open every pool. A pool that cannot open does not stop the others: it is down, with its reason
+        (`pool_states`), until `retry_unavailable` opens it."""
         for backend in self.backends.values():
             await backend.open()
+
+    def pool_states(self) -> dict[tuple[str, str], PoolState]:
+        return {key: backend.state for key, backend in sorted(self.backends.items())}
+
+    async def retry_unavailable(self, interval: float = RETRY_INTERVAL) -> None:
+        """Open the pools that are down again every `interval` seconds, until cancelled: a disk attached or a VG
+        made after start-up comes up without a restart."""
+        while True:
+            await anyio.sleep(interval)
+            for backend in self.backends.values():
+                if not backend.up:
+                    await backend.open()
 
     async def aclose(self) -> None:
         for backend in self.backends.values():

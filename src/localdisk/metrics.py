@@ -109,6 +109,23 @@ class PoolCollector(Collector):
             for figure, value in cap.details.items():
                 details.add_metric([*labels, figure], value)
         yield from (size, free, allocated, volumes, details)
+        yield from self._states()
+
+    def _states(self) -> Iterable[GaugeMetricFamily]:
+        """Whether each pool is up, and why it is not (`localdisk.availability`); read without the event loop."""
+        up = GaugeMetricFamily(
+            f"{PREFIX}_pool_up", "1 when the pool is usable, 0 when it is down", labels=["backend", "pool"]
+        )
+        down = GaugeMetricFamily(
+            f"{PREFIX}_pool_unavailable",
+            "1 for a pool that is down, with the reason (the other pools and the Node service keep working)",
+            labels=["backend", "pool", "reason"],
+        )
+        for (backend, pool), state in self.manager.pool_states().items():
+            up.add_metric([backend, pool], 1 if state.up else 0)
+            if not state.up:
+                down.add_metric([backend, pool, state.reason or "unknown"], 1)
+        yield from (up, down)
 
     async def _figures(self) -> list[tuple[tuple[str, str], Capacity, list[int]]]:
         out: list[tuple[tuple[str, str], Capacity, list[int]]] = []

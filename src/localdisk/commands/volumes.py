@@ -175,15 +175,25 @@ def snapshot_delete(ctx: typer.Context, snapshot_id: str, config: ConfigOption =
 def capacity(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Capacity of every configured pool: total, free, and the largest volume that fits."""
 
-    async def collect(manager: VolumeManager) -> list[tuple[str, str, Capacity]]:
-        return [(b, p, await manager.capacity(b, p)) for b, p in manager.pools()]
+    async def collect(manager: VolumeManager) -> list[tuple[str, str, Capacity, str | None]]:
+        states = manager.pool_states()
+        return [(b, p, await manager.capacity(b, p), states[(b, p)].reason) for b, p in manager.pools()]
 
     pools = run_with_manager(ctx, config, collect)
     if as_json:
-        emit_json([{"backend": b, "pool": p, **plain(cap)} for b, p, cap in pools])
+        emit_json(
+            [{"backend": b, "pool": p, "up": down is None, "reason": down, **plain(cap)} for b, p, cap, down in pools]
+        )
         return
     rows = [
-        (b, p, human(cap.total_bytes), human(cap.available_bytes), human(cap.maximum_volume_bytes))
-        for b, p, cap in pools
+        (
+            b,
+            p,
+            human(cap.total_bytes),
+            human(cap.available_bytes),
+            human(cap.maximum_volume_bytes),
+            "up" if down is None else f"DOWN: {down}",
+        )
+        for b, p, cap, down in pools
     ]
-    typer.echo(table(("BACKEND", "POOL", "TOTAL", "FREE", "LARGEST VOLUME"), rows))
+    typer.echo(table(("BACKEND", "POOL", "TOTAL", "FREE", "LARGEST VOLUME", "STATE"), rows))

@@ -192,7 +192,7 @@ class NodeService(NodeBase):
             return
         try:
             volume: Volume | None = await self.manager.get_volume(volume_id)
-        except NotFound:
+        except LocalDiskError:  # gone, or its pool is down: a pod's mount must still be able to go
             volume = None
         if volume is not None and volume.device_path and self._device_exists(volume.device_path):
             if self.mounter.holds(path, volume.device_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import stat
@@ -85,6 +86,11 @@ async def serve(
             metrics.serve(metrics_address)
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(_logged, VolumeManager.keep_fresh, manager)
+            retry = (config or NodeConfig()).node.pool_retry_seconds
+            tasks.start_soon(_logged, functools.partial(VolumeManager.retry_unavailable, interval=retry), manager)
+            for (kind, pool), state in manager.pool_states().items():
+                if not state.up:
+                    log.warning("serving without %s pool %r: %s", kind, pool, state.reason)
             for task in background:
                 tasks.start_soon(_logged, task, manager)
             with graceful_exit([server]):

@@ -1,0 +1,136 @@
+"""Pools that degrade instead of taking the node plugin down: a pool that cannot open is served as unavailable.
+
+One node config serves many unlike nodes, and a disk can be missing, late or dead on any of them. If one pool's
+failure stopped the server, kubelet could no longer unpublish or unstage the node's other volumes. So every pool
+is wrapped in an `Available`: when its backend's `open` fails, the pool is *down* with the reason, and instead of
+raising at start-up it answers
+
+* capacity 0 (GetCapacity, hence CSIStorageCapacity: the scheduler looks elsewhere),
+* `FailedPrecondition` naming the pool and the reason for anything that needs it (create, expand, delete, ...),
+* nothing for listings and name lookups (a volume of a down pool is not offered, and not lost: it is still on its
+  disks for when the pool comes back),
+
+while every other pool and the Node service go on. `VolumeManager.retry_unavailable` opens down pools again in the
+background, so a disk attached later comes up without a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from localdisk.backend import CachedState, VolumeBackend
+from localdisk.errors import FailedPrecondition, LocalDiskError
+from localdisk.model import Capacity, Features, Snapshot, Volume, VolumeSpec
+
+log = logging.getLogger(__name__)
+MAX_REASON = 400  # a reason is shown in statuses, metrics labels and events: keep it readable
+
+
+@dataclass(frozen=True)
+class PoolState:
+    up: bool
+    reason: str | None = None  # why the pool is down
+    since: float = 0.0  # time.time() of the last change
+
+
+class Available:
+    """A `VolumeBackend` that stays usable as an object when the pool behind it is not."""
+
+    def __init__(self, inner: VolumeBackend) -> None:
+        self.inner = inner
+        self.kind = inner.kind
+        self.pool = inner.pool
+        self.state = PoolState(up=True, since=time.time())  # not known to be down until an open says so
+        self.attempts = 0
+
+    @property
+    def features(self) -> Features:
+        return self.inner.features
+
+    @features.setter
+    def features(self, value: Features) -> None:
+        self.inner.features = value
+
+    @property
+    def up(self) -> bool:
+        return self.state.up
+
+    async def open(self) -> None:
+        """Open the pool; a failure marks it down with the reason instead of raising."""
+        self.attempts += 1
+        try:
+            await self.inner.open()
+        except (LocalDiskError, OSError) as exc:
+            reason = (getattr(exc, "message", None) or str(exc))[:MAX_REASON]
+            if self.state.up or self.state.reason != reason:
+                log.warning("%s pool %r is unavailable: %s; retrying in the background", self.kind, self.pool, reason)
+                self.state = PoolState(up=False, reason=reason, since=time.time())
+            return
+        if not self.state.up:
+            if self.attempts > 1:
+                log.info("%s pool %r is available again", self.kind, self.pool)
+            self.state = PoolState(up=True, since=time.time())
+
+    async def aclose(self) -> None:
+        if self.state.up:
+            await self.inner.aclose()
+
+    def _need(self) -> VolumeBackend:
+        if not self.state.up:
+            raise FailedPrecondition(
+                f"{self.kind} pool {self.pool!r} is unavailable on this node: {self.state.reason};"
+                " it is retried in the background"
+            )
+        return self.inner
+
+    # -- CachedState, when the backend keeps one ----------------------------------------------------------------
+    @property
+    def refresh_interval(self) -> float:
+        inner = self.inner
+        return inner.refresh_interval if isinstance(inner, CachedState) and self.state.up else 0.0
+
+    async def refresh_state(self) -> None:
+        if isinstance(self.inner, CachedState) and self.state.up:
+            await self.inner.refresh_state()
+
+    # -- reads that have an answer while down ---------------------------------------------------------------------
+    async def capacity(self) -> Capacity:
+        if not self.state.up:
+            return Capacity(total_bytes=0, available_bytes=0, maximum_volume_bytes=0)
+        return await self.inner.capacity()
+
+    async def find_volume(self, name: str) -> Volume | None:
+        return await self.inner.find_volume(name) if self.state.up else None
+
+    async def list_volumes(self) -> list[Volume]:
+        return await self.inner.list_volumes() if self.state.up else []
+
+    async def find_snapshot(self, name: str) -> Snapshot | None:
+        return await self.inner.find_snapshot(name) if self.state.up else None
+
+    async def list_snapshots(self) -> list[Snapshot]:
+        return await self.inner.list_snapshots() if self.state.up else []
+
+    # -- everything else needs the pool -----------------------------------------------------------------------
+    async def create_volume(self, spec: VolumeSpec) -> Volume:
+        return await self._need().create_volume(spec)
+
+    async def delete_volume(self, handle: str) -> None:
+        await self._need().delete_volume(handle)
+
+    async def expand_volume(self, handle: str, size_bytes: int) -> Volume:
+        return await self._need().expand_volume(handle, size_bytes)
+
+    async def get_volume(self, handle: str) -> Volume:
+        return await self._need().get_volume(handle)
+
+    async def create_snapshot(self, source_handle: str, name: str) -> Snapshot:
+        return await self._need().create_snapshot(source_handle, name)
+
+    async def delete_snapshot(self, handle: str) -> None:
+        await self._need().delete_snapshot(handle)
+
+    async def get_snapshot(self, handle: str) -> Snapshot:
+        return await self._need().get_snapshot(handle)
