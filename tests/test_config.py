@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,38 @@ def test_several_pools_without_default_need_a_pool_parameter() -> None:
     manager = VolumeManager.from_config(parse_config({"pools": {"fake": {"a": {}, "b": {}}}}))
     with pytest.raises(Exception, match="none is the default"):
         manager.backend("fake")
+
+
+GROUPS = """
+[pools.fake.hdd]
+default = true
+node_labels = { "localdisk.io/disks" = "hdd" }
+
+[pools.fake.nvme]
+default = true
+node_labels = { "localdisk.io/disks" = "nvme|ssd" }
+
+[pools.fake.scratch]
+nodes = ["worker-*", "gpu-?"]
+
+[pools.fake.everywhere]
+"""
+
+
+def test_one_config_read_as_two_nodes_gives_each_its_pools() -> None:
+    config = parse_config(tomllib.loads(GROUPS))
+    hdd = config.for_node("storage-1", {"localdisk.io/disks": "hdd"})
+    fast = config.for_node("worker-7", {"localdisk.io/disks": "ssd", "zone": "a"})
+    assert [p.name for p in hdd.pools] == ["hdd", "everywhere"]
+    assert [p.name for p in fast.pools] == ["nvme", "scratch", "everywhere"]
+    assert hdd.default_pool("fake") == "hdd" and fast.default_pool("fake") == "nvme"
+    assert [p.name for p in config.for_node("gpu-12", {}).pools] == ["everywhere"]  # `?` is one character
+    assert [p.name for p in config.for_node("gpu-1", {"localdisk.io/disks": ""}).pools] == ["scratch", "everywhere"]
+
+
+def test_two_defaults_on_one_node_are_refused_there() -> None:
+    config = parse_config(tomllib.loads(GROUPS))
+    assert config.for_node("n", {"localdisk.io/disks": "hdd"}).default_pool("fake") == "hdd"
+    overlapping = parse_config(tomllib.loads(GROUPS.replace('"nvme|ssd"', '"*"')))  # nvme: any value
+    with pytest.raises(ConfigError, match="node n: more than one pool of backend 'fake' has default"):
+        overlapping.for_node("n", {"localdisk.io/disks": "hdd"})

@@ -111,3 +111,31 @@ async def test_missing_pools_degrade_and_a_late_disk_comes_up_without_restart(la
         states = {(p["backend"], p["pool"]): (p["up"], p["reason"]) for p in json.loads(shown.stdout)}
         assert states[("partition", "here")] == (True, None)
         assert states[("lvm", "missing")][0] is False and "ldtest-nosuchvg" in states[("lvm", "missing")][1]
+
+
+async def test_one_config_serves_each_node_its_own_pools(tmp_path: Path) -> None:
+    """The same file, served as two nodes: each offers only the pools that select it (by name or label)."""
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[node]\nkubelet_dir = "{tmp_path / "kubelet"}"\n\n'
+        '[pools.fake.hdd]\nnode_labels = { "localdisk.io/disks" = "hdd" }\n\n'
+        '[pools.fake.scratch]\nnodes = ["worker-*"]\n'
+    )
+    offered: dict[str, dict[str, int]] = {}
+    for node, labels in (("storage-1", "localdisk.io/disks=hdd"), ("worker-2", "localdisk.io/disks=nvme")):
+        workdir = tmp_path / node
+        workdir.mkdir()
+        with running_server(workdir, config, ["--node-id", node, "--node-labels", labels]) as sock:
+            channel = Channel(path=str(sock))
+            try:
+                controller = ControllerStub(channel)
+                offered[node] = {
+                    pool: (
+                        await controller.get_capacity(GetCapacityRequest(parameters={"backend": "fake", "pool": pool}))
+                    ).available_capacity
+                    for pool in ("hdd", "scratch")
+                }
+            finally:
+                channel.close()
+    assert offered["storage-1"]["hdd"] > 0 and offered["storage-1"]["scratch"] == 0
+    assert offered["worker-2"]["hdd"] == 0 and offered["worker-2"]["scratch"] > 0

@@ -69,6 +69,14 @@ def serve(
         float | None,
         typer.Option(help="Delete an orphan this many seconds after it was reported (default: never delete)."),
     ] = None,
+    node_labels: Annotated[
+        str | None,
+        typer.Option(
+            envvar="NODE_LABELS",
+            help="This node's labels as k=v,k=v, for pools that select nodes by label (default: read from the"
+            " Node object in a cluster).",
+        ),
+    ] = None,
 ) -> None:
     """Run the CSI server (Identity, Controller and Node) on a unix socket."""
     import anyio
@@ -89,9 +97,13 @@ def serve(
         else:
             cfg = node_config.development_default()
             log.warning("no --config given: serving one in-memory 'fake' pool (development only, data is not kept)")
+        node = node_id or socket.gethostname()
+        if any(p.config.nodes or p.config.node_labels for p in cfg.pools):
+            labels = _parse_labels(node_labels) if node_labels is not None else _labels_from_cluster(node)
+            cfg = cfg.for_node(node, labels)
+            log.info("pools of node %s: %s", node, ", ".join(f"{p.backend}/{p.name}" for p in cfg.pools) or "none")
         metrics = Metrics()
         manager = VolumeManager.from_config(cfg, CommandRunner(observers=[metrics.observe_command]))
-        node = node_id or socket.gethostname()
         background = _orphan_reporter(node, orphan_report, orphan_delete_after, metrics)
         anyio.run(run_server, manager, node, endpoint, metrics, metrics_address, cfg, background)
     except LocalDiskError as exc:
@@ -152,6 +164,35 @@ app.command("capacity")(capacity)
 app.add_typer(csi_app, name="csi")
 app.command("doctor")(doctor)
 app.command("demo")(demo)
+
+
+def _parse_labels(text: str) -> dict[str, str]:
+    from localdisk.errors import ConfigError
+
+    labels: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--node-labels: {item[:64]!r} is not key=value")
+        labels[key] = value
+    return labels
+
+
+def _labels_from_cluster(node: str) -> dict[str, str]:
+    """The node's labels from the API in a cluster; outside one there are none (pools that select nodes by label
+    then select none here, with a warning)."""
+    from localdisk.k8s import in_cluster
+
+    if not in_cluster():
+        logging.getLogger("localdisk").warning(
+            "some pools select nodes by label, but this is not a cluster and --node-labels is not given"
+        )
+        return {}
+    import anyio
+
+    from localdisk.k8s.client import node_labels
+
+    return anyio.run(node_labels, node)
 
 
 def _orphan_reporter(node: str, enabled: bool | None, delete_after: float | None, metrics: Metrics) -> list[Any]:

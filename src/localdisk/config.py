@@ -15,6 +15,7 @@ the first log line instead of from a traceback.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +50,13 @@ class PoolEntry:
 class NodeConfig:
     node: NodeSettings = field(default_factory=NodeSettings)
     pools: tuple[PoolEntry, ...] = ()
+
+    def for_node(self, node: str, labels: Mapping[str, str]) -> NodeConfig:
+        """The config as the node `node` with `labels` serves it: only the pools that select it (`nodes`,
+        `node_labels`). Two default pools of one backend on one node are an error here."""
+        chosen = tuple(p for p in self.pools if p.config.selects(node, labels))
+        _one_default_per_backend(chosen, f"node {node}")
+        return NodeConfig(self.node, chosen)
 
     def default_pool(self, backend: str) -> str | None:
         """The pool used when only `backend` is given: the one marked default, or the only one."""
@@ -95,10 +103,16 @@ def parse(data: dict[str, Any], source: str = "config") -> NodeConfig:
                 raise ConfigError(f"{source}: " + "; ".join(_where(where, e) for e in exc.errors())) from exc
             pools.append(PoolEntry(backend, name, pool_config))
     config = NodeConfig(node, tuple(pools))
-    for backend in {p.backend for p in pools}:
-        if sum(p.config.default for p in pools if p.backend == backend) > 1:
-            raise ConfigError(f"{source}: more than one pool of backend {backend!r} has default = true")
+    # Pools for different nodes may each be their backend's default there; `for_node` checks those per node.
+    _one_default_per_backend(tuple(p for p in pools if not (p.config.nodes or p.config.node_labels)), source)
     return config
+
+
+def _one_default_per_backend(pools: tuple[PoolEntry, ...], where: str) -> None:
+    for backend in sorted({p.backend for p in pools}):
+        marked = [p.name for p in pools if p.backend == backend and p.config.default]
+        if len(marked) > 1:
+            raise ConfigError(f"{where}: more than one pool of backend {backend!r} has default = true: {marked}")
 
 
 def load(path: str | Path) -> NodeConfig:

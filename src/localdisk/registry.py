@@ -7,12 +7,13 @@ group, whose objects are `BackendSpec` instances.
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from localdisk.backend import VolumeBackend
 from localdisk.errors import ConfigError, InvalidArgument
@@ -28,6 +29,22 @@ class PoolConfig(BaseModel):
     """The pool used when a StorageClass names the backend but no `pool`."""
     fs_type: str | None = None
     """Filesystem used when a volume capability names none (else the node's default)."""
+    nodes: tuple[str, ...] = ()
+    """The nodes this pool is for, by name pattern (shell globs: `storage-*`); any one may match. Empty: every
+    node (that the labels below also select)."""
+    node_labels: dict[str, str] = Field(default_factory=dict)
+    """Node labels the pool needs, every one: a value is a glob, `a|b` offers alternatives, `*` only asks that
+    the label is there. `{"localdisk.io/disks" = "hdd"}` selects the nodes labelled so."""
+
+    def selects(self, node: str, labels: Mapping[str, str]) -> bool:
+        """Whether a node of that name and those labels serves this pool."""
+        if self.nodes and not any(fnmatch.fnmatchcase(node, pattern) for pattern in self.nodes):
+            return False
+        for key, wanted in self.node_labels.items():
+            value = labels.get(key)
+            if value is None or not any(fnmatch.fnmatchcase(value, alt) for alt in wanted.split("|")):
+                return False
+        return True
 
 
 @dataclass(frozen=True)

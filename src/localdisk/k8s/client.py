@@ -104,3 +104,15 @@ def reference(obj: Any, kind: str, api_version: str = "v1") -> dict[str, Any]:
         "namespace": meta.namespace,
         "uid": meta.uid,
     }
+
+
+async def node_labels(node: str, kubeconfig: str | None = None) -> dict[str, str]:
+    """The labels of the Node object `node` (the node plugin's own, read once at start)."""
+    api = await connect(kubeconfig)
+    try:
+        found = await client.CoreV1Api(api).read_node(node, _request_timeout=REQUEST_TIMEOUT)
+    except client.ApiException as exc:
+        raise ConfigError(f"cannot read the labels of node {node}: {exc.status} {exc.reason}") from exc
+    finally:
+        await api.close()
+    return dict(found.metadata.labels or {})
