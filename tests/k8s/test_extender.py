@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -374,3 +375,48 @@ async def test_answers_in_milliseconds_for_a_thousand_nodes(serve: Any) -> None:
     assert status == 200
     assert answer[-1] == {"Host": "node-999", "Score": 10}
     assert elapsed < 0.25, f"{elapsed * 1000:.0f} ms for 1000 nodes"
+
+
+# The manifests of examples/scheduler
+
+
+def scheduler_examples(name: str) -> list[Obj]:
+    import yaml
+
+    path = Path(__file__).parent.parent.parent / "examples" / "scheduler" / name
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+@pytest.mark.parametrize("version", ["1.34", "latest"])
+def test_the_extender_manifests_are_valid_and_agree_with_the_cli_and_the_configuration(version: str) -> None:
+    import kubernetes_validate
+    import typer.main
+
+    from localdisk.cli import app
+
+    objects = {o["kind"]: o for o in scheduler_examples("extender.yaml")}
+    for obj in objects.values():
+        kubernetes_validate.validate(
+            obj, kubernetes_validate.latest_version() if version == "latest" else version, True
+        )
+    container = objects["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][0] == "scheduler-extender"
+    commands: dict[str, Any] = getattr(typer.main.get_command(app), "commands")  # noqa: B009 - typer's own click
+    commands["scheduler-extender"].make_context("scheduler-extender", list(container["args"][1:]))
+    port = next(a for a in container["args"] if a.startswith("--port=")).split("=")[1]
+    service = objects["Service"]["spec"]
+    (config,) = scheduler_examples("extender-config.yaml")
+    (extender,) = config["extenders"]
+    assert extender["urlPrefix"] == f"http://{service['clusterIP']}:{service['ports'][0]['port']}"
+    assert str(service["ports"][0]["port"]) == port
+    assert extender["ignorable"] is True and extender["nodeCacheCapable"] is True
+    rules = objects["ClusterRole"]["rules"]
+    granted = {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    watched = {
+        ("storage.k8s.io", "csistoragecapacities"),
+        ("", "persistentvolumeclaims"),
+        ("storage.k8s.io", "storageclasses"),
+    }
+    assert granted == {(g, r, v) for g, r in watched for v in ("list", "watch")} | {
+        ("", "persistentvolumeclaims", "get")
+    }
