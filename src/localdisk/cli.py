@@ -38,7 +38,7 @@ def root(
 ) -> None:
     """localdisk: dynamically provisioned, capacity-aware local volumes for Kubernetes."""
     ctx.meta["debug"] = debug
-    if ctx.invoked_subcommand not in ("serve", "controller"):
+    if ctx.invoked_subcommand not in ("serve", "controller", "scheduler-extender"):
         from localdisk import logs
 
         logs.configure("debug" if debug else "warning")
@@ -154,6 +154,40 @@ def controller(
         raise fail(exc.message) from None
     except LeadershipLost as exc:
         raise fail(f"{exc}; exiting so that a fresh start competes again") from None
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command("scheduler-extender")
+def scheduler_extender(
+    policy: Annotated[str, typer.Option(help="spread: most room left wins; pack: least room that fits wins.")] = (
+        "spread"
+    ),
+    port: Annotated[int, typer.Option(help="Port for the extender verbs, /healthz and /readyz.")] = 8099,
+    host: Annotated[str | None, typer.Option(help="Address to listen on (default: every interface).")] = None,
+    max_body_bytes: Annotated[int, typer.Option(help="Refuse larger requests (413).", min=1024)] = 4 << 20,
+    kubeconfig: Annotated[
+        str | None, typer.Option(help="Kubeconfig to use outside a pod (default: in-cluster, then $KUBECONFIG).")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_format: Annotated[str, typer.Option(help="json (for log collectors) or text.")] = "json",
+) -> None:
+    """Serve kube-scheduler's extender verbs: score nodes by storage capacity left for the pod's claims."""
+    import anyio
+
+    from localdisk import logs
+    from localdisk.errors import LocalDiskError
+    from localdisk.k8s.extender import ExtenderSettings, Policy, main
+
+    if policy not in {p.value for p in Policy}:
+        raise fail(f"--policy must be spread or pack, not {policy!r}", 2)
+    logs.configure(log_level, json_format=log_format == "json")
+    logging.getLogger("kubernetes_asyncio").setLevel(logging.INFO)  # its debug lines are whole response bodies
+    settings = ExtenderSettings(Policy(policy), host, port, max_body_bytes, kubeconfig)
+    try:
+        anyio.run(main, settings)
+    except LocalDiskError as exc:
+        raise fail(exc.message) from None
     except KeyboardInterrupt:
         pass
 
