@@ -104,7 +104,7 @@ def serve(
             log.info("pools of node %s: %s", node, ", ".join(f"{p.backend}/{p.name}" for p in cfg.pools) or "none")
         metrics = Metrics()
         manager = VolumeManager.from_config(cfg, CommandRunner(observers=[metrics.observe_command]))
-        background = _orphan_reporter(node, orphan_report, orphan_delete_after, metrics)
+        background = _orphan_reporter(node, orphan_report, orphan_delete_after, metrics) + _pool_events(node)
         anyio.run(run_server, manager, node, endpoint, metrics, metrics_address, cfg, background)
     except LocalDiskError as exc:
         raise fail(exc.message) from None
@@ -227,6 +227,21 @@ def _labels_from_cluster(node: str) -> dict[str, str]:
     from localdisk.k8s.client import node_labels
 
     return anyio.run(node_labels, node)
+
+
+def _pool_events(node: str) -> list[Any]:
+    """In a cluster, pools going down and coming back become Events on this node's Node object."""
+    from localdisk.k8s import in_cluster
+
+    if not in_cluster():
+        return []
+    from localdisk.k8s.pools import report_pool_states
+    from localdisk.manager import VolumeManager
+
+    async def pool_events(manager: VolumeManager) -> None:
+        await report_pool_states(manager, node)
+
+    return [pool_events]
 
 
 def _orphan_reporter(node: str, enabled: bool | None, delete_after: float | None, metrics: Metrics) -> list[Any]:
