@@ -56,6 +56,7 @@ E2E_SHARDS = {
         "tests/reliability/test_uml_lvm.py",
         "tests/reliability/test_uml_hostile.py::test_controller_rpcs_on_lvm[lvm]",
         "tests/lvm/test_node_lvm.py::TestLinearNode",
+        "tests/lvm/test_crypt_lvm.py",  # encrypted volumes, linear and thin: about 2.5 min
     ],
     "thin": [
         "tests/lvm/test_thin.py",
