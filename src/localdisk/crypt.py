@@ -218,6 +218,11 @@ class Crypt:
                 ) from None
             if exc.returncode == _BUSY and self.mapping_of(volume_id, device) is not None:
                 return self.mapped_path(volume_id)  # opened meanwhile
+            if "Cannot initialize device-mapper" in exc.stderr:
+                raise FailedPrecondition(
+                    "this node cannot open encrypted volumes: the kernel has no device-mapper (load dm_mod and"
+                    " dm_crypt on the host)"
+                ) from None
             raise _failed("open", device, exc) from None
         path = self.mapped_path(volume_id)
         await self.runner.run(["udevadm", "settle", "--timeout=30"], check=False)
