@@ -14,11 +14,16 @@ import re
 import shutil
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import pytest
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
 
 from localdisk import CreateRequest
+from localdisk._proto.csi.v1 import DeleteVolumeRequest, NodeStageVolumeRequest
 from localdisk.backends.partition import LUKS_TYPE
+from localdisk.config import NodeConfig, NodeSettings
 from localdisk.crypt import HEADER_BYTES, LABEL, Crypt, Passphrase, Pbkdf, erase, mapping_name, parse_dump
 from localdisk.csi import validate
 from localdisk.errors import BackendFailure, FailedPrecondition, InvalidArgument
@@ -26,6 +31,7 @@ from localdisk.mounts import Mounter
 from localdisk.runner import CommandResult, CommandRunner
 from localdisk.sizes import MiB
 from tests.contract import manager_for
+from tests.csi_helpers import block_cap, create_request, csi_for
 from tests.loopdisks import loop_disks, needs_loop_devices
 from tests.test_partition_backend import partition_pool, read_direct, read_table, write_synced
 
@@ -255,3 +261,51 @@ def test_parse_dump_counts_keyslots_of_our_headers_only() -> None:
     assert parse_dump(text.replace("  0: luks2\n\tKey:        512 bits\n  3: luks2\n\tKey:        512 bits\n", "")) == 0
     assert parse_dump(text.replace("localdisk\n", "theirs\n", 1)) is None
     assert parse_dump(text.replace("Version:       \t2", "Version:       \t1")) is None
+
+
+@needs_loop_devices
+@needs_cryptsetup
+@pytest.mark.anyio
+async def test_csi_encrypted_partition_refusals_on_the_host(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Through the CSI servicers: the parameter is checked, the volume is recorded encrypted, and NodeStageVolume
+    refuses a missing or empty secret (INVALID_ARGUMENT, nothing formatted), quoting no secret. A wrong passphrase is
+    found when the mapping is opened, which needs dm-crypt: the sandbox suite shows that one."""
+    caplog.set_level(logging.DEBUG, logger="localdisk")
+    runner = CommandRunner(default_timeout=120)
+    root = tmp_path / "kubelet"
+    staging = root / "plugins/kubernetes.io/csi/volumeDevices/staging/pvc-enc"
+    staging.mkdir(parents=True)
+    config = NodeConfig(node=NodeSettings(kubelet_dir=str(root)))
+    disks = loop_disks(1, 64 * MiB)
+    async with disks as (disk,), partition_pool([disk]) as backend, csi_for(manager_for(backend), config=config) as csi:
+        bad = create_request("pvc-enc", 32 * MiB, "partition", "test", volume_capabilities=[block_cap()])
+        bad.parameters["encrypted"] = "yes"
+        with pytest.raises(GRPCError) as refused:
+            await csi.controller.create_volume(bad)
+        assert refused.value.status == Status.INVALID_ARGUMENT
+        bad.parameters["encrypted"] = "true"
+        created = await csi.controller.create_volume(bad)
+        assert created.volume is not None
+        volume = await csi.manager.get_volume(created.volume.volume_id)
+        assert volume.encrypted and volume.device_path is not None
+
+        def stage(secrets: dict[str, str]) -> NodeStageVolumeRequest:
+            return NodeStageVolumeRequest(
+                volume_id=volume.id,
+                staging_target_path=str(staging),
+                volume_capability=block_cap(),
+                secrets=secrets,
+            )
+
+        messages = []
+        for secrets in ({}, {"key": SECRET}, {"passphrase": ""}):
+            with pytest.raises(GRPCError) as info:
+                await csi.node.node_stage_volume(stage(secrets))
+            assert info.value.status == Status.INVALID_ARGUMENT
+            messages.append(info.value.message or "")
+        assert (await Mounter(runner).probe(volume.device_path)).empty, "nothing formatted"
+
+        await csi.controller.delete_volume(DeleteVolumeRequest(volume_id=volume.id))
+    for message in messages:
+        assert message and SECRET not in message and OTHER not in message
+    assert SECRET not in caplog.text and OTHER not in caplog.text
