@@ -3,7 +3,7 @@
 The host kernel has no device-mapper, so a LUKS2 mapping is never opened here (the sandbox suite
 `tests/lvm/test_crypt_lvm.py` does that); cryptsetup still formats, checks passphrases, re-wraps keys and erases
 headers on loop devices, and the partition backend records and crypto-erases encrypted volumes. The passphrase is
-checked to travel only on stdin or through a pipe, never in argv, the environment, a log line or an error.
+checked to travel only through a pipe, never in argv, the environment, a log line or an error.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from localdisk import CreateRequest
 from localdisk._proto.csi.v1 import DeleteVolumeRequest, NodeStageVolumeRequest
 from localdisk.backends.partition import LUKS_TYPE
 from localdisk.config import NodeConfig, NodeSettings
-from localdisk.crypt import HEADER_BYTES, LABEL, Crypt, Passphrase, Pbkdf, erase, mapping_name, parse_dump
+from localdisk.crypt import HEADER_BYTES, LABEL, Crypt, Passphrase, Pbkdf, erase, key_pipe, mapping_name, parse_dump
 from localdisk.csi import validate
 from localdisk.errors import BackendFailure, FailedPrecondition, InvalidArgument
 from localdisk.mounts import Mounter
@@ -79,6 +79,7 @@ class Recorder(CommandRunner):
         super().__init__()
         self.answers = answers
         self.calls: list[tuple[list[str], bytes | None, Mapping[str, str] | None]] = []
+        self.piped: list[bytes] = []  # what each call could read from the descriptors passed to it
 
     async def run(
         self,
@@ -92,6 +93,7 @@ class Recorder(CommandRunner):
     ) -> CommandResult:
         args = list(argv)
         self.calls.append((args, input, env))
+        self.piped.append(b"".join(os.read(fd, 4096) for fd in pass_fds))
         key = args[0] if args[0] != "cryptsetup" else f"cryptsetup {args[1]}"
         code, out, err = self.answers.get(key, (0, "", ""))
         result = CommandResult(args, code, out.encode(), err.encode(), 0.0)
@@ -106,7 +108,7 @@ DUMP = f"LUKS header information\nVersion:       \t2\nLabel:         \t{LABEL}\n
 
 
 @pytest.mark.anyio
-async def test_passphrase_goes_on_stdin_only_and_a_wrong_one_is_failed_precondition(
+async def test_passphrase_goes_through_a_pipe_only_and_a_wrong_one_is_failed_precondition(
     tmp_path: object, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="localdisk")
@@ -124,13 +126,16 @@ async def test_passphrase_goes_on_stdin_only_and_a_wrong_one_is_failed_precondit
     with pytest.raises(FailedPrecondition) as info:
         await crypt.open("lvm:a:ldv-1", "/dev/fake0", secret)
     assert SECRET not in info.value.message
-    formats = [c for c in runner.calls if c[0][:2] == ["cryptsetup", "luksFormat"]]
-    opens = [c for c in runner.calls if c[0][:2] == ["cryptsetup", "open"]]
+    formats = [i for i, c in enumerate(runner.calls) if c[0][:2] == ["cryptsetup", "luksFormat"]]
+    opens = [i for i, c in enumerate(runner.calls) if c[0][:2] == ["cryptsetup", "open"]]
     assert len(formats) == len(opens) == 1
-    for argv, stdin, env in formats + opens:
-        assert "--key-file=-" in argv and stdin == SECRET.encode()
+    for index in formats + opens:
+        argv, stdin, env = runner.calls[index]
+        assert any(re.fullmatch(r"--key-file=/proc/self/fd/\d+", a) for a in argv) and stdin is None
+        assert runner.piped[index] == SECRET.encode()
         assert not any(SECRET in a for a in argv) and not any(SECRET in v for v in (env or {}).values())
-    assert "--label" in formats[0][0] and "--offset" in formats[0][0]
+    assert runner.calls[formats[0]][0][-2:] == ["--", "/dev/fake0"]
+    assert "--label" in runner.calls[formats[0]][0] and "--offset" in runner.calls[formats[0]][0]
     assert SECRET not in caplog.text
 
 
@@ -149,9 +154,9 @@ async def test_a_device_with_anything_on_it_is_not_formatted() -> None:
 
 # -- loop devices: real headers ----------------------------------------------------------------------------------
 async def opens_with(runner: CommandRunner, device: str, secret: str) -> bool:
-    done = await runner.run(
-        ["cryptsetup", "open", "--test-passphrase", "--key-file=-", "--", device], input=secret.encode(), check=False
-    )
+    with key_pipe(Passphrase(secret.encode())) as key:
+        argv = ["cryptsetup", "open", "--test-passphrase", f"--key-file=/proc/self/fd/{key}", "--", device]
+        done = await runner.run(argv, pass_fds=[key], check=False)
     return done.returncode == 0
 
 

@@ -4,9 +4,10 @@ Why a module of its own: the CSI Node service decides *when* a volume is formatt
 request and the volume's recorded `encrypted` flag); this module knows *how*, through `cryptsetup`, and keeps the
 rules that protect data and keys in one place:
 
-* The passphrase reaches cryptsetup only on its standard input (`--key-file=-`), never in argv (visible in
-  /proc/*/cmdline) or the environment, and never in a log line or an error message: `Passphrase` hides itself from
-  repr/str, and errors are built from cryptsetup's exit status, not from anything that echoes the input.
+* The passphrase reaches cryptsetup only through a pipe of its own (`--key-file=/proc/self/fd/N`, filled and
+  closed for writing before cryptsetup starts; see `key_pipe` for why not stdin), never in argv (visible in
+  /proc/*/cmdline) or the environment, and never in a log line or an error message: `Passphrase` hides itself
+  from repr/str, and errors are built from cryptsetup's exit status, not from anything that echoes the input.
 * Each volume gets its own random volume key (luksFormat draws it); the passphrase only wraps it in a keyslot, so a
   passphrase change re-wraps the key (`cryptsetup luksChangeKey`) without touching the data.
 * Formatting follows the node's formatting guard (`localdisk.mounts`): a device is formatted only when `blkid -p`
@@ -22,6 +23,7 @@ rules that protect data and keys in one place:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -29,6 +31,7 @@ import os
 import stat
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,10 +170,11 @@ class Crypt:
             )
         argv = [
             "cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--label", LABEL, "--subsystem",
-            SUBSYSTEM, "--offset", str(HEADER_SECTORS), *self.pbkdf.argv(), "--key-file=-", "--", device,
+            SUBSYSTEM, "--offset", str(HEADER_SECTORS), *self.pbkdf.argv(),
         ]  # fmt: skip
         try:
-            await self.runner.run(argv, input=passphrase.reveal(), timeout=600)
+            with key_pipe(passphrase) as key:
+                await self.runner.run([*argv, f"--key-file={fd_file(key)}", "--", device], pass_fds=[key], timeout=600)
         except CommandFailed as exc:
             raise _failed("luksFormat", device, exc) from None
         if not await self.is_ours(device):
@@ -208,9 +212,11 @@ class Crypt:
         name = mapping_name(volume_id)
         if os.path.lexists(self.mapped_path(volume_id)):  # created, never loaded: the name is ours, remove it
             await self.runner.run(["dmsetup", "remove", "--", name], check=False)
-        argv = ["cryptsetup", "open", "--type", "luks2", "--disable-keyring", "--key-file=-", "--", device, name]
+        argv = ["cryptsetup", "open", "--type", "luks2", "--disable-keyring"]
         try:
-            await self.runner.run(argv, input=passphrase.reveal(), timeout=300)
+            with key_pipe(passphrase) as key:
+                argv += [f"--key-file={fd_file(key)}", "--", device, name]
+                await self.runner.run(argv, pass_fds=[key], timeout=300)
         except CommandFailed as exc:
             if exc.returncode == _WRONG_PASSPHRASE:
                 raise FailedPrecondition(
@@ -257,20 +263,16 @@ class Crypt:
         """Re-wrap the volume key with a new passphrase (a key rotation): the data is not touched."""
         if not await self.is_ours(device):
             raise FailedPrecondition(f"device {device} holds no LUKS2 header of localdisk")
-        # luksChangeKey reads the old passphrase from --key-file and the new one from a key file argument: each
-        # comes through a pipe of its own, written before the process starts (a passphrase fits a pipe's buffer).
-        fds = [_pipe_holding(old.reveal()), _pipe_holding(new.reveal())]
+        # luksChangeKey reads the old passphrase from --key-file and the new one from a key file argument.
+        argv = ["cryptsetup", "luksChangeKey", "--batch-mode", *self.pbkdf.argv()]
         try:
-            argv = ["cryptsetup", "luksChangeKey", "--batch-mode", *self.pbkdf.argv()]
-            argv += [f"--key-file=/proc/self/fd/{fds[0]}", "--", device, f"/proc/self/fd/{fds[1]}"]
-            await self.runner.run(argv, pass_fds=fds, timeout=600)
+            with key_pipe(old) as old_key, key_pipe(new) as new_key:
+                argv += [f"--key-file={fd_file(old_key)}", "--", device, fd_file(new_key)]
+                await self.runner.run(argv, pass_fds=[old_key, new_key], timeout=600)
         except CommandFailed as exc:
             if exc.returncode == _WRONG_PASSPHRASE:
                 raise FailedPrecondition(f"the old passphrase does not open the LUKS header on {device}") from None
             raise _failed("luksChangeKey", device, exc) from None
-        finally:
-            for fd in fds:
-                os.close(fd)
 
 
 async def erase(runner: CommandRunner, device: str) -> None:
@@ -308,14 +310,27 @@ def parse_dump(text: str) -> int | None:
     return keyslots if ours else None
 
 
-def _pipe_holding(data: bytes) -> int:
-    """The read end of a pipe that holds `data` and is closed for writing."""
+@contextlib.contextmanager
+def key_pipe(passphrase: Passphrase) -> Iterator[int]:
+    """The read end of a pipe that holds the passphrase, closed for writing, for one cryptsetup run (`pass_fds`).
+
+    Not stdin: `CommandRunner.run` writes `input` while the child runs, and a cryptsetup that exits before reading
+    it (no device-mapper, not a LUKS device) breaks that write, losing its exit status and message. A passphrase
+    (at most 512 bytes) fits a pipe's buffer, so the pipe is filled before the process starts."""
     read_end, write_end = os.pipe()
     try:
-        os.write(write_end, data)
+        try:
+            os.write(write_end, passphrase.reveal())
+        finally:
+            os.close(write_end)
+        yield read_end
     finally:
-        os.close(write_end)
-    return read_end
+        os.close(read_end)
+
+
+def fd_file(fd: int) -> str:
+    """The path by which a child process opens the descriptor `fd` it inherited."""
+    return f"/proc/self/fd/{fd}"
 
 
 def _zero_head(device: str, length: int) -> None:
