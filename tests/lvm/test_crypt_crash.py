@@ -134,6 +134,6 @@ async def test_format_open_close_survive_sigkill(volume: tuple[str, str], tmp_pa
         assert code == 0, f"after kill {kills} (delay {delay:.2f}s, seed {seed}): {output}"
         found[output.split()[1] if output.startswith("found ") else "?"] += 1
         checks += 1
-    print(
-        f"\ncrypt crash loop: {kills} kills, {checks} checks passed in {time.monotonic() - started:.0f}s, seed {seed}"
-    )
+    seconds = time.monotonic() - started
+    print(f"\ncrypt crash loop: {kills} kills, {checks} checks passed in {seconds:.0f}s, seed {seed}")
+    print(f"killed while running: {dict(hit.most_common())}; state found after the kill: {dict(found.most_common())}")
