@@ -5,9 +5,10 @@ volume through `localdisk.crypt`, as the node plugin does; the test (`tests/lvm/
 process group (it and the cryptsetup it runs) with SIGKILL and then runs `check`, which must open the volume with
 the same passphrase and find what the state file says is there.
 
-`loop` repeats: open, verify, write the next generation of a known 4 KiB block, close; and every third round a
-fresh volume: crypto-erase the header, format, open, write. Before anything that changes the data it records the
-intent in the state file (written, fsynced and renamed), so a kill anywhere leaves one of: `data N` (generation N is
+`loop` repeats: open, verify, write the next generation of a known 4 KiB block, close; and every third round (the
+first one for a third of the workers) a fresh volume: crypto-erase the header, format, open, write. Before anything
+that changes the data it records the intent in the state file (written, fsynced and renamed), so a kill anywhere
+leaves one of: `data N` (generation N is
 on the volume), `writing N` (N-1 or N is there), `fresh N` (the volume was being erased: its old data may be gone,
 but it must format and open again). `check` opens the volume (a refusal is a failure: a kill must never leave a
 volume that cannot be staged again), verifies, and leaves it in state `data N` again, closed.
@@ -16,6 +17,7 @@ volume that cannot be staged again), verifies, and leaves it in state `data N` a
 from __future__ import annotations
 
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -119,7 +121,7 @@ async def main(mode: str, device: str, volume_id: str, state_file: str) -> None:
         await crypt.close(volume_id)
         print(f"ok {state.read_text()}")
         return
-    rounds = 0
+    rounds = random.randrange(3)  # a third of the workers start with a fresh round: kills land in erase and format too
     while True:
         rounds += 1
         if rounds % 3 == 0:
