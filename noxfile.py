@@ -56,6 +56,7 @@ E2E_SHARDS = {
         "tests/reliability/test_uml_lvm.py",
         "tests/reliability/test_uml_hostile.py::test_controller_rpcs_on_lvm[lvm]",
         "tests/lvm/test_node_lvm.py::TestLinearNode",
+        "tests/lvm/test_crypt_lvm.py",  # encrypted volumes, linear and thin: about 2.5 min
     ],
     "thin": [
         "tests/lvm/test_thin.py",
@@ -68,6 +69,8 @@ E2E_SHARDS = {
 # The SIGKILL crash loops on real LVM (100 kills per backend) take 20+ minutes of UML on this 2-core machine and did
 # not reach 100 kills within their time budget under load, so they are a session of their own, not part of CI.
 CRASH_SHARDS = {"crash": ["tests/reliability/test_uml_crash.py"]}
+# SIGKILL through LUKS2 format/open/close of an encrypted volume (50 kills, LOCALDISK_CRYPT_KILLS): its own guest.
+CRYPT_CRASH_SHARDS = {"crypt-crash": ["tests/lvm/test_crypt_crash.py"]}
 
 
 @nox.session
@@ -84,6 +87,12 @@ def e2e(session: nox.Session) -> None:
 def crash(session: nox.Session) -> None:
     """The SIGKILL crash loops for lvm and thin, in a User-Mode Linux guest (long: not part of CI)."""
     _run_in_sandboxes(session, CRASH_SHARDS)
+
+
+@nox.session(name="crypt-crash")
+def crypt_crash(session: nox.Session) -> None:
+    """SIGKILL crash loop through LUKS2 format, open and close of an encrypted volume, in a UML guest (not CI)."""
+    _run_in_sandboxes(session, CRYPT_CRASH_SHARDS)
 
 
 def _run_in_sandboxes(session: nox.Session, shards: dict[str, list[str]]) -> None:

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 DEBIAN_PACKAGES=(
   python3 python3-venv python3-pip
   util-linux mount e2fsprogs xfsprogs btrfs-progs parted gdisk fdisk udev
-  lvm2 thin-provisioning-tools user-mode-linux
+  lvm2 thin-provisioning-tools user-mode-linux cryptsetup-bin
 )
 
 missing=()

@@ -56,6 +56,7 @@ class CreateRequest:
     required_bytes: int = 0
     limit_bytes: int = 0
     source: ContentSource | None = None
+    encrypted: bool = False
 
 
 class VolumeManager:
@@ -169,7 +170,9 @@ class VolumeManager:
             source_handle = None
             if request.source is not None:
                 source_handle, size = await self._check_source(backend, request.source, size, request.limit_bytes)
-            return await backend.create_volume(VolumeSpec(request.name, size, request.source, source_handle))
+            return await backend.create_volume(
+                VolumeSpec(request.name, size, request.source, source_handle, request.encrypted)
+            )
 
     @staticmethod
     def _same_or_conflict(existing: Volume, backend: VolumeBackend, request: CreateRequest) -> Volume:
@@ -185,6 +188,10 @@ class VolumeManager:
             )
         if existing.source != request.source:
             raise AlreadyExists(f"volume {request.name!r} already exists with another content source")
+        if existing.encrypted != request.encrypted and not (existing.encrypted and request.source):
+            raise AlreadyExists(
+                f"volume {request.name!r} already exists {'with' if existing.encrypted else 'without'} encryption"
+            )
         return existing
 
     async def _check_source(

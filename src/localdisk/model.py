@@ -61,6 +61,7 @@ class Volume:
     source: ContentSource | None = None
     device_path: str | None = None
     abnormal: str | None = None  # why the volume is unhealthy, or None when it is fine
+    encrypted: bool = False  # a LUKS2 container per volume (recorded with the volume by its backend)
 
     @property
     def id(self) -> str:
@@ -111,3 +112,4 @@ class VolumeSpec:
     size_bytes: int
     source: ContentSource | None = None
     source_handle: str | None = None  # the handle of the source, in this same backend and pool
+    encrypted: bool = False  # record the volume as encrypted (LUKS2, formatted by the node on first stage)

@@ -26,6 +26,7 @@ class Partition:
     size: int  # sectors
     uuid: str  # PARTUUID, lower case (as udev spells it under /dev/disk/by-partuuid)
     name: str  # the GPT partition name (at most 36 UTF-16 code units)
+    type: str = ""  # the partition type GUID, upper case as sfdisk prints it
 
     @property
     def end(self) -> int:
@@ -152,6 +153,7 @@ def _partition(raw: dict[str, Any]) -> Partition:
         size=int(raw["size"]),
         uuid=str(raw["uuid"]).lower(),
         name=str(raw.get("name", "")),
+        type=str(raw.get("type", "")).upper(),
     )
 
 

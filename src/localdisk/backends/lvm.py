@@ -8,6 +8,10 @@ volumes again and nothing is lost with a side database:
 - `localdisk.csi.io/kind=volume|snapshot`, `localdisk.csi.io/name.<i>=<base32>` (the CSI name, any Unicode, in
   chunks: LVM tags allow only [A-Za-z0-9_+.-/=!:&#]) and `localdisk.csi.io/source=<kind>:<lv>` (what a snapshot was
   taken of, what a volume was restored or cloned from).
+- `localdisk.csi.io/encrypted` marks a volume that holds a LUKS2 container (`localdisk.crypt`): the node opens it
+  with the passphrase of its node-stage secret, and deleting it is a crypto-erase. A thick encrypted LV is therefore
+  not zeroed in full when created (only its signature areas are): nothing but ciphertext under a new key is seen
+  through its mapping. Clones, restores and snapshots of an encrypted thin volume inherit the tag.
 - `localdisk.csi.io/pending` marks a volume that exists but is not ready to hand out (a thick LV not yet zeroed, a
   restored volume not yet grown to its size). Pending volumes are not found by name, so a retried CreateVolume
   finishes them instead of returning them half made.
@@ -52,9 +56,10 @@ from typing import Annotated
 import anyio
 from pydantic import Field, field_validator
 
+from localdisk import crypt
 from localdisk.backends.lvmcmd import LogicalVolume, Lvm, VgReport, check_name
 from localdisk.backends.lvmshell import ShellExecutor
-from localdisk.blockdev import zero_out
+from localdisk.blockdev import erase_signatures, zero_out
 from localdisk.errors import (
     AlreadyExists,
     BackendFailure,
@@ -76,6 +81,7 @@ PENDING_TAG = TAG_ROOT + "pending"
 KIND_TAG = TAG_ROOT + "kind="
 NAME_TAG = TAG_ROOT + "name."
 SOURCE_TAG = TAG_ROOT + "source="
+ENCRYPTED_TAG = TAG_ROOT + "encrypted"
 VOLUME, SNAPSHOT = "volume", "snapshot"
 PREFIXES = {VOLUME: "ldv-", SNAPSHOT: "lds-"}
 HANDLE = re.compile(r"ld[vs]-[0-9a-f]{32}")
@@ -117,10 +123,12 @@ def decode_name(tags: Iterable[str]) -> str | None:
         return None
 
 
-def identity_tags(kind: str, name: str, source: tuple[str, str] | None = None) -> list[str]:
+def identity_tags(kind: str, name: str, source: tuple[str, str] | None = None, *, encrypted: bool = False) -> list[str]:
     tags = [OWNER_TAG, KIND_TAG + kind, *name_tags(name)]
     if source is not None:
         tags.append(f"{SOURCE_TAG}{source[0]}:{source[1]}")
+    if encrypted:
+        tags.append(ENCRYPTED_TAG)
     return tags
 
 
@@ -417,7 +425,7 @@ class _LvmBackend:
     async def _grow(self, lv: str, spec: VolumeSpec, current_size: int) -> None:
         """Finish a pending LV's size (under the pool's lock: it takes space)."""
 
-    async def _zero(self, lv: str) -> None:
+    async def _zero(self, lv: str, encrypted: bool) -> None:
         """Finish a pending LV's content (outside the pool's lock: it takes time, not space)."""
 
     def _abnormal(self, report: VgReport, lv: LogicalVolume) -> str | None:
@@ -492,6 +500,7 @@ class _LvmBackend:
             source=ContentSource(SourceKind(source[0]), str(self._ref(source[1]))) if source else None,
             device_path=f"/dev/{self.vg}/{lv.name}",
             abnormal=self._abnormal(report, lv),
+            encrypted=ENCRYPTED_TAG in lv.tags,
         )
 
     def _claim(self, lv: LogicalVolume, kind: str, name: str) -> None:
@@ -530,6 +539,8 @@ class _LvmBackend:
                 if source_of(existing.tags) != wanted:
                     raise AlreadyExists(f"volume {spec.name!r} is being created with another content source")
                 pending, size = True, max(existing.size, align_up(spec.size_bytes, self.extent))
+            made = report.lv(lv_name) if existing is None and self.view.report is not None else existing
+            encrypted = ENCRYPTED_TAG in made.tags if made is not None else spec.encrypted
             if pending:
                 await self._grow(lv_name, spec, existing.size if existing else 0)
         if pending:
@@ -538,7 +549,7 @@ class _LvmBackend:
             # of the same name is refused by the manager's per-name guard, and a delete by its ID fails as busy
             # while the zeroing holds the device open exclusively. Each step can be repeated, so a crash anywhere
             # here leaves a pending LV that the retried create finishes.
-            await self._zero(lv_name)
+            await self._zero(lv_name, encrypted)
             await self._ready_tags.drop(lv_name)
             self.view.apply(lambda r: with_tags(r, lv_name, delete=[PENDING_TAG]))
         source = (spec.source.kind.value, spec.source_handle) if spec.source and spec.source_handle else None
@@ -548,14 +559,18 @@ class _LvmBackend:
             size_bytes=size,
             source=ContentSource(SourceKind(source[0]), str(self._ref(source[1]))) if source else None,
             device_path=f"/dev/{self.vg}/{lv_name}",
+            encrypted=encrypted,
         )
 
     async def delete_volume(self, handle: str) -> None:
         if not handle.startswith(PREFIXES[VOLUME]) or not HANDLE.fullmatch(handle):
             return
         async with self._writing() as report:
-            if not self._ours(report.lv(handle), VOLUME):
+            lv = report.lv(handle)
+            if lv is None or not self._ours(lv, VOLUME):
                 return  # gone already, or not ours to remove
+            if ENCRYPTED_TAG in lv.tags and lv.active:
+                await crypt.erase(self.runner, f"/dev/{self.vg}/{handle}")  # Busy while the node has it open
             with contextlib.suppress(NotFound):
                 await self.lvm.remove(self.vg, handle)
             self.view.apply(lambda r: without_lv(r, handle, takes_extents=self._takes_extents))
@@ -646,15 +661,18 @@ class LinearBackend(_LvmBackend):
         # The tags go into the same lvcreate: a crash can then never leave an LV of ours without them (it would
         # hold space nobody can see or delete). The pending tag keeps it from being handed out before it is zeroed.
         # No wipe here: `_finish` zeroes all of it, and LVM's wipe would only repeat the first 4 KiB of that.
-        tags = [*identity_tags(VOLUME, spec.name), PENDING_TAG]
+        tags = [*identity_tags(VOLUME, spec.name, encrypted=spec.encrypted), PENDING_TAG]
         await self.lvm.create_linear(self.vg, lv, spec.size_bytes, tags, wipe=False)
         made = new_lv(lv, align_up(spec.size_bytes, self.extent), tags, attr=LINEAR_ACTIVE)
         self.view.apply(lambda r: with_lv(r, made, takes_extents=True))
         return True
 
-    async def _zero(self, lv: str) -> None:
+    async def _zero(self, lv: str, encrypted: bool) -> None:
+        # An encrypted volume is seen only through its mapping: under a fresh volume key, old extents read as noise,
+        # so only the signature areas are cleared (the node formats only a device without any signature).
+        wipe = erase_signatures if encrypted else zero_out
         try:
-            await zero_out(f"/dev/{self.vg}/{lv}", self.runner.observers)
+            await wipe(f"/dev/{self.vg}/{lv}", self.runner.observers)
         except NotFound:
             self.view.invalidate()
             raise Busy(f"volume {self.vg}/{lv} was deleted while it was being created; retry") from None
@@ -728,7 +746,7 @@ class ThinBackend(_LvmBackend):
     async def _create(self, report: VgReport, lv: str, spec: VolumeSpec) -> bool:
         # Tags are set by the creating lvcreate itself, so a crash can never leave an untagged LV of ours behind.
         if spec.source is None or spec.source_handle is None:
-            tags = identity_tags(VOLUME, spec.name)
+            tags = identity_tags(VOLUME, spec.name, encrypted=spec.encrypted)
             await self.lvm.create_thin(self.vg, self.thin_pool, lv, spec.size_bytes, tags)
             made = new_lv(lv, align_up(spec.size_bytes, self.extent), tags, attr=THIN_ACTIVE, pool=self.thin_pool)
             self.view.apply(lambda r: with_lv(r, made, takes_extents=False))
@@ -738,7 +756,11 @@ class ThinBackend(_LvmBackend):
         if source is None or not self._ready(source, kind):
             raise NotFound(f"{kind} {spec.source.id!r} not found in thin pool {self.pool!r}")
         grow = align_up(spec.size_bytes, self.extent) > source.size
-        tags = identity_tags(VOLUME, spec.name, (kind, spec.source_handle)) + ([PENDING_TAG] if grow else [])
+        if spec.encrypted and ENCRYPTED_TAG not in source.tags:
+            raise InvalidArgument(f"{kind} {spec.source.id!r} is not encrypted; an encrypted volume cannot copy it")
+        encrypted = spec.encrypted or ENCRYPTED_TAG in source.tags  # a copy of a LUKS volume is one too
+        tags = identity_tags(VOLUME, spec.name, (kind, spec.source_handle), encrypted=encrypted)
+        tags += [PENDING_TAG] if grow else []
         await self.lvm.create_thin_snapshot(self.vg, spec.source_handle, lv, tags, activate=True)
         made = new_lv(lv, source.size, tags, attr=THIN_ACTIVE, pool=self.thin_pool, origin=source.name)
         self.view.apply(lambda r: with_lv(r, made, takes_extents=False))
@@ -787,7 +809,7 @@ class ThinBackend(_LvmBackend):
                 return self._snapshot(existing)
             source = self._get(report, source_handle, VOLUME)
             self._check_room(report, source.size)
-            tags = identity_tags(SNAPSHOT, name, (VOLUME, source_handle))
+            tags = identity_tags(SNAPSHOT, name, (VOLUME, source_handle), encrypted=ENCRYPTED_TAG in source.tags)
             # A snapshot stays inactive (LVM's activation-skip flag); volumes restored from it are activated.
             await self.lvm.create_thin_snapshot(self.vg, source_handle, lv_name, tags, activate=False)
             report = await self.view.refresh()  # for its creation time as LVM recorded it

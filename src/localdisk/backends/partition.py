@@ -2,7 +2,9 @@
 
 For nodes without LVM, or where a volume must be a plain partition. The disks' GPT tables are the only state: a
 volume is a partition whose GPT name is `ld-<key>`, the key derived from the CSI name, and its handle is the
-partition's PARTUUID, which survives renumbering and reboots. Nothing else is stored, so a restarted node finds its
+partition's PARTUUID, which survives renumbering and reboots. An encrypted volume (a LUKS2 container, see
+`localdisk.crypt`) is made with the partition type "Linux LUKS" (`LUKS_TYPE`); its delete is a crypto-erase and
+skips the zeroing pass. Nothing else is stored, so a restarted node finds its
 volumes by reading the tables again.
 
 Changes to one disk are serialized with a per-disk lock, because every tool rewrites the whole table: two creates
@@ -47,6 +49,7 @@ import anyio
 import anyio.to_thread
 from pydantic import Field, field_validator
 
+from localdisk import crypt
 from localdisk.backends.gpt import Partition, Table, best_fit, parse_sfdisk, parse_wipefs
 from localdisk.blockdev import erase_signatures, open_exclusive, zero_out
 from localdisk.errors import (
@@ -70,6 +73,7 @@ GPT_NAME_LIMIT = 36  # UTF-16 code units in a GPT partition entry's name field
 READY_PREFIX = "ld-"  # a volume handed out
 PENDING_PREFIX = "lp-"  # created, not yet wiped and handed out (seen only after a crash)
 KEY_LENGTH = 32
+LUKS_TYPE = "CA7D7CCB-63ED-4C53-861C-1742536059CC"  # GPT type "Linux LUKS": the volume is encrypted
 _OURS = re.compile(rf"^(?:{READY_PREFIX}|{PENDING_PREFIX})[a-z2-7]{{{KEY_LENGTH}}}$")
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _SYSFS_BLOCK = Path("/sys/class/block")
@@ -387,6 +391,7 @@ class PartitionBackend:
             name=self._names.get(key, part.name),
             size_bytes=part.size * table.sector_size,
             device_path=path,
+            encrypted=part.type == LUKS_TYPE,
             abnormal=None
             if path
             else f"the kernel shows no device for partition {part.number} of {table.device}; restart the driver on"
@@ -457,15 +462,19 @@ class PartitionBackend:
             await self.runner.run(["udevadm", "settle", f"--timeout={timeout}"], check=False)
 
     # -- changing a table: one write each, then the kernel is told about that one partition -------------------------
-    async def _make(self, disk: _Disk, table: Table, name: str, start: int, sectors: int) -> tuple[Table, Partition]:
+    async def _make(
+        self, disk: _Disk, table: Table, name: str, start: int, sectors: int, type_guid: str = ""
+    ) -> tuple[Table, Partition]:
         """Create partition `name` at [start, start + sectors) in the lowest free entry; the disk's lock is held.
 
         Its number and PARTUUID are chosen here and given to sfdisk, so the new table is known without a read.
         sfdisk refuses an entry that is taken or a range that overlaps a partition (ours or not), whatever the view
         said. The partition is named in the same write that creates it, so no crash leaves an unnamed partition.
         """
-        part = Partition(table.free_number(), start, sectors, str(uuid.uuid4()), name)
+        part = Partition(table.free_number(), start, sectors, str(uuid.uuid4()), name, type_guid)
         line = f"{_node_name(table.device, part.number)} : start={start}, size={sectors}, name={name}, uuid={part.uuid}"
+        if type_guid:
+            line += f", type={type_guid}"
         append = ["--append", "--wipe", "never", "--wipe-partitions", "never", "--", table.device]
         await self.runner.run([*_SFDISK_WRITE, *append], input=f"{line}\n".encode())
         table = table.with_partition(part)
@@ -551,7 +560,8 @@ class PartitionBackend:
                         continue
                     # Born pending ("lp-"): until it is wiped and renamed "ld-" no lookup returns it, a retry of
                     # this create resumes it, and `open` drops it.
-                    table, part = await self._make(choice, table, pending, extent.start, sectors)
+                    kind = LUKS_TYPE if spec.encrypted else ""
+                    table, part = await self._make(choice, table, pending, extent.start, sectors, kind)
                 else:
                     await self._settle(table.device, table)  # a leftover of a failure: the kernel may lag behind
                 # Space freed by localdisk was zeroed when its volume was deleted, so only stale signatures can be
@@ -586,9 +596,12 @@ class PartitionBackend:
         if located is None:
             return
         disk, _, part = located
+        if part.type == LUKS_TYPE:  # crypto-erase: the data left is ciphertext under a destroyed key
+            await self._remove(disk, part, zero=False, crypto_erase=True)
+            return
         await self._remove(disk, part, zero=self.config.wipe == "zero")
 
-    async def _remove(self, disk: _Disk, part: Partition, *, zero: bool) -> None:
+    async def _remove(self, disk: _Disk, part: Partition, *, zero: bool, crypto_erase: bool = False) -> None:
         """Wipe a partition of ours, then delete it; the caller must not hold the disk's lock.
 
         Zeroing runs outside the lock, as it may take minutes, through an exclusive claim on the partition taken
@@ -603,6 +616,8 @@ class PartitionBackend:
             part = current
             await self._settle_one(disk, table, part)
             if not zero:  # a signature wipe is quick: wipe and remove under one hold of the lock
+                if crypto_erase:
+                    await crypt.erase(self.runner, self._node(table, part))
                 await self._wipe(table, part)
                 await self._delete(disk, table, part)
                 return

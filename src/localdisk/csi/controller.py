@@ -43,6 +43,7 @@ from localdisk._proto.csi.v1 import (
     VolumeCondition,
 )
 from localdisk.config import NodeConfig
+from localdisk.crypt import HEADER_BYTES
 from localdisk.csi import TOPOLOGY_KEY, convert, validate
 from localdisk.csi.status import rpc
 from localdisk.errors import InsufficientCapacity, InvalidArgument, NotFound, OutOfRange
@@ -82,6 +83,8 @@ class ControllerService(ControllerBase):
         minimum (CSI lets a volume be larger than required_bytes), or refused when limit_bytes forbids that."""
         fs = self._filesystem(message)
         minimum = MIN_FS_BYTES.get(fs or "", 0)
+        if minimum and validate.encrypted(message.parameters):
+            minimum += HEADER_BYTES  # the filesystem gets what the LUKS2 header leaves of the device
         if not minimum or required >= minimum:
             return required
         if limit and limit < minimum:
@@ -101,6 +104,7 @@ class ControllerService(ControllerBase):
         validate.check_name(message.name)
         validate.check_capabilities(message.volume_capabilities)
         validate.check_parameters(message.parameters)
+        encrypted = validate.encrypted(message.parameters)
         if message.mutable_parameters:
             raise InvalidArgument(
                 "mutable_parameters (VolumeAttributesClass) are not supported by localdisk; create the claim"
@@ -122,6 +126,7 @@ class ControllerService(ControllerBase):
                 required_bytes=required,
                 limit_bytes=limit,
                 source=source,
+                encrypted=encrypted,
             )
         )
         return CreateVolumeResponse(volume=convert.volume(volume, self.node_id))

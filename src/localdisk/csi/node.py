@@ -5,11 +5,18 @@ formats, mounts, binds, grows and measures it. This module validates each reques
 inside the kubelet root), picks the filesystem for an empty device (capability, else the pool's `fs_type`, else
 `node.default_fs`; a capability without fs_type keeps whatever supported filesystem the device already has), and
 refuses a second concurrent call for the same volume with ABORTED, as CSI asks.
+
+An encrypted volume (`Volume.encrypted`, recorded by its backend, never taken from the request) is a LUKS2 container
+(`localdisk.crypt`): staging formats it on first use and opens its mapping with the passphrase from the node-stage
+secret (key `passphrase`), and from then on the mapping, /dev/mapper/localdisk-<hash>, is the volume's device for
+mounting, publishing, stats and expansion; unstaging closes it. The passphrase is never logged nor put in a message.
 """
 
 from __future__ import annotations
 
 import logging
+
+import anyio
 
 from localdisk._proto.csi.v1 import (
     NodeBase,
@@ -38,6 +45,7 @@ from localdisk._proto.csi.v1 import (
     VolumeUsageUnit,
 )
 from localdisk.config import NodeConfig
+from localdisk.crypt import Crypt, Passphrase, Pbkdf
 from localdisk.csi import convert, validate
 from localdisk.csi.paths import KubeletPaths
 from localdisk.csi.status import rpc
@@ -54,6 +62,7 @@ from localdisk.model import Volume
 from localdisk.mounts import Mounter, MountInfo, device_number, mount_flags
 
 Cap = NodeServiceCapabilityRpcType
+PASSPHRASE_KEY = "passphrase"  # noqa: S105 - the key in the node-stage secret, not a value
 log = logging.getLogger(__name__)
 
 
@@ -77,6 +86,7 @@ class NodeService(NodeBase):
         node_id: str,
         config: NodeConfig | None = None,
         mounter: Mounter | None = None,
+        pbkdf: Pbkdf | None = None,
     ) -> None:
         config = config or NodeConfig()
         self.manager = manager
@@ -85,6 +95,7 @@ class NodeService(NodeBase):
         self.default_fs: str = config.node.default_fs
         self.pool_fs = {(p.backend, p.name): p.config.fs_type for p in config.pools if p.config.fs_type}
         self.mounter = (mounter or Mounter()).within(self.paths.root)
+        self.crypt = Crypt(self.mounter, pbkdf)
         self._guard = KeyedGuard()
 
     async def _device(self, volume_id: str) -> tuple[Volume, str]:
@@ -97,10 +108,51 @@ class NodeService(NodeBase):
             )
         return volume, volume.device_path
 
+    def _visible(self, volume: Volume) -> str | None:
+        """The device a staged or published volume is seen through: its dm-crypt mapping when encrypted (None
+        while the mapping is not open), else the backend's device."""
+        if not volume.encrypted or not volume.device_path:
+            return volume.device_path
+        try:
+            return self.crypt.mapping_of(volume.id, volume.device_path)
+        except FailedPrecondition:
+            return None
+
+    def _opened(self, volume: Volume, device: str) -> str:
+        """The device to publish, grow or measure: the open mapping of an encrypted volume, else `device`."""
+        if not volume.encrypted:
+            return device
+        mapped = self.crypt.mapping_of(volume.id, device)
+        if mapped is None:
+            raise FailedPrecondition(f"encrypted volume {volume.id} is not open on this node; stage it first")
+        return mapped
+
+    @staticmethod
+    def _passphrase(secrets: dict[str, str], volume_id: str) -> Passphrase:
+        """The passphrase of an encrypted volume, from the node-stage secret. Messages name keys, never values."""
+        if not secrets:
+            raise InvalidArgument(
+                f"volume {volume_id} is encrypted and NodeStageVolume carries no secrets; set"
+                " csi.storage.k8s.io/node-stage-secret-name and -namespace in the StorageClass, naming a Secret with"
+                " key 'passphrase'"
+            )
+        value = secrets.get(PASSPHRASE_KEY)
+        if value is None:
+            keys = ", ".join(repr(k) for k in sorted(secrets)[:8] if len(k) <= 64)
+            raise InvalidArgument(
+                f"volume {volume_id} is encrypted and the node-stage secret has no key {PASSPHRASE_KEY!r}"
+                f" (it has {keys or 'other keys'})"
+            )
+        try:
+            return Passphrase(value.encode("utf-8", "surrogatepass"))
+        except InvalidArgument as exc:
+            message = f"volume {volume_id}: the node-stage secret's {PASSPHRASE_KEY!r}: {exc.message}"
+            raise InvalidArgument(message) from None
+
     async def _device_if_known(self, volume_id: str) -> str | None:
         """The volume's device for clean-up work: unknown (None) must never keep a pod's mount from going."""
         try:
-            return (await self.manager.get_volume(volume_id)).device_path
+            return self._visible(await self.manager.get_volume(volume_id))
         except LocalDiskError as exc:
             log.info("volume %s: device unknown during clean-up: %s", volume_id, exc.message)
             return None
@@ -127,19 +179,31 @@ class NodeService(NodeBase):
         cap = _capability(message.volume_capability)
         with self._guard.hold(message.volume_id):
             volume, device = await self._device(message.volume_id)
-            if cap.mount is None:  # raw block: published straight from the device, nothing to stage
-                if self.mounter.mount_at(staging) is not None:
-                    raise AlreadyExists(f"{staging} has a filesystem mounted; unstage it before staging a block volume")
-                device_number(device)
+            if cap.mount is None and self.mounter.mount_at(staging) is not None:
+                raise AlreadyExists(f"{staging} has a filesystem mounted; unstage it before staging a block volume")
+            device_number(device)
+            opened_here = False
+            if volume.encrypted:
+                passphrase = self._passphrase(message.secrets, volume.id)
+                opened_here = self.crypt.mapping_of(volume.id, device) is None
+                await self.crypt.ensure_format(device, passphrase)
+                device = await self.crypt.open(volume.id, device, passphrase)
+            if cap.mount is None:  # raw block: published straight from the device (or mapping), nothing to mount
                 return NodeStageVolumeResponse()
-            await self.mounter.stage(
-                device,
-                staging,
-                cap.mount.fs_type or None,
-                cap.mount.mount_flags,
-                readonly=_reader_only(cap),
-                default_fs=self._default_fs(volume),
-            )
+            try:
+                await self.mounter.stage(
+                    device,
+                    staging,
+                    cap.mount.fs_type or None,
+                    cap.mount.mount_flags,
+                    readonly=_reader_only(cap),
+                    default_fs=self._default_fs(volume),
+                )
+            except BaseException:
+                if opened_here:  # leave nothing half done: the mapping opened for this stage goes again
+                    with anyio.CancelScope(shield=True):
+                        await self.crypt.close(volume.id)
+                raise
         return NodeStageVolumeResponse()
 
     @rpc
@@ -149,6 +213,7 @@ class NodeService(NodeBase):
         with self._guard.hold(message.volume_id):
             await self._refuse_foreign_mount(message.volume_id, staging)
             await self.mounter.unstage(staging)
+            await self.crypt.close(message.volume_id)  # an encrypted volume's mapping; none open is success
         return NodeUnstageVolumeResponse()
 
     # -- publish ----------------------------------------------------------------------------------------------
@@ -167,6 +232,7 @@ class NodeService(NodeBase):
         single_writer = cap.access_mode is not None and cap.access_mode.mode == validate.Mode.SINGLE_NODE_SINGLE_WRITER
         with self._guard.hold(message.volume_id):
             volume, device = await self._device(message.volume_id)
+            device = self._opened(volume, device)
             if cap.mount is None:
                 if single_writer:
                     self._refuse_second_writer(volume.id, target, self.mounter.block_binds(device))
@@ -194,14 +260,15 @@ class NodeService(NodeBase):
             volume: Volume | None = await self.manager.get_volume(volume_id)
         except LocalDiskError:  # gone, or its pool is down: a pod's mount must still be able to go
             volume = None
-        if volume is not None and volume.device_path and self._device_exists(volume.device_path):
-            if self.mounter.holds(path, volume.device_path):
+        seen = self._visible(volume) if volume is not None else None
+        if volume is not None and seen and self._device_exists(seen):
+            if self.mounter.holds(path, seen):
                 return
             raise FailedPrecondition(
                 f"{path} holds a mount of {mount.source}, not of volume {volume_id}; it is left as it is"
             )
         for other in await self.manager.list_volumes():
-            device = other.device_path
+            device = self._visible(other)
             if other.id != volume_id and device and self._device_exists(device) and self.mounter.holds(path, device):
                 raise FailedPrecondition(f"{path} holds volume {other.id}, not {volume_id}; it is left as it is")
 
@@ -241,7 +308,9 @@ class NodeService(NodeBase):
         self.paths.check_optional(message.staging_target_path, "staging_target_path")
         volume = await self.manager.get_volume(message.volume_id)  # CSI: NOT_FOUND for a volume that is not there
         path = self._volume_path(volume.id, message.volume_path)
-        device, problem = volume.device_path, volume.abnormal
+        device, problem = self._visible(volume), volume.abnormal
+        if volume.encrypted and device is None:
+            problem = problem or f"encrypted volume {volume.id} is not open on this node (its mapping is gone)"
         stats = await self.mounter.stats(path, device)
         problem = problem or stats.problem
         usage = [VolumeUsage(unit=VolumeUsageUnit.BYTES, total=stats.total_bytes)]
@@ -280,7 +349,7 @@ class NodeService(NodeBase):
             await self.manager.get_volume(message.volume_id)  # NOT_FOUND first, then where it is (not)
             path = self._volume_path(message.volume_id, message.volume_path)
             volume, device = await self._device(message.volume_id)
-            if not self.mounter.holds(path, device):  # checked before growing anything
+            if not self.mounter.holds(path, self._opened(volume, device)):  # checked before growing anything
                 raise NotFound(f"volume {volume.id} is not staged or published at {path}")
             if required and volume.size_bytes < required:
                 # Node-side expansion: in a per-node deployment only this node can reach the volume, and the
@@ -296,6 +365,9 @@ class NodeService(NodeBase):
                 )
             if limit and size > limit:
                 raise OutOfRange(f"the device of volume {message.volume_id} has {size} bytes, over limit {limit}")
+            if volume.encrypted:  # the mapping first (online, no passphrase: see localdisk.crypt), then the filesystem
+                await self.crypt.resize(volume.id)
+                device = self._opened(volume, device)
             capacity = await self.mounter.expand(path, device)
         return NodeExpandVolumeResponse(capacity_bytes=capacity)
 

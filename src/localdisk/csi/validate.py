@@ -20,7 +20,7 @@ SINGLE_NODE_MODES = {
 }
 FILESYSTEMS = ("ext4", "xfs", "btrfs")
 MAX_NAME_BYTES = 128  # CSI names and IDs
-KNOWN_PARAMETERS = {"backend", "pool"}
+KNOWN_PARAMETERS = {"backend", "pool", "encrypted"}
 PASSTHROUGH_PREFIXES = ("csi.storage.k8s.io/",)  # metadata the external-provisioner may add
 
 
@@ -78,6 +78,14 @@ def check_parameters(parameters: dict[str, str]) -> None:
         raise InvalidArgument(
             f"unknown StorageClass parameter(s) [{listed}]{more}; localdisk accepts {sorted(KNOWN_PARAMETERS)}"
         )
+
+
+def encrypted(parameters: dict[str, str]) -> bool:
+    """The StorageClass parameter `encrypted`: "true" or "false" (the default), as Kubernetes booleans are spelled."""
+    value = parameters.get("encrypted", "false")
+    if value.lower() not in ("true", "false"):
+        raise InvalidArgument(f'parameter \'encrypted\' is {shown(value)}; use "true" or "false"')
+    return value.lower() == "true"
 
 
 def capacity(rng: CapacityRange | None) -> tuple[int, int]:
