@@ -20,9 +20,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-from localdisk.backend import CachedState, VolumeBackend
+from localdisk.backend import CachedState, PendingVolumes, VolumeBackend
 from localdisk.errors import FailedPrecondition, LocalDiskError
-from localdisk.model import Capacity, Features, Snapshot, Volume, VolumeSpec
+from localdisk.model import Capacity, Features, PendingVolume, Snapshot, Volume, VolumeSpec
 
 log = logging.getLogger(__name__)
 MAX_REASON = 400  # a reason is shown in statuses, metrics labels and events: keep it readable
@@ -94,6 +94,15 @@ class Available:
     async def refresh_state(self) -> None:
         if isinstance(self.inner, CachedState) and self.state.up:
             await self.inner.refresh_state()
+
+    # -- PendingVolumes, when the backend has them: none while down ---------------------------------------------
+    async def pending_volumes(self) -> list[PendingVolume]:
+        inner = self.inner
+        return await inner.pending_volumes() if isinstance(inner, PendingVolumes) and self.state.up else []
+
+    async def reclaim_pending(self, handle: str) -> bool:
+        inner = self._need()
+        return await inner.reclaim_pending(handle) if isinstance(inner, PendingVolumes) else False
 
     # -- reads that have an answer while down ---------------------------------------------------------------------
     async def capacity(self) -> Capacity:

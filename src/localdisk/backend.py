@@ -7,9 +7,17 @@ raising. Snapshot methods raise `Unsupported` unless `features.snapshots` is tru
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
 
-from localdisk.model import Capacity, Features, Snapshot, Volume, VolumeSpec
+import anyio
+
+from localdisk.model import Capacity, Features, PendingVolume, Snapshot, Volume, VolumeSpec
+
+log = logging.getLogger(__name__)
+CANCELLED_CLEANUP_SECONDS = 10.0  # how long a cancelled create may spend removing what it left pending
 
 
 @runtime_checkable
@@ -62,3 +70,46 @@ class CachedState(Protocol):
     def refresh_interval(self) -> float: ...
 
     async def refresh_state(self) -> None: ...
+
+
+@runtime_checkable
+class PendingVolumes(Protocol):
+    """A backend whose creates go through a pending state on disk, which a cancelled or killed create can leave.
+
+    A pending volume holds space (GetCapacity counts it) but is never found by name or handed out; a retried create
+    of the same name finishes it. `VolumeManager.keep_fresh` removes those nobody retries once they have been
+    pending for the manager's grace period.
+    """
+
+    async def pending_volumes(self) -> list[PendingVolume]:
+        """The pending volumes of this pool (from the cached view where there is one)."""
+
+    async def reclaim_pending(self, handle: str) -> bool:
+        """Delete the pending volume `handle` as a delete would (wiping as the pool says) if it is still pending;
+        True if it was removed. `Busy` while a create in this process is working on it."""
+
+
+async def finish_despite_cancellation(cleanup: Callable[[], Awaitable[object]], what: str) -> None:
+    """Run `cleanup` to its end, for at most `CANCELLED_CLEANUP_SECONDS`, although the calling task is being
+    cancelled; its failure is logged, not raised (the caller re-raises its cancellation).
+
+    A shielded cancel scope is not enough on asyncio: grpclib cancels a handler's task natively (`Task.cancel`), once
+    when the deadline passes and again when the client resets the stream, and a native cancel goes through anyio's
+    shield. So the cleanup runs in a task of its own, which the caller waits for, swallowing further cancels.
+    """
+
+    async def bounded() -> None:
+        with anyio.move_on_after(CANCELLED_CLEANUP_SECONDS) as scope:
+            await cleanup()
+        if scope.cancelled_caught:
+            log.warning("%s: gave up after %ss; the background reclaim will finish it", what, CANCELLED_CLEANUP_SECONDS)
+
+    task = asyncio.get_running_loop().create_task(bounded())
+    with anyio.CancelScope(shield=True):
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                continue  # our own task cancelled again: keep waiting, the caller raises its cancellation after
+            except Exception as exc:
+                log.warning("%s failed: %s; the background reclaim will finish it", what, exc)

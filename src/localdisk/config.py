@@ -3,6 +3,7 @@
     [node]
     kubelet_dir = "/var/lib/kubelet"
     default_fs = "ext4"
+    pending_grace_seconds = 300
 
     [pools.lvm.ssd]            # backend "lvm", pool "ssd"
     volume_group = "vg-ssd"
@@ -28,6 +29,7 @@ from localdisk.model import NAME_PATTERN
 from localdisk.registry import PoolConfig
 
 FsType = Literal["ext4", "xfs", "btrfs"]
+PENDING_GRACE = 300.0  # seconds; see NodeSettings.pending_grace_seconds
 
 
 class NodeSettings(BaseModel):
@@ -37,6 +39,10 @@ class NodeSettings(BaseModel):
     default_fs: FsType = "ext4"
     pool_retry_seconds: float = Field(default=30.0, gt=0)
     """How often a pool that could not open (a VG or disk missing, say) is tried again while the server runs."""
+    pending_grace_seconds: float = Field(default=PENDING_GRACE, gt=0)
+    """How long a volume may stay pending (a create cancelled or killed half-way left it, holding its space) before
+    the server removes it in the background. A create in progress in this process is never removed, whatever its
+    age; a retry of the create within this time finishes the volume instead."""
 
 
 @dataclass(frozen=True)

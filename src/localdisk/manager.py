@@ -2,13 +2,15 @@
 
 It owns the opened backends of a node, routes volume and snapshot IDs to them, resolves CSI capacity ranges into
 sizes, enforces name idempotency across every pool, and refuses a second concurrent operation on the same volume
-or name with `Busy` (ABORTED on the wire) instead of queueing it behind the first.
+or name with `Busy` (ABORTED on the wire) instead of queueing it behind the first. Beside the CSI server it keeps
+the backends' cached views fresh and removes the pending volumes that cancelled or killed creates left behind.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
@@ -16,8 +18,8 @@ import anyio
 
 from localdisk import registry
 from localdisk.availability import Available, PoolState
-from localdisk.backend import CachedState, VolumeBackend
-from localdisk.config import NodeConfig
+from localdisk.backend import CachedState, PendingVolumes, VolumeBackend
+from localdisk.config import PENDING_GRACE, NodeConfig
 from localdisk.errors import AlreadyExists, Busy, InvalidArgument, NotFound, OutOfRange, Unsupported
 from localdisk.model import Capacity, ContentSource, ObjectRef, Snapshot, SourceKind, Volume, VolumeSpec
 from localdisk.runner import CommandRunner
@@ -60,12 +62,21 @@ class CreateRequest:
 
 
 class VolumeManager:
-    def __init__(self, backends: Mapping[tuple[str, str], VolumeBackend], defaults: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        backends: Mapping[tuple[str, str], VolumeBackend],
+        defaults: Mapping[str, str],
+        *,
+        pending_grace: float = PENDING_GRACE,
+    ) -> None:
         # Every pool degrades on its own: one that cannot open is served as unavailable (`localdisk.availability`).
         self.backends: dict[tuple[str, str], Available] = {
             key: b if isinstance(b, Available) else Available(b) for key, b in backends.items()
         }
         self.defaults = dict(defaults)
+        self.pending_grace = pending_grace
+        self.pending_reclaimed: Counter[tuple[str, str]] = Counter()  # (backend, pool): leftovers removed
+        self._pending_since: dict[str, float] = {}  # volume ID: when `reclaim_pending` first saw it pending
         self._guard = KeyedGuard()
 
     @classmethod
@@ -76,7 +87,7 @@ class VolumeManager:
             spec = registry.get(entry.backend)
             backends[(entry.backend, entry.name)] = spec.factory(entry.name, entry.config, runner)
         defaults = {b: p for b in {e.backend for e in config.pools} if (p := config.default_pool(b))}
-        return cls(backends, defaults)
+        return cls(backends, defaults, pending_grace=config.node.pending_grace_seconds)
 
     async def open(self) -> None:
         """Open every pool. A pool that cannot open does not stop the others: it is down, with its reason
@@ -252,25 +263,85 @@ class VolumeManager:
         return sorted(volumes, key=lambda v: v.id)
 
     async def keep_fresh(self) -> None:
-        """Re-read the cached state of every backend that keeps one, each at its own interval, until cancelled.
+        """Until cancelled: re-read the cached state of every backend that keeps one, each at its own interval, and
+        remove pending leftovers (`reclaim_pending`) every quarter of the grace period.
 
         Runs beside the CSI server: without it a read that finds the cache too old re-reads it inline, which at a
-        thousand LVs costs a GetCapacity about a second. A failed re-read is logged; the next tick tries again.
+        thousand LVs costs a GetCapacity about a second, and the space of creates cancelled half-way stays taken
+        until the same name is retried or the server restarts. A failed pass is logged; the next tick tries again.
         """
-        cached = [b for b in self.backends.values() if isinstance(b, CachedState) and b.refresh_interval > 0]
-        if not cached:
+        jobs: list[tuple[float, Callable[[], Awaitable[object]], str]] = [
+            (b.refresh_interval, b.refresh_state, f"re-reading the state of {b.kind} pool {b.pool!r}")
+            for b in self.backends.values()
+            if isinstance(b, CachedState) and b.refresh_interval > 0
+        ]
+        if any(isinstance(b.inner, PendingVolumes) for b in self.backends.values()):
+            jobs.append((self.pending_grace / 4, self.reclaim_pending, "reclaiming pending volumes"))
+        if not jobs:
             return
-        due = [0.0] * len(cached)
+        due = [0.0] * len(jobs)
         while True:
             now = anyio.current_time()
-            for index, backend in enumerate(cached):
+            for index, (interval, job, what) in enumerate(jobs):
                 if now >= due[index]:
-                    due[index] = now + backend.refresh_interval
+                    due[index] = now + interval
                     try:
-                        await backend.refresh_state()
-                    except Exception as exc:  # the cache stays as it was; reads fall back to reading themselves
-                        log.warning("re-reading the state of %s pool %r failed: %s", backend.kind, backend.pool, exc)
+                        await job()
+                    except Exception as exc:  # a cache stays as it was (reads fall back to reading themselves)
+                        log.warning("%s failed: %s", what, exc)
             await anyio.sleep(max(min(due) - anyio.current_time(), 0.05))
+
+    async def reclaim_pending(self) -> int:
+        """One pass over the pending volumes of every pool: remove those seen pending for the grace period; the
+        number removed.
+
+        Age is counted from the first pass that saw a volume pending (GPT tables keep no times), so after a restart
+        a leftover gets a full grace period again. A volume is removed under the same guards as a create of its
+        name and a delete of its ID, and the backend refuses (`Busy`) one a create of this process is working on,
+        so an in-flight create, however slow, is never raced: its clock starts again once it is left alone.
+        """
+        now = anyio.current_time()
+        since: dict[str, float] = {}
+        removed = 0
+        for key in sorted(self.backends):
+            backend = self.backends[key]
+            if not isinstance(backend.inner, PendingVolumes) or not backend.up:
+                continue
+            try:
+                leftovers = await backend.pending_volumes()
+            except Exception as exc:
+                log.warning("listing the pending volumes of %s pool %r failed: %s", key[0], key[1], exc)
+                prefix = f"{key[0]}:{key[1]}:"
+                since.update({v: t for v, t in self._pending_since.items() if v.startswith(prefix)})
+                continue
+            for leftover in leftovers:
+                since[leftover.id] = first = self._pending_since.get(leftover.id, now)
+                if now - first < self.pending_grace:
+                    continue
+                guards = [f"volume:{leftover.id}"] + ([f"name:{leftover.name}"] if leftover.name is not None else [])
+                try:
+                    with self._guard.hold(*guards):
+                        gone = await backend.reclaim_pending(leftover.ref.handle)
+                except Busy:
+                    since[leftover.id] = now  # being worked on: a full grace period again once it is left alone
+                    continue
+                except Exception as exc:
+                    log.warning("reclaiming pending volume %s failed: %s; next pass retries", leftover.id, exc)
+                    continue
+                del since[leftover.id]
+                if gone:
+                    removed += 1
+                    self.pending_reclaimed[key] += 1
+                    log.info(
+                        "reclaimed pending volume %s (%s, %d bytes): a create left it unfinished %.0f s ago or more",
+                        leftover.id,
+                        f"name {leftover.name!r}" if leftover.name is not None else "name unknown",
+                        leftover.size_bytes,
+                        now - first,
+                        extra={"fields": {"volume": leftover.id, "backend": key[0], "pool": key[1]}},
+                    )
+        self._pending_since = since
+        return removed
 
     async def capacity(self, backend: str, pool: str | None = None) -> Capacity:
         return await self.backend(backend, pool).capacity()

@@ -1,4 +1,4 @@
-"""Prometheus metrics: pools, volumes, RPCs and external commands.
+"""Prometheus metrics: pools, volumes, RPCs, external commands and reclaimed pending volumes.
 
 Pool figures are collected at scrape time from the backends' own capacity views (a custom collector), so a scrape
 never shows numbers older than the pool's cache, and nothing polls when nobody scrapes.
@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from localdisk.errors import LocalDiskError
@@ -79,7 +79,7 @@ class PoolCollector(Collector):
         self.manager = manager
         self.loop = loop
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         size = GaugeMetricFamily(f"{PREFIX}_pool_size_bytes", "Pool size", labels=["backend", "pool"])
         free = GaugeMetricFamily(
             f"{PREFIX}_pool_free_bytes", "Bytes a new volume can still get", labels=["backend", "pool"]
@@ -109,6 +109,15 @@ class PoolCollector(Collector):
             for figure, value in cap.details.items():
                 details.add_metric([*labels, figure], value)
         yield from (size, free, allocated, volumes, details)
+        reclaimed = CounterMetricFamily(
+            f"{PREFIX}_pending_reclaimed",
+            "Pending volumes (left by creates cancelled or killed half-way) removed in the background",
+            labels=["backend", "pool"],
+        )
+        counts = dict(self.manager.pending_reclaimed)  # a copy: the event loop may add to it meanwhile
+        for backend, pool in self.manager.pools():
+            reclaimed.add_metric([backend, pool], counts.get((backend, pool), 0))
+        yield reclaimed
         yield from self._states()
 
     def _states(self) -> Iterable[GaugeMetricFamily]:

@@ -69,6 +69,20 @@ class Volume:
 
 
 @dataclass(frozen=True)
+class PendingVolume:
+    """A volume a create began and did not finish (cancelled, failed, killed): it holds space but is never handed
+    out. `name` is its CSI name when the backend knows it (the guard a reclaim holds against a create of that name)."""
+
+    ref: ObjectRef
+    name: str | None
+    size_bytes: int
+
+    @property
+    def id(self) -> str:
+        return str(self.ref)
+
+
+@dataclass(frozen=True)
 class Snapshot:
     ref: ObjectRef
     name: str

@@ -40,6 +40,7 @@ import re
 import stat
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -50,6 +51,7 @@ import anyio.to_thread
 from pydantic import Field, field_validator
 
 from localdisk import crypt
+from localdisk.backend import finish_despite_cancellation
 from localdisk.backends.gpt import Partition, Table, best_fit, parse_sfdisk, parse_wipefs
 from localdisk.blockdev import erase_signatures, open_exclusive, zero_out
 from localdisk.errors import (
@@ -63,7 +65,7 @@ from localdisk.errors import (
     OutOfRange,
     Unsupported,
 )
-from localdisk.model import Capacity, Features, ObjectRef, Snapshot, Volume, VolumeSpec
+from localdisk.model import Capacity, Features, ObjectRef, PendingVolume, Snapshot, Volume, VolumeSpec
 from localdisk.registry import BackendSpec, PoolConfig
 from localdisk.runner import CommandRunner
 from localdisk.sizes import GiB, MiB, human
@@ -71,7 +73,8 @@ from localdisk.sizes import GiB, MiB, human
 ALIGNMENT = MiB
 GPT_NAME_LIMIT = 36  # UTF-16 code units in a GPT partition entry's name field
 READY_PREFIX = "ld-"  # a volume handed out
-PENDING_PREFIX = "lp-"  # created, not yet wiped and handed out (seen only after a crash)
+PENDING_PREFIX = "lp-"  # created, not yet wiped and handed out (left by a crash, or by a cancelled create whose
+# own clean-up did not finish: removed at start-up and by the background reclaim)
 KEY_LENGTH = 32
 LUKS_TYPE = "CA7D7CCB-63ED-4C53-861C-1742536059CC"  # GPT type "Linux LUKS": the volume is encrypted
 _OURS = re.compile(rf"^(?:{READY_PREFIX}|{PENDING_PREFIX})[a-z2-7]{{{KEY_LENGTH}}}$")
@@ -237,6 +240,8 @@ class PartitionBackend:
         # is listed under its GPT name until CreateVolume (whose retries always look the name up) shows it again.
         self._names: dict[str, str] = {}
         self._max_age = view_max_age
+        self._creating: Counter[str] = Counter()  # keys of the creates running in this process
+        self._reclaiming: set[str] = set()  # keys whose pending partition `reclaim_pending` is removing
 
     # -- lifecycle --------------------------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -516,8 +521,26 @@ class PartitionBackend:
 
     # -- volumes ----------------------------------------------------------------------------------------------------
     async def create_volume(self, spec: VolumeSpec) -> Volume:
+        """Create (or finish, or return) the volume; a create cancelled half-way (the client's deadline) removes
+        the pending partition it leaves before its cancellation goes on, so only a crash leaves one for the
+        background reclaim."""
         key = volume_key(spec.name)
+        if key in self._reclaiming:
+            raise Busy(f"a pending partition of volume {spec.name!r} is being removed; retry")
         self._names[key] = spec.name
+        self._creating[key] += 1
+        try:
+            return await self._create(spec, key)
+        except anyio.get_cancelled_exc_class():
+            what = f"removing the pending partition of cancelled create {spec.name!r}"
+            await finish_despite_cancellation(lambda: self._drop_pending(key), what)
+            raise
+        finally:
+            self._creating[key] -= 1
+            if not self._creating[key]:
+                del self._creating[key]
+
+    async def _create(self, spec: VolumeSpec, key: str) -> Volume:
         ready, pending = READY_PREFIX + key, PENDING_PREFIX + key
         resume: _Disk | None = None  # the disk of a pending partition a crashed create left, to finish it
         views = await self._views()
@@ -596,23 +619,65 @@ class PartitionBackend:
         if located is None:
             return
         disk, _, part = located
-        if part.type == LUKS_TYPE:  # crypto-erase: the data left is ciphertext under a destroyed key
-            await self._remove(disk, part, zero=False, crypto_erase=True)
-            return
-        await self._remove(disk, part, zero=self.config.wipe == "zero")
+        await self._remove_wiped(disk, part)
 
-    async def _remove(self, disk: _Disk, part: Partition, *, zero: bool, crypto_erase: bool = False) -> None:
-        """Wipe a partition of ours, then delete it; the caller must not hold the disk's lock.
+    async def _remove_wiped(self, disk: _Disk, part: Partition, *, pending_only: bool = False) -> bool:
+        """`_remove`, wiping as a delete does: an encrypted volume is crypto-erased (the data left is ciphertext
+        under a destroyed key), any other as the pool's `wipe` says."""
+        if part.type == LUKS_TYPE:
+            return await self._remove(disk, part, zero=False, crypto_erase=True, pending_only=pending_only)
+        return await self._remove(disk, part, zero=self.config.wipe == "zero", pending_only=pending_only)
+
+    # -- pending leftovers ------------------------------------------------------------------------------------------
+    async def pending_volumes(self) -> list[PendingVolume]:
+        found = []
+        for _, table in await self._views():
+            for part in table.partitions:
+                if is_ours(part) and not is_ready(part):
+                    name = self._names.get(part.name[len(PENDING_PREFIX) :])  # None: not created by this process
+                    ref = ObjectRef(self.kind, self.pool, part.uuid)
+                    found.append(PendingVolume(ref, name, part.size * table.sector_size))
+        return found
+
+    async def reclaim_pending(self, handle: str) -> bool:
+        """Remove pending partition `handle`, wiped as a delete wipes, unless a create of its name runs in this
+        process (`Busy`); a create of its name arriving meanwhile is refused (`Busy`) until it is gone, so the
+        zeroing, outside the disk's lock, never races that create's resume of it."""
+        located = await self._locate(handle)
+        if located is None or is_ready(located[2]):
+            return False
+        disk, _, part = located
+        key = part.name[len(PENDING_PREFIX) :]
+        if key in self._creating:
+            raise Busy(f"pending partition {handle} is being created; not reclaimed")
+        self._reclaiming.add(key)
+        try:
+            return await self._remove_wiped(disk, part, pending_only=True)
+        finally:
+            self._reclaiming.discard(key)
+
+    async def _drop_pending(self, key: str) -> None:
+        """Remove the pending partition of `key` from whichever disk holds one (a cancelled create's clean-up)."""
+        for disk, table in await self._views(fresh=True):
+            part = table.by_name(PENDING_PREFIX + key)
+            if part is not None:
+                await self._remove_wiped(disk, part, pending_only=True)
+
+    async def _remove(
+        self, disk: _Disk, part: Partition, *, zero: bool, crypto_erase: bool = False, pending_only: bool = False
+    ) -> bool:
+        """Wipe a partition of ours, then delete it; the caller must not hold the disk's lock. True if it did.
 
         Zeroing runs outside the lock, as it may take minutes, through an exclusive claim on the partition taken
         under it; a signature wipe is quick and runs under it. A crash during either leaves the partition in place,
         so the retried delete wipes it again. No space is freed before it is clean. Both steps decide on a
-        fresh read: what is wiped and what is removed must be ours at that very moment.
+        fresh read: what is wiped and what is removed must be ours at that very moment (and still pending, if
+        `pending_only`: a create may have finished it since it was seen).
         """
         async with self._changing(disk) as table:
             current = table.by_uuid(part.uuid)
-            if current is None or not is_ours(current):
-                return
+            if current is None or not is_ours(current) or (pending_only and is_ready(current)):
+                return False
             part = current
             await self._settle_one(disk, table, part)
             if not zero:  # a signature wipe is quick: wipe and remove under one hold of the lock
@@ -620,7 +685,7 @@ class PartitionBackend:
                     await crypt.erase(self.runner, self._node(table, part))
                 await self._wipe(table, part)
                 await self._delete(disk, table, part)
-                return
+                return True
             # The exclusive claim is taken here, under the lock, where no table write of ours holds the whole disk
             # (which would make the kernel refuse it, see localdisk.blockdev), and kept through the zeroing.
             node = self._node(table, part)
@@ -631,10 +696,11 @@ class PartitionBackend:
         async with self._changing(disk) as table:
             now = table.by_uuid(part.uuid)
             if now is None:
-                return
-            if (now.number, now.start, now.size) != (part.number, part.start, part.size):
+                return False
+            if (now.number, now.start, now.size, now.name) != (part.number, part.start, part.size, part.name):
                 raise BackendFailure(f"partition {part.uuid} changed while it was being deleted; retry")
             await self._delete(disk, table, now)
+            return True
 
     @staticmethod
     def _node(table: Table, part: Partition) -> str:
