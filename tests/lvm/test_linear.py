@@ -7,13 +7,14 @@ spare space, no snapshots, activation at open, foreign LVs left alone, and no da
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from pathlib import Path
 
 import anyio
 import pytest
 
-from localdisk import ContentSource, SourceKind
+from localdisk import ContentSource, SourceKind, VolumeManager
 from localdisk.backends.lvm import PENDING_TAG, VOLUME, LinearBackend, LinearPoolConfig, identity_tags, lv_name_for
 from localdisk.backends.lvmcmd import Lvm, devices_dir
 from localdisk.backends.lvmshell import ShellExecutor
@@ -238,3 +239,74 @@ async def test_a_burst_of_creates_drops_its_pending_tags_in_few_commands(
         assert PENDING_TAG not in report.lvs[handle].tags
         assert read(f"/dev/{LINEAR_VG}/{handle}", 4 * MiB) == bytes(4 * MiB)
     assert len(await manager.list_volumes()) == 12
+
+
+# -- pending leftovers (issue 20, item 6) ----------------------------------------------------------------------------
+async def _reclaim_until_gone(manager: VolumeManager, lvm: Lvm, vg: str, lv_name: str, timeout: float) -> float:
+    """Run reclaim passes (as `keep_fresh` does) until `lv_name` is gone from LVM's report; the seconds it took."""
+    started = anyio.current_time()
+    with anyio.fail_after(timeout):
+        while lv_name in (await lvm.report(vg)).lvs:
+            await manager.reclaim_pending()
+            await anyio.sleep(0.2)
+    return anyio.current_time() - started
+
+
+async def test_a_pending_leftover_is_reclaimed_after_the_grace_period(linear: LinearBackend, lvm: Lvm) -> None:
+    """A crash between lvcreate and the zeroing leaves a pending LV holding space; nobody retries its name (the
+    claim was deleted): after the grace period the background pass removes it and the space is back."""
+    free = (await linear.capacity()).available_bytes
+    lv_name = lv_name_for(VOLUME, "pvc-abandoned")
+    await lvm.create_linear(
+        LINEAR_VG, lv_name, 8 * MiB, [*identity_tags(VOLUME, "pvc-abandoned"), PENDING_TAG], wipe=False
+    )
+    assert (await linear.capacity()).available_bytes == free - 8 * MiB
+    [leftover] = await linear.pending_volumes()
+    assert (leftover.name, leftover.size_bytes, leftover.ref.handle) == ("pvc-abandoned", 8 * MiB, lv_name)
+    manager = VolumeManager({(linear.kind, linear.pool): linear}, {linear.kind: linear.pool}, pending_grace=1.0)
+    assert await manager.reclaim_pending() == 0, "first seen now: not old enough"
+    took = await _reclaim_until_gone(manager, lvm, LINEAR_VG, lv_name, timeout=60)
+    assert took >= 0.9
+    assert (await linear.capacity()).available_bytes == free
+    assert manager.pending_reclaimed == {("lvm", "fast"): 1}
+    assert await linear.pending_volumes() == [] and await manager.list_volumes() == []
+
+
+async def test_an_in_flight_create_is_never_reclaimed_and_a_cancelled_one_removes_its_lv(
+    linear: LinearBackend, lvm: Lvm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A create held in its zeroing (outside the pool's lock, its LV pending) is left alone by the reclaim however
+    old; cancelled natively, twice (as grpclib cancels a handler), it removes its pending LV before it ends."""
+    zeroing, release = anyio.Event(), anyio.Event()
+    real_zero = linear._zero
+
+    async def held_zero(lv: str, encrypted: bool) -> None:
+        zeroing.set()
+        await release.wait()
+        await real_zero(lv, encrypted)
+
+    monkeypatch.setattr(linear, "_zero", held_zero)
+    manager = VolumeManager({(linear.kind, linear.pool): linear}, {linear.kind: linear.pool}, pending_grace=0.01)
+    free = (await linear.capacity()).available_bytes
+    lv_name = lv_name_for(VOLUME, "pvc-held")
+    task = asyncio.get_running_loop().create_task(manager.create_volume(request(linear, "pvc-held", 8 * MiB)))
+    with anyio.fail_after(60):
+        await zeroing.wait()
+    for _ in range(3):
+        assert await manager.reclaim_pending() == 0
+        await anyio.sleep(0.05)
+    with pytest.raises(Busy):
+        await linear.reclaim_pending(lv_name)
+    assert PENDING_TAG in (await lvm.report(LINEAR_VG)).lvs[lv_name].tags
+    task.cancel()
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert lv_name not in (await lvm.report(LINEAR_VG)).lvs
+    assert (await linear.capacity()).available_bytes == free
+    assert not manager.pending_reclaimed, "the cancelled create removed it itself"
+
+    release.set()  # an in-flight create released finishes, and nothing reclaims it
+    volume = await manager.create_volume(request(linear, "pvc-held", 8 * MiB))
+    assert await manager.reclaim_pending() == 0 and await manager.list_volumes() == [volume]

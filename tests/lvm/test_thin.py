@@ -11,9 +11,10 @@ import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import anyio
 import pytest
 
-from localdisk import ContentSource, SourceKind
+from localdisk import ContentSource, SourceKind, VolumeManager
 from localdisk.backends.lvm import PENDING_TAG, SNAPSHOT, VOLUME, ThinBackend, identity_tags, lv_name_for
 from localdisk.backends.lvmcmd import Lvm
 from localdisk.errors import AlreadyExists, FailedPrecondition, InsufficientCapacity, NotFound
@@ -215,3 +216,28 @@ async def test_open_names_a_missing_pool(runner: CommandRunner, lvm: Lvm, clean_
     await lvm.create_linear(THIN_VG, "plain", 8 * MiB, [], wipe=True)
     with pytest.raises(FailedPrecondition, match="not a thin pool"):
         await thin_backend(runner, lvm, pool="plain").open()
+
+
+async def test_a_pending_restore_left_behind_is_reclaimed_after_the_grace_period(thin: ThinBackend, lvm: Lvm) -> None:
+    """A restore killed before it was grown leaves a pending thin LV, counted in the pool's virtual size; with
+    nobody retrying it, the background pass removes it after the grace period and the capacity is back."""
+    manager = VolumeManager({(thin.kind, thin.pool): thin}, {thin.kind: thin.pool}, pending_grace=1.0)
+    source_id = await make(manager, thin, "pvc-src")
+    snap = await manager.create_snapshot(source_id, "snap")
+    free = (await thin.capacity()).available_bytes
+    lv_name = lv_name_for(VOLUME, "pvc-restore-abandoned")
+    tags = [*identity_tags(VOLUME, "pvc-restore-abandoned", ("snapshot", snap.ref.handle)), PENDING_TAG]
+    await lvm.create_thin_snapshot(THIN_VG, snap.ref.handle, lv_name, tags, activate=True)  # then the crash
+    assert (await thin.capacity()).available_bytes < free
+    assert [(p.name, p.ref.handle) for p in await thin.pending_volumes()] == [("pvc-restore-abandoned", lv_name)]
+    assert await manager.reclaim_pending() == 0, "first seen now: not old enough"
+    started = anyio.current_time()
+    with anyio.fail_after(60):
+        while lv_name in (await lvm.report(THIN_VG)).lvs:
+            await manager.reclaim_pending()
+            await anyio.sleep(0.2)
+    assert anyio.current_time() - started >= 0.9
+    assert (await thin.capacity()).available_bytes == free
+    assert manager.pending_reclaimed == {("thin", "tp"): 1}
+    assert [v.id for v in await manager.list_volumes()] == [source_id]
+    assert [s.id for s in await manager.list_snapshots()] == [snap.id], "the snapshot and its source are untouched"

@@ -14,7 +14,8 @@ volumes again and nothing is lost with a side database:
   through its mapping. Clones, restores and snapshots of an encrypted thin volume inherit the tag.
 - `localdisk.csi.io/pending` marks a volume that exists but is not ready to hand out (a thick LV not yet zeroed, a
   restored volume not yet grown to its size). Pending volumes are not found by name, so a retried CreateVolume
-  finishes them instead of returning them half made.
+  finishes them instead of returning them half made. A create cancelled half-way removes its own; what a crash
+  leaves, the server removes once it has been pending for the grace period (`VolumeManager.reclaim_pending`).
 
 The LV name is derived from the CSI name (`ldv-` or `lds-` and 32 hex digits of its SHA-256), so any CSI name works,
 none reaches a command line, and a lookup by name is one report. The volume ID is `lvm:<pool>:<lv>` or
@@ -48,6 +49,7 @@ import os
 import re
 import time
 import weakref
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -57,6 +59,7 @@ import anyio
 from pydantic import Field, field_validator
 
 from localdisk import crypt
+from localdisk.backend import finish_despite_cancellation
 from localdisk.backends.lvmcmd import LogicalVolume, Lvm, VgReport, check_name
 from localdisk.backends.lvmshell import ShellExecutor
 from localdisk.blockdev import erase_signatures, zero_out
@@ -70,7 +73,17 @@ from localdisk.errors import (
     NotFound,
     Unsupported,
 )
-from localdisk.model import Capacity, ContentSource, Features, ObjectRef, Snapshot, SourceKind, Volume, VolumeSpec
+from localdisk.model import (
+    Capacity,
+    ContentSource,
+    Features,
+    ObjectRef,
+    PendingVolume,
+    Snapshot,
+    SourceKind,
+    Volume,
+    VolumeSpec,
+)
 from localdisk.registry import BackendSpec, PoolConfig
 from localdisk.runner import CommandRunner
 from localdisk.sizes import align_up, human
@@ -232,12 +245,20 @@ class PendingDrops:
         self.vg = vg
         self.busy = busy
         self.batches = 0  # lvchange commands run, for tests and the benchmark
+        self.running: set[str] = set()  # LVs whose tag the lvchange under way drops
         self._queue: list[_Drop] = []
         self._lock = anyio.Lock()
 
     async def drop(self, lv: str) -> None:
         entry = _Drop(lv)
         self._queue.append(entry)
+        try:
+            await self._drop(entry)
+        finally:
+            if entry in self._queue:  # cancelled before any batch took it: no later batch may touch the LV
+                self._queue.remove(entry)
+
+    async def _drop(self, entry: _Drop) -> None:
         with anyio.move_on_after(self.MAX_WAIT):
             # Polled: "creates are queued on the pool's lock" has no event to wait for.
             while self.busy() and len(self._queue) < self.MAX_BATCH and not entry.done:  # noqa: ASYNC110
@@ -245,14 +266,18 @@ class PendingDrops:
         async with self._lock:
             if not entry.done:
                 batch, self._queue = self._queue, []
+                lvs = [e.lv for e in batch]
+                self.running.update(lvs)
                 try:
                     self.batches += 1
-                    await self.lvm.drop_tag(self.vg, [e.lv for e in batch], PENDING_TAG)
+                    await self.lvm.drop_tag(self.vg, lvs, PENDING_TAG)
                 except BaseException as exc:
                     error = exc if isinstance(exc, Exception) else BackendFailure("interrupted; retry the request")
                     for other in batch:
                         other.done, other.error = True, other.error or error
                     raise
+                finally:
+                    self.running.difference_update(lvs)
                 for other in batch:
                     other.done = True
         if entry.error is not None:
@@ -406,6 +431,7 @@ class _LvmBackend:
         self.extent = features.alignment  # replaced by the VG's extent size at open()
         self._lock = anyio.Lock()  # check-then-change on this pool's space happens one at a time
         self._ready_tags = PendingDrops(lvm, vg, busy=self._lock.locked)
+        self._creating: Counter[str] = Counter()  # LVs of the creates running in this process
         self.view = VgView(lvm, vg, view_max_age)
 
     # hooks
@@ -515,8 +541,23 @@ class _LvmBackend:
 
     # volumes
     async def create_volume(self, spec: VolumeSpec) -> Volume:
+        """Create (or finish, or return) the volume; a create cancelled half-way (the client's deadline) removes
+        the pending LV it leaves before its cancellation goes on, so only a crash leaves one for the background."""
         lv_name = lv_name_for(VOLUME, spec.name)
         name_tags(spec.name)  # refuse an unstorable name before touching anything
+        self._creating[lv_name] += 1
+        try:
+            return await self._create_volume(spec, lv_name)
+        except anyio.get_cancelled_exc_class():
+            what = f"removing the pending LV {self.vg}/{lv_name} of cancelled create {spec.name!r}"
+            await finish_despite_cancellation(lambda: self._remove_pending(lv_name), what)
+            raise
+        finally:
+            self._creating[lv_name] -= 1
+            if not self._creating[lv_name]:
+                del self._creating[lv_name]
+
+    async def _create_volume(self, spec: VolumeSpec, lv_name: str) -> Volume:
         async with self._writing() as report:
             existing = report.lv(lv_name)
             if existing is None:
@@ -574,6 +615,44 @@ class _LvmBackend:
             with contextlib.suppress(NotFound):
                 await self.lvm.remove(self.vg, handle)
             self.view.apply(lambda r: without_lv(r, handle, takes_extents=self._takes_extents))
+
+    # pending leftovers
+    async def pending_volumes(self) -> list[PendingVolume]:
+        report = await self._report()
+        return [
+            PendingVolume(self._ref(lv.name), decode_name(lv.tags), lv.size)
+            for lv in report.lvs.values()
+            if self._ours(lv, VOLUME) and PENDING_TAG in lv.tags
+        ]
+
+    async def reclaim_pending(self, handle: str) -> bool:
+        """Remove pending LV `handle` as a delete does (an lvremove, after a crypto-erase if it is encrypted),
+        unless a create of it runs in this process (`Busy`)."""
+        if not handle.startswith(PREFIXES[VOLUME]) or not HANDLE.fullmatch(handle):
+            return False
+        if handle in self._creating:
+            raise Busy(f"pending volume {self.vg}/{handle} is being created; not reclaimed")
+        return await self._remove_pending(handle)
+
+    async def _remove_pending(self, lv_name: str) -> bool:
+        """Remove our LV `lv_name` if it is still pending on a fresh report; True if it was removed.
+
+        Not while a batch of `PendingDrops` drops its tag (its create finished it); a cancelled create's entry
+        leaves the queue when it is cancelled, so no later batch names a removed LV.
+        """
+        async with self._writing():
+            report = await self.view.refresh()
+            lv = report.lv(lv_name)
+            if not self._ours(lv, VOLUME) or lv is None or PENDING_TAG not in lv.tags:
+                return False
+            if lv_name in self._ready_tags.running:
+                return False
+            if ENCRYPTED_TAG in lv.tags and lv.active:  # as `delete_volume` does
+                await crypt.erase(self.runner, f"/dev/{self.vg}/{lv_name}")
+            with contextlib.suppress(NotFound):
+                await self.lvm.remove(self.vg, lv_name)
+            self.view.apply(lambda r: without_lv(r, lv_name, takes_extents=self._takes_extents))
+            return True
 
     async def expand_volume(self, handle: str, size_bytes: int) -> Volume:
         async with self._writing() as report:
