@@ -301,12 +301,13 @@ async def test_an_in_flight_create_is_never_reclaimed_and_a_cancelled_one_remove
     task.cancel()
     await asyncio.sleep(0.05)
     task.cancel()
-    with pytest.raises(asyncio.CancelledError):
+    with pytest.raises(asyncio.CancelledError), anyio.fail_after(60):
         await task
     assert lv_name not in (await lvm.report(LINEAR_VG)).lvs
     assert (await linear.capacity()).available_bytes == free
     assert not manager.pending_reclaimed, "the cancelled create removed it itself"
 
     release.set()  # an in-flight create released finishes, and nothing reclaims it
-    volume = await manager.create_volume(request(linear, "pvc-held", 8 * MiB))
+    with anyio.fail_after(60):
+        volume = await manager.create_volume(request(linear, "pvc-held", 8 * MiB))
     assert await manager.reclaim_pending() == 0 and await manager.list_volumes() == [volume]
