@@ -25,6 +25,9 @@ from grpclib.client import Channel
 from grpclib.const import Status
 
 from localdisk._proto.csi.v1 import ControllerStub, GetCapacityRequest
+from localdisk.backends.fake import FakeBackend, FakePoolConfig
+from localdisk.errors import FailedPrecondition
+from localdisk.manager import VolumeManager
 from localdisk.sizes import GiB, MiB
 from tests.csi_helpers import create_request
 from tests.loopdisks import loop_disks, needs_loop_devices
@@ -139,3 +142,36 @@ async def test_one_config_serves_each_node_its_own_pools(tmp_path: Path) -> None
                 channel.close()
     assert offered["storage-1"]["hdd"] > 0 and offered["storage-1"]["scratch"] == 0
     assert offered["worker-2"]["hdd"] == 0 and offered["worker-2"]["scratch"] > 0
+
+
+class _LateCached(FakeBackend):
+    """A fake pool with a cached view that cannot open until `ready`; counts its background re-reads."""
+
+    ready = False
+    refreshes = 0
+    refresh_interval = 0.05
+
+    async def open(self) -> None:
+        if not self.ready:
+            raise FailedPrecondition("disk not there yet")
+        await super().open()
+
+    async def refresh_state(self) -> None:
+        self.refreshes += 1
+
+
+async def test_a_pool_that_comes_up_late_is_kept_fresh_in_the_background() -> None:
+    late = _LateCached("late", FakePoolConfig())
+    manager = VolumeManager({("fake", "late"): late}, {})
+    await manager.open()
+    assert not manager.pool_states()[("fake", "late")].up
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(manager.keep_fresh)
+        await anyio.wait_all_tasks_blocked()  # keep_fresh has picked its jobs, while the pool was down
+        late.ready = True
+        await manager.backends[("fake", "late")].open()
+        with anyio.fail_after(30):
+            while late.refreshes == 0:
+                await anyio.sleep(0.02)
+        tasks.cancel_scope.cancel()
+    assert manager.pool_states()[("fake", "late")].up

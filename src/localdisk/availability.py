@@ -88,8 +88,10 @@ class Available:
     # -- CachedState, when the backend keeps one ----------------------------------------------------------------
     @property
     def refresh_interval(self) -> float:
+        """The backend's own interval, also while the pool is down: `keep_fresh` picks its jobs once, and a pool
+        that comes up later must be kept fresh too (`refresh_state` does nothing while it is down)."""
         inner = self.inner
-        return inner.refresh_interval if isinstance(inner, CachedState) and self.state.up else 0.0
+        return inner.refresh_interval if isinstance(inner, CachedState) else 0.0
 
     async def refresh_state(self) -> None:
         if isinstance(self.inner, CachedState) and self.state.up:
