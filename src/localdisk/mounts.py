@@ -457,7 +457,7 @@ class Mounter:
         mount = self.mount_at(target)
         was_readonly_block = mount is not None and mount.readonly and _is_block_node(target)
         await self._unmount_all(target)
-        self._remove_target(target)
+        self.beneath.remove(target)
         if was_readonly_block and device is not None and not any(m.readonly for m in self.block_binds(device)):
             await self.runner.run(["blockdev", "--setrw", device], check=False)  # the device may be gone
 
@@ -496,14 +496,14 @@ class Mounter:
             problem=problem,
         )
 
-    def holds(self, path: str, device: str) -> bool:
+    def holds(self, path: str, device: str, mount: MountInfo | None = None) -> bool:
         """Whether `path` is where `device` is staged or published: a mount of its filesystem (or a bind of one),
-        or a bind of the device node itself."""
+        or a bind of the device node itself. `mount` is what is mounted at `path`, when the caller has read it."""
         rdev = device_number(device)
-        if _is_block_node(path):
-            return self.mount_at(path) is not None and self._is_node_of(path, rdev)
-        mount = self.mount_at(path)
-        return mount is not None and self.mounted_from(mount, rdev)
+        mount = mount or self.mount_at(path)
+        if mount is None:
+            return False
+        return self._is_node_of(path, rdev) if _is_block_node(path) else self.mounted_from(mount, rdev)
 
     def publications(self, staged: MountInfo) -> list[MountInfo]:
         """The bind mounts of the staged filesystem `staged` elsewhere (its publications)."""
@@ -614,9 +614,6 @@ class Mounter:
                     return
                 raise
         raise BackendFailure(f"{path} still has mounts after {MAX_STACKED} unmounts; inspect it by hand")
-
-    def _remove_target(self, path: str) -> None:
-        self.beneath.remove(path)
 
 
 def _has_entries(dir_fd: int) -> bool:

@@ -55,6 +55,7 @@ from localdisk.sandbox import UML_MODULES, _load_modules, _uml_version
 from tests.contract import manager_for
 from tests.csi_helpers import Csi, MiB, block_cap, create_request, mount_cap
 from tests.lvm.conftest import LINEAR_VG
+from tests.lvm.helpers import write
 from tests.node_lifecycle import byte_usage, expect, kubelet_paths, release_mounts
 
 pytestmark = [pytest.mark.uml, pytest.mark.anyio, pytest.mark.timeout(600)]
@@ -157,15 +158,6 @@ def write_file(path: str, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def write_device(path: str, data: bytes, offset: int = 0) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def drop_caches() -> None:
@@ -349,7 +341,7 @@ async def test_thin_raw_block_snapshot_clone_and_key_rotation(
         source_id = await create(csi, "thin", thin.pool, "pvc-src", 64 * MiB, volume_capabilities=[cap])
         paths = kubelet_paths(kubelet_root, "pvc-src", block=True)
         await stage_publish(csi, source_id, paths.staging, paths.target, cap)
-        write_device(paths.target, payload, MiB)
+        write(paths.target, payload, MiB)
         assert read_raw(paths.target, MiB, len(payload)) == payload
         device = (await manager.get_volume(source_id)).device_path
         assert device is not None

@@ -100,13 +100,17 @@ class NodeService(NodeBase):
 
     async def _device(self, volume_id: str) -> tuple[Volume, str]:
         volume = await self.manager.get_volume(volume_id)
+        return volume, self._usable_device(volume)
+
+    @staticmethod
+    def _usable_device(volume: Volume) -> str:
         if volume.abnormal is not None:
-            raise FailedPrecondition(f"volume {volume_id} is not usable: {volume.abnormal}")
+            raise FailedPrecondition(f"volume {volume.id} is not usable: {volume.abnormal}")
         if not volume.device_path:
             raise FailedPrecondition(
-                f"volume {volume_id} has no device on this node (backend {volume.ref.backend!r} gives none)"
+                f"volume {volume.id} has no device on this node (backend {volume.ref.backend!r} gives none)"
             )
-        return volume, volume.device_path
+        return volume.device_path
 
     def _visible(self, volume: Volume) -> str | None:
         """The device a staged or published volume is seen through: its dm-crypt mapping when encrypted (None
@@ -262,14 +266,19 @@ class NodeService(NodeBase):
             volume = None
         seen = self._visible(volume) if volume is not None else None
         if volume is not None and seen and self._device_exists(seen):
-            if self.mounter.holds(path, seen):
+            if self.mounter.holds(path, seen, mount):
                 return
             raise FailedPrecondition(
                 f"{path} holds a mount of {mount.source}, not of volume {volume_id}; it is left as it is"
             )
         for other in await self.manager.list_volumes():
             device = self._visible(other)
-            if other.id != volume_id and device and self._device_exists(device) and self.mounter.holds(path, device):
+            if (
+                other.id != volume_id
+                and device
+                and self._device_exists(device)
+                and self.mounter.holds(path, device, mount)
+            ):
                 raise FailedPrecondition(f"{path} holds volume {other.id}, not {volume_id}; it is left as it is")
 
     @staticmethod
@@ -346,9 +355,9 @@ class NodeService(NodeBase):
         if message.volume_capability is not None:
             validate.check_capability(message.volume_capability, "volume_capability")
         with self._guard.hold(message.volume_id):
-            await self.manager.get_volume(message.volume_id)  # NOT_FOUND first, then where it is (not)
-            path = self._volume_path(message.volume_id, message.volume_path)
-            volume, device = await self._device(message.volume_id)
+            volume = await self.manager.get_volume(message.volume_id)  # NOT_FOUND first, then where it is (not)
+            path = self._volume_path(volume.id, message.volume_path)
+            device = self._usable_device(volume)
             if not self.mounter.holds(path, self._opened(volume, device)):  # checked before growing anything
                 raise NotFound(f"volume {volume.id} is not staged or published at {path}")
             if required and volume.size_bytes < required:
