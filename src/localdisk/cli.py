@@ -77,8 +77,20 @@ def serve(
             " Node object in a cluster).",
         ),
     ] = None,
+    role: Annotated[
+        str,
+        typer.Option(
+            envvar="LOCALDISK_ROLE",
+            help="all: Identity, Controller and Node in one process, without Kubernetes. node: Identity and Node"
+            " plus the node agent (DaemonSet). controller: Identity and Controller over custom resources"
+            " (Deployment).",
+        ),
+    ] = "all",
+    kubeconfig: Annotated[
+        str | None, typer.Option(help="Kubeconfig for --role node/controller outside a pod (default: in-cluster).")
+    ] = None,
 ) -> None:
-    """Run the CSI server (Identity, Controller and Node) on a unix socket."""
+    """Run the CSI server on a unix socket, in one of three roles (--role)."""
     import anyio
 
     from localdisk import config as node_config
@@ -89,9 +101,19 @@ def serve(
     from localdisk.metrics import Metrics
     from localdisk.runner import CommandRunner
 
+    if role not in ("all", "node", "controller"):
+        raise fail(f"--role must be all, node or controller, not {role!r}", 2)
     logs.configure(log_level, json_format=log_format == "json")
     log = logging.getLogger("localdisk")
+    if role != "all":
+        logging.getLogger("kubernetes_asyncio").setLevel(logging.INFO)  # its debug lines are whole response bodies
     try:
+        if role == "controller":
+            from localdisk.csi.roles import run_controller
+
+            cfg = node_config.load(config) if config else node_config.NodeConfig()
+            anyio.run(run_controller, kubeconfig, endpoint, cfg, Metrics(), metrics_address)
+            return
         if config:
             cfg = node_config.load(config)
         else:
@@ -104,6 +126,13 @@ def serve(
             log.info("pools of node %s: %s", node, ", ".join(f"{p.backend}/{p.name}" for p in cfg.pools) or "none")
         metrics = Metrics()
         manager = VolumeManager.from_config(cfg, CommandRunner(observers=[metrics.observe_command]))
+        if role == "node":
+            from localdisk.csi.roles import run_node
+
+            report = orphan_report is not False
+            args = (kubeconfig, manager, node, endpoint, metrics, metrics_address, cfg, report, orphan_delete_after)
+            anyio.run(run_node, *args)
+            return
         background = _orphan_reporter(node, orphan_report, orphan_delete_after, metrics) + _pool_events(node)
         anyio.run(run_server, manager, node, endpoint, metrics, metrics_address, cfg, background)
     except LocalDiskError as exc:

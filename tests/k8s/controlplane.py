@@ -43,6 +43,9 @@ NAMESPACE = "localdisk"
 EXTENDER_USER = f"system:serviceaccount:{NAMESPACE}:localdisk-scheduler-extender"
 """The extender's identity: a static token for the name its ServiceAccount would have, so the RBAC rules of
 examples/scheduler are what authorizes it."""
+NODE_USER = f"system:serviceaccount:{NAMESPACE}:localdisk-node"
+CONTROLLER_USER = f"system:serviceaccount:{NAMESPACE}:localdisk-controller"
+"""The node agents' and the controller's identities, likewise authorized by the RBAC rules of examples/deploy."""
 
 
 def kube_bin_dir() -> Path:
@@ -209,6 +212,7 @@ PLURALS = {
     "ClusterRole": ("apis/rbac.authorization.k8s.io/v1", "clusterroles", False),
     "ClusterRoleBinding": ("apis/rbac.authorization.k8s.io/v1", "clusterrolebindings", False),
     "Role": ("apis/rbac.authorization.k8s.io/v1", "roles", True),
+    "CustomResourceDefinition": ("apis/apiextensions.k8s.io/v1", "customresourcedefinitions", False),
     "RoleBinding": ("apis/rbac.authorization.k8s.io/v1", "rolebindings", True),
 }
 
@@ -229,6 +233,8 @@ class ControlPlane:
     kubeconfig: Path = field(init=False)
     extender_kubeconfig: Path = field(init=False)
     extender_token: str = field(init=False)
+    node_kubeconfig: Path = field(init=False)
+    controller_kubeconfig: Path = field(init=False)
     processes: list[Process] = field(default_factory=list)
 
     @property
@@ -245,10 +251,13 @@ class ControlPlane:
             ["openssl", "rsa", "-in", str(key), "-pubout", "-out", str(pki / "sa.pub")], check=True, capture_output=True
         )
         admin_token, extender_token = os.urandom(16).hex(), os.urandom(16).hex()
+        node_token, controller_token = os.urandom(16).hex(), os.urandom(16).hex()
         tokens = pki / "tokens.csv"
         tokens.write_text(
             f'{admin_token},admin,admin,"system:masters"\n'
             f'{extender_token},{EXTENDER_USER},extender,"system:serviceaccounts"\n'
+            f'{node_token},{NODE_USER},node,"system:serviceaccounts"\n'
+            f'{controller_token},{CONTROLLER_USER},controller,"system:serviceaccounts"\n'
         )
         etcd_client, etcd_peer, api_port = free_port(), free_port(), free_port()
         etcd = self._start(
@@ -299,6 +308,8 @@ class ControlPlane:
         self.kubeconfig = self._write_kubeconfig("admin", admin_token)
         self.extender_token = extender_token
         self.extender_kubeconfig = self._write_kubeconfig("extender", extender_token)
+        self.node_kubeconfig = self._write_kubeconfig("node", node_token)
+        self.controller_kubeconfig = self._write_kubeconfig("controller", controller_token)
         self._start(
             "kube-controller-manager",
             [
@@ -388,6 +399,22 @@ class ControlPlane:
     def add_node(self, name: str, pools: dict[str, int], provisioner_args: list[str]) -> None:
         """A Node (schedulable, no taints, roomy in CPU and memory so resource scores never differ), its CSINode,
         `localdisk serve` on fake pools of the given sizes (the first is the default), and its provisioner."""
+        self.register_node(name)
+        socket_path = self.serve_node(name, pools)
+        env = {**os.environ, "NODE_NAME": name, "NAMESPACE": NAMESPACE, "POD_NAME": f"localdisk-node-{name}"}
+        self._start(
+            f"provisioner-{name}",
+            [
+                str(self.bin_dir / "csi-provisioner"),
+                f"--kubeconfig={self.kubeconfig}",
+                f"--csi-address={socket_path}",
+                *provisioner_args,
+            ],
+            env,
+        )
+
+    def register_node(self, name: str) -> None:
+        """The Node and CSINode objects a kubelet and node-driver-registrar would make."""
         node: Obj = {
             "apiVersion": "v1",
             "kind": "Node",
@@ -412,37 +439,35 @@ class ControlPlane:
                 "spec": {"drivers": [{"name": DRIVER_NAME, "nodeID": name, "topologyKeys": [TOPOLOGY_KEY]}]},
             }
         )
+
+    def serve_node(self, name: str, pools: dict[str, int], extra: tuple[str, ...] = ()) -> Path:
+        """`localdisk serve` for node `name` on fake pools of the given sizes (the first is the default), with
+        `extra` arguments (`--role=node`, say); returns its socket once it is there."""
         config = self.work / f"{name}.toml"
         lines = [f'[node]\nkubelet_dir = "{self.work / name / "kubelet"}"\n']
         for index, (pool, size) in enumerate(pools.items()):
             lines.append(f"[pools.fake.{pool}]\nsize_bytes = {size}\ndefault = {'true' if index == 0 else 'false'}\n")
         config.write_text("\n".join(lines))
         socket_path = self.work / f"{name}.sock"
-        localdisk = str(Path(sys.executable).parent / "localdisk")
         server = self._start(
             f"localdisk-{name}",
             [
-                localdisk,
+                localdisk_command(),
                 "serve",
                 f"--endpoint=unix://{socket_path}",
                 f"--node-id={name}",
                 f"--config={config}",
                 "--log-format=text",
                 "--no-orphan-report",
+                *extra,
             ],
         )
         self._wait_up(server, f"localdisk serve on {name}", socket_path.exists, 60)
-        env = {**os.environ, "NODE_NAME": name, "NAMESPACE": NAMESPACE, "POD_NAME": f"localdisk-node-{name}"}
-        self._start(
-            f"provisioner-{name}",
-            [
-                str(self.bin_dir / "csi-provisioner"),
-                f"--kubeconfig={self.kubeconfig}",
-                f"--csi-address={socket_path}",
-                *provisioner_args,
-            ],
-            env,
-        )
+        return socket_path
+
+
+def localdisk_command() -> str:
+    return str(Path(sys.executable).parent / "localdisk")
 
 
 def _http_ok(url: str) -> bool:

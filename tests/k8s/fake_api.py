@@ -52,9 +52,26 @@ RESOURCES = {
         Resource("", "v1", "events", "Event", True),
         Resource("storage.k8s.io", "v1", "storageclasses", "StorageClass", False),
         Resource("coordination.k8s.io", "v1", "leases", "Lease", True),
+        Resource("localdisk.csi.io", "v1alpha1", "localvolumes", "LocalVolume", False),
     )
 }
-SUPPORTED_QUERY = {"watch", "resourceVersion", "timeoutSeconds", "allowWatchBookmarks", "pretty"}
+SUPPORTED_QUERY = {"watch", "resourceVersion", "timeoutSeconds", "allowWatchBookmarks", "pretty", "labelSelector"}
+
+
+def _terms(selector: str) -> list[tuple[str, str]]:
+    """Equality-based label selectors (`k=v,k2=v2`), the only kind localdisk sends; anything else is refused."""
+    terms = []
+    for term in filter(None, selector.split(",")):
+        key, sep, value = term.partition("=")
+        if not sep or not key or any(c in term for c in "!() ") or value.startswith("="):
+            raise ApiError(400, "BadRequest", f"the fake API server only implements k=v selectors, not {term!r}")
+        terms.append((key, value))
+    return terms
+
+
+def _selected(obj: Obj, selector: str) -> bool:
+    labels = obj["metadata"].get("labels") or {}
+    return all(labels.get(key) == value for key, value in _terms(selector))
 
 
 @dataclass
@@ -216,11 +233,12 @@ class FakeKubernetes:
         unsupported = set(request.query) - SUPPORTED_QUERY
         if unsupported:
             raise ApiError(400, "BadRequest", f"the fake API server does not implement {sorted(unsupported)}")
+        _terms(request.query.get("labelSelector", ""))
         method = request.method
         if method == "GET" and name is None and _flag(request, "watch"):
             return await self._watch(request, resource, namespace)
         if method == "GET" and name is None:
-            return web.json_response(self._list(resource, namespace))
+            return web.json_response(self._list(resource, namespace, request.query.get("labelSelector", "")))
         if method == "GET":
             return web.json_response(self._read(resource, namespace, name or ""))
         if method == "POST" and name is None:
@@ -266,11 +284,11 @@ class FakeKubernetes:
         return resource, namespace, name
 
     # -- operations ---------------------------------------------------------------------------------------------
-    def _list(self, resource: Resource, namespace: str) -> Obj:
+    def _list(self, resource: Resource, namespace: str, selector: str = "") -> Obj:
         items = [
             copy.deepcopy(o)
             for (plural, ns, _), o in sorted(self.objects.items())
-            if plural == resource.plural and (not namespace or ns == namespace)
+            if plural == resource.plural and (not namespace or ns == namespace) and _selected(o, selector)
         ]
         return {
             "kind": f"{resource.kind}List",
@@ -385,12 +403,18 @@ class FakeKubernetes:
         async def send(kind: str, obj: Obj) -> None:
             await response.write(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
 
+        selector = request.query.get("labelSelector", "")
+
         def matches(plural: str, obj: Obj) -> bool:
-            return plural == resource.plural and (not namespace or obj["metadata"].get("namespace") == namespace)
+            return (
+                plural == resource.plural
+                and (not namespace or obj["metadata"].get("namespace") == namespace)
+                and _selected(obj, selector)
+            )
 
         if since in ("", "0"):
             position = self.revision
-            for obj in self._list(resource, namespace)["items"]:
+            for obj in self._list(resource, namespace, selector)["items"]:
                 await send("ADDED", obj)
         else:
             position = int(since)

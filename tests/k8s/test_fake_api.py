@@ -91,5 +91,16 @@ async def test_watch_resumes_from_a_version_and_expires_after_compaction(fake: F
 
 async def test_unimplemented_query_parameters_are_refused(fake: FakeKubernetes, api: Any) -> None:
     with pytest.raises(ApiException) as refused:
-        await client.CoreV1Api(api).list_node(label_selector="a=b")
+        await client.CoreV1Api(api).list_node(field_selector="metadata.name=a")
     assert refused.value.status == 400
+    with pytest.raises(ApiException) as refused:  # set-based selectors are not implemented either
+        await client.CoreV1Api(api).list_node(label_selector="a in (b)")
+    assert refused.value.status == 400
+
+
+async def test_equality_label_selectors_filter_lists(fake: FakeKubernetes, api: Any) -> None:
+    core = client.CoreV1Api(api)
+    await core.create_node({"metadata": {"name": "a", "labels": {"zone": "x"}}})
+    await core.create_node({"metadata": {"name": "b", "labels": {"zone": "y"}}})
+    listed = await core.list_node(label_selector="zone=x")
+    assert [n.metadata.name for n in listed.items] == ["a"]

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from localdisk import config
 from localdisk.k8s.leader import LeaderElector, LeaseSettings
 from localdisk.k8s.nodeloss import NodeLossController
-from localdisk.k8s.orphans import OrphanReporter, OrphanSettings
+from localdisk.k8s.orphans import OrphanReporter, OrphanSettings, object_claims
 from localdisk.k8s.watch import Pacer
 from localdisk.manager import CreateRequest, VolumeManager
 from tests.k8s import objects
@@ -112,6 +112,7 @@ async def test_controller_needs_nothing_beyond_its_role(fake: FakeKubernetes, ap
 
 
 async def test_orphan_reporter_needs_nothing_beyond_the_node_role(fake: FakeKubernetes, api: Any) -> None:
+    """The split shape's node agent finds orphans through its LocalVolume objects: no rights on PVs needed."""
     now = datetime(2026, 1, 1, tzinfo=UTC)
     async with VolumeManager.from_config(config.development_default()).session() as manager:
         await manager.create_volume(CreateRequest("pvc-orphan", "fake", required_bytes=1 << 20))
@@ -121,6 +122,7 @@ async def test_orphan_reporter_needs_nothing_beyond_the_node_role(fake: FakeKube
             OrphanSettings("n1", report_after=1, delete_after=2),
             registry=CollectorRegistry(),
             clock=lambda: now,
+            claims=object_claims(api, "n1"),
         )
         await reporter.scan()
         now += timedelta(seconds=5)
@@ -134,9 +136,9 @@ def test_the_check_itself_refuses_what_is_not_granted() -> None:
     fake = FakeKubernetes()
     fake.requests = [
         ("DELETE", "/api/v1/nodes/n1"),
-        ("PUT", "/apis/coordination.k8s.io/v1/namespaces/localdisk/leases/x"),
+        ("PUT", "/apis/coordination.k8s.io/v1/namespaces/other/leases/x"),
     ]
     assert denied(fake, "localdisk-controller") == [
         "delete core/nodes /n1",
-        "update coordination.k8s.io/leases localdisk/x",
+        "update coordination.k8s.io/leases other/x",
     ]

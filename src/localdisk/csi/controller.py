@@ -55,6 +55,58 @@ Cap = ControllerServiceCapabilityRpcType
 log = logging.getLogger(__name__)
 
 
+def filesystem(message: CreateVolumeRequest, config: NodeConfig) -> str | None:
+    """The filesystem the volume will be formatted with when first staged; None for raw block only."""
+    mounts = [c.mount for c in message.volume_capabilities if c.mount is not None]
+    if not mounts:
+        return None
+    asked = next((m.fs_type for m in mounts if m.fs_type), "")
+    if asked:
+        return asked
+    backend = message.parameters.get("backend", "")
+    pool = message.parameters.get("pool") or config.default_pool(backend)
+    entry = next((p for p in config.pools if p.backend == backend and p.name == pool), None)
+    return (entry.config.fs_type if entry is not None else None) or config.node.default_fs
+
+
+def at_least_filesystem_minimum(message: CreateVolumeRequest, config: NodeConfig, required: int, limit: int) -> int:
+    """xfs and btrfs cannot be made on small devices: a smaller request is rounded up to the filesystem's minimum
+    (CSI lets a volume be larger than required_bytes), or refused when limit_bytes forbids that."""
+    fs = filesystem(message, config)
+    minimum = MIN_FS_BYTES.get(fs or "", 0)
+    if minimum and validate.encrypted(message.parameters):
+        minimum += HEADER_BYTES  # the filesystem gets what the LUKS2 header leaves of the device
+    if not minimum or required >= minimum:
+        return required
+    if limit and limit < minimum:
+        raise OutOfRange(
+            f"a {fs} volume needs at least {minimum} bytes (mkfs.{fs} refuses a smaller device), over"
+            f" limit_bytes {limit}; ask for {minimum} bytes or more, or another filesystem"
+        )
+    return minimum
+
+
+def checked_create(message: CreateVolumeRequest, config: NodeConfig) -> tuple[int, int]:
+    """Validate a CreateVolume request as both controller shapes must; returns the (required, limit) to create."""
+    validate.check_name(message.name)
+    validate.check_capabilities(message.volume_capabilities)
+    validate.check_parameters(message.parameters)
+    if message.mutable_parameters:
+        raise InvalidArgument(
+            "mutable_parameters (VolumeAttributesClass) are not supported by localdisk; create the claim"
+            " without a volumeAttributesClassName"
+        )
+    required, limit = validate.capacity(message.capacity_range)
+    return at_least_filesystem_minimum(message, config, required, limit), limit
+
+
+def page_bounds(total: int, max_entries: int, starting_token: str) -> tuple[int, int]:
+    try:
+        return validate.page(total, max_entries, starting_token)
+    except ValueError:
+        raise GRPCError(Status.ABORTED, f"starting_token {starting_token!r} is not valid") from None
+
+
 def _condition(volume: Volume) -> VolumeCondition:
     return VolumeCondition(abnormal=volume.abnormal is not None, message=volume.abnormal or "volume is healthy")
 
@@ -65,35 +117,6 @@ class ControllerService(ControllerBase):
         self.node_id = node_id
         self.config = config or NodeConfig()
 
-    def _filesystem(self, message: CreateVolumeRequest) -> str | None:
-        """The filesystem the volume will be formatted with when first staged; None for raw block only."""
-        mounts = [c.mount for c in message.volume_capabilities if c.mount is not None]
-        if not mounts:
-            return None
-        asked = next((m.fs_type for m in mounts if m.fs_type), "")
-        if asked:
-            return asked
-        backend = message.parameters.get("backend", "")
-        pool = message.parameters.get("pool") or self.config.default_pool(backend)
-        entry = next((p for p in self.config.pools if p.backend == backend and p.name == pool), None)
-        return (entry.config.fs_type if entry is not None else None) or self.config.node.default_fs
-
-    def _at_least_filesystem_minimum(self, message: CreateVolumeRequest, required: int, limit: int) -> int:
-        """xfs and btrfs cannot be made on small devices: a smaller request is rounded up to the filesystem's
-        minimum (CSI lets a volume be larger than required_bytes), or refused when limit_bytes forbids that."""
-        fs = self._filesystem(message)
-        minimum = MIN_FS_BYTES.get(fs or "", 0)
-        if minimum and validate.encrypted(message.parameters):
-            minimum += HEADER_BYTES  # the filesystem gets what the LUKS2 header leaves of the device
-        if not minimum or required >= minimum:
-            return required
-        if limit and limit < minimum:
-            raise OutOfRange(
-                f"a {fs} volume needs at least {minimum} bytes (mkfs.{fs} refuses a smaller device), over"
-                f" limit_bytes {limit}; ask for {minimum} bytes or more, or another filesystem"
-            )
-        return minimum
-
     def _on_this_node(self, requirement: TopologyRequirement | None) -> bool:
         if requirement is None or not requirement.requisite:
             return True
@@ -101,17 +124,8 @@ class ControllerService(ControllerBase):
 
     @rpc
     async def create_volume(self, message: CreateVolumeRequest) -> CreateVolumeResponse:
-        validate.check_name(message.name)
-        validate.check_capabilities(message.volume_capabilities)
-        validate.check_parameters(message.parameters)
+        required, limit = checked_create(message, self.config)
         encrypted = validate.encrypted(message.parameters)
-        if message.mutable_parameters:
-            raise InvalidArgument(
-                "mutable_parameters (VolumeAttributesClass) are not supported by localdisk; create the claim"
-                " without a volumeAttributesClassName"
-            )
-        required, limit = validate.capacity(message.capacity_range)
-        required = self._at_least_filesystem_minimum(message, required, limit)
         source = validate.content_source(message.volume_content_source)
         if not self._on_this_node(message.accessibility_requirements):
             raise InsufficientCapacity(
@@ -160,10 +174,7 @@ class ControllerService(ControllerBase):
     @rpc
     async def list_volumes(self, message: ListVolumesRequest) -> ListVolumesResponse:
         volumes = await self.manager.list_volumes()
-        try:
-            start, end = validate.page(len(volumes), message.max_entries, message.starting_token)
-        except ValueError:
-            raise GRPCError(Status.ABORTED, f"starting_token {message.starting_token!r} is not valid") from None
+        start, end = page_bounds(len(volumes), message.max_entries, message.starting_token)
         entries = [
             ListVolumesResponseEntry(
                 volume=convert.volume(v, self.node_id),
@@ -269,10 +280,7 @@ class ControllerService(ControllerBase):
             snapshots = await self.manager.list_snapshots()
         if message.source_volume_id:
             snapshots = [s for s in snapshots if s.source_volume_id == message.source_volume_id]
-        try:
-            start, end = validate.page(len(snapshots), message.max_entries, message.starting_token)
-        except ValueError:
-            raise GRPCError(Status.ABORTED, f"starting_token {message.starting_token!r} is not valid") from None
+        start, end = page_bounds(len(snapshots), message.max_entries, message.starting_token)
         return ListSnapshotsResponse(
             entries=[ListSnapshotsResponseEntry(snapshot=convert.snapshot(s)) for s in snapshots[start:end]],
             next_token=str(end) if end < len(snapshots) else "",

@@ -30,8 +30,10 @@ def driver_version() -> str:
 
 
 class IdentityService(IdentityBase):
-    def __init__(self, ready: bool = True) -> None:
+    def __init__(self, ready: bool = True, *, controller: bool = True) -> None:
         self.ready = ready
+        self.controller = controller
+        """False on `serve --role node`: the Controller service is the controller Deployment's."""
 
     @rpc
     async def get_plugin_info(self, message: GetPluginInfoRequest) -> GetPluginInfoResponse:
@@ -40,9 +42,10 @@ class IdentityService(IdentityBase):
     @rpc
     async def get_plugin_capabilities(self, message: GetPluginCapabilitiesRequest) -> GetPluginCapabilitiesResponse:
         service = PluginCapabilityServiceType
+        controller = [PluginCapability(service=PluginCapabilityService(type=service.CONTROLLER_SERVICE))]
         return GetPluginCapabilitiesResponse(
             capabilities=[
-                PluginCapability(service=PluginCapabilityService(type=service.CONTROLLER_SERVICE)),
+                *(controller if self.controller else []),
                 PluginCapability(service=PluginCapabilityService(type=service.VOLUME_ACCESSIBILITY_CONSTRAINTS)),
                 PluginCapability(
                     volume_expansion=PluginCapabilityVolumeExpansion(type=PluginCapabilityVolumeExpansionType.ONLINE)

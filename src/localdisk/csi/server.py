@@ -70,16 +70,18 @@ async def serve(
     metrics_address: str | None = None,
     config: NodeConfig | None = None,
     background: Sequence[Callable[[VolumeManager], Awaitable[None]]] = (),
+    servicers: list[IServable] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting, finish in-flight calls and remove the socket.
 
     `background` tasks (the orphan reporter, say) run beside the server on the opened manager and are cancelled
-    when it stops; one failing is logged and does not take the CSI socket down with it.
+    when it stops; one failing is logged and does not take the CSI socket down with it. `servicers` replaces the
+    services of `--role all` (Identity, Controller and Node on `manager`).
     """
     path = socket_path(endpoint)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_socket(path)
-    server = GuardedServer(services(manager, node_id, metrics, config))
+    server = GuardedServer(servicers if servicers is not None else services(manager, node_id, metrics, config))
     async with manager.session():
         if metrics is not None and metrics_address:
             metrics.watch_pools(manager, asyncio.get_running_loop())

@@ -15,7 +15,7 @@ in memory: after a restart the clock starts again, which only ever delays a dele
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -27,6 +27,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Gauge
 from localdisk.errors import ConfigError, LocalDiskError
 from localdisk.k8s import DRIVER_NAME
 from localdisk.k8s.client import REQUEST_TIMEOUT, EventRecorder, connect, is_status
+from localdisk.k8s.crd import GROUP, VERSION, VOLUMES, VolumeObject, node_selector
 from localdisk.k8s.watch import TRANSIENT
 from localdisk.manager import VolumeManager
 from localdisk.model import Volume
@@ -62,6 +63,15 @@ def find_orphans(
     `volumes` comes from `VolumeManager.list_volumes()`, `persistent_volumes` from listing PVs (kubernetes-asyncio
     models); `first_seen` is the previous scan's `first_seen`. A volume that gained a PV is forgotten.
     """
+    return find_unclaimed(volumes, pv_claims(persistent_volumes, driver), first_seen, now)
+
+
+Claims = tuple[set[str], set[str]]
+"""The volume IDs and the CSI names something in the cluster points to: a volume matching either is not an orphan."""
+
+
+def pv_claims(persistent_volumes: Iterable[Any], driver: str = DRIVER_NAME) -> Claims:
+    """What the PVs of `driver` point to (the per-node shape: PV handles are on-disk volume IDs)."""
     handles: set[str] = set()
     names: set[str] = set()
     for pv in persistent_volumes:
@@ -69,6 +79,13 @@ def find_orphans(
         csi = pv.spec.csi if pv.spec is not None else None
         if csi is not None and csi.driver == driver:
             handles.add(csi.volume_handle)
+    return handles, names
+
+
+def find_unclaimed(
+    volumes: Sequence[Volume], claims: Claims, first_seen: Mapping[str, datetime], now: datetime
+) -> OrphanScan:
+    handles, names = claims
     orphans = tuple(
         Orphan(v, first_seen.get(v.id, now)) for v in volumes if v.id not in handles and v.name not in names
     )
@@ -85,8 +102,14 @@ class OrphanSettings:
     driver: str = DRIVER_NAME
 
 
+ClaimSource = Callable[[], Awaitable[Claims]]
+
+
 class OrphanReporter:
-    """The node-side periodic task: scan, report, and delete what `OrphanSettings.delete_after` allows."""
+    """The node-side periodic task: scan, report, and delete what `OrphanSettings.delete_after` allows.
+
+    What counts as pointing to a volume is `claims`: by default the PVs of the driver (the per-node shape); in the
+    split shape, the LocalVolume objects of this node (`NodeAgent.claims`), so the node agent needs no PV rights."""
 
     def __init__(
         self,
@@ -97,6 +120,7 @@ class OrphanReporter:
         events: EventRecorder | None = None,
         registry: CollectorRegistry | None = REGISTRY,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        claims: ClaimSource | None = None,
     ) -> None:
         if settings.delete_after is not None and settings.delete_after < settings.report_after:
             raise ConfigError("the orphan deletion grace period must not be shorter than the reporting delay")
@@ -106,6 +130,7 @@ class OrphanReporter:
         self.events = events or EventRecorder(api, host=settings.node_name)
         self.clock = clock
         self.first_seen: dict[str, datetime] = {}
+        self.claims: ClaimSource = claims or self._pv_claims
         self._reported: set[str] = set()
         self.gauge = Gauge(
             "localdisk_orphan_volumes",
@@ -126,20 +151,19 @@ class OrphanReporter:
     async def scan(self) -> list[Orphan]:
         """One scan; returns the orphans old enough to report."""
         now = self.clock()
-        volumes = await self.manager.list_volumes()  # before the PVs: see the module docstring
-        pvs = (await self.core.list_persistent_volume(_request_timeout=REQUEST_TIMEOUT)).items or []
-        result = find_orphans(volumes, pvs, self.first_seen, now, self.settings.driver)
+        volumes = await self.manager.list_volumes()  # before the claims: see the module docstring
+        result = find_unclaimed(volumes, await self.claims(), self.first_seen, now)
         self.first_seen = result.first_seen
         reportable = [o for o in result.orphans if o.age(now) >= self.settings.report_after]
         self._publish(reportable)
         for orphan in reportable:
             if orphan.volume.id not in self._reported:
                 self._reported.add(orphan.volume.id)
-                log.warning("orphan volume %s (%s) has no PV", orphan.volume.id, orphan.volume.name)
+                log.warning("orphan volume %s (%s) is claimed by nothing", orphan.volume.id, orphan.volume.name)
                 await self._event(
                     "OrphanVolume",
                     f"volume {orphan.volume.id} ({orphan.volume.name}, {orphan.volume.size_bytes} bytes) has had no"
-                    f" PersistentVolume since {orphan.first_seen:%Y-%m-%d %H:%M:%S}Z"
+                    f" PersistentVolume or LocalVolume since {orphan.first_seen:%Y-%m-%d %H:%M:%S}Z"
                     + (
                         f"; it will be deleted after {self.settings.delete_after:.0f}s"
                         if self.settings.delete_after is not None
@@ -163,11 +187,10 @@ class OrphanReporter:
 
     async def _delete(self, due: list[Orphan]) -> None:
         # Ask the API once more, right before deleting: the scan's list may be minutes old by now.
-        pvs = (await self.core.list_persistent_volume(_request_timeout=REQUEST_TIMEOUT)).items or []
-        still = find_orphans([o.volume for o in due], pvs, {}, self.clock(), self.settings.driver)
+        still = find_unclaimed([o.volume for o in due], await self.claims(), {}, self.clock())
         for orphan in still.orphans:
             volume = orphan.volume
-            if await self._pv_named(volume.name):
+            if self.claims == self._pv_claims and await self._pv_named(volume.name):
                 continue
             try:
                 await self.manager.delete_volume(volume.id)
@@ -180,9 +203,13 @@ class OrphanReporter:
             self._reported.discard(volume.id)
             await self._event(
                 "OrphanVolumeDeleted",
-                f"deleted volume {volume.id} ({volume.name}): it had no PersistentVolume for more than"
+                f"deleted volume {volume.id} ({volume.name}): it had no PersistentVolume or LocalVolume for more than"
                 f" {self.settings.delete_after:.0f}s",
             )
+
+    async def _pv_claims(self) -> Claims:
+        pvs = (await self.core.list_persistent_volume(_request_timeout=REQUEST_TIMEOUT)).items or []
+        return pv_claims(pvs, self.settings.driver)
 
     async def _pv_named(self, name: str) -> bool:
         try:
@@ -209,3 +236,24 @@ async def report_orphans(
     api = await connect(kubeconfig)
     async with api:
         await OrphanReporter(api, manager, settings, registry=registry).run()
+
+
+def object_claims(api: Any, node: str) -> ClaimSource:
+    """The split shape's claims: what this node's LocalVolume objects point to, listed fresh from the API server
+    (never from a cache that may lag behind a create)."""
+    custom: Any = client.CustomObjectsApi(api)
+
+    async def claims() -> Claims:
+        listed = await custom.list_cluster_custom_object(
+            GROUP, VERSION, VOLUMES, label_selector=node_selector(node), _request_timeout=REQUEST_TIMEOUT
+        )
+        handles: set[str] = set()
+        names: set[str] = set()
+        for item in listed.get("items") or []:
+            volume = VolumeObject.of(item)
+            names.add(volume.csi_name)
+            if volume.handle:
+                handles.add(volume.handle)
+        return handles, names
+
+    return claims

@@ -84,8 +84,13 @@ async def list_and_watch(
         try:
             if resource_version is None:
                 listed = await list_function(**kwargs)
-                resource_version = listed.metadata.resource_version
-                await on_relist(list(listed.items or []))
+                if isinstance(listed, dict):  # custom objects come as plain JSON, not as generated models
+                    resource_version = listed["metadata"]["resourceVersion"]
+                    items = list(listed.get("items") or [])
+                else:
+                    resource_version = listed.metadata.resource_version
+                    items = list(listed.items or [])
+                await on_relist(items)
                 pacer.succeeded()
                 await pacer.wait()
             delivered, resource_version = await _watch_once(

@@ -1,0 +1,287 @@
+"""CSI Controller service of `localdisk serve --role controller`: each call becomes a change to a custom resource.
+
+The volume lives on one node's disks, so the controller cannot create it itself: CreateVolume picks the node from
+the requested topology (the scheduler's choice comes first among the preferred segments), writes a LocalVolume for
+it and waits for that node's agent to answer in the object's status (`localdisk.k8s.cluster`). The volume ID is the
+object's name. ControllerExpandVolume asks the node the same way, so a PV is only resized once the space exists on
+the disk; GetCapacity answers from the LocalNode objects the agents keep fresh.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+from localdisk._proto.csi.v1 import (
+    ControllerBase,
+    ControllerExpandVolumeRequest,
+    ControllerExpandVolumeResponse,
+    ControllerGetCapabilitiesRequest,
+    ControllerGetCapabilitiesResponse,
+    ControllerGetVolumeRequest,
+    ControllerGetVolumeResponse,
+    ControllerServiceCapability,
+    ControllerServiceCapabilityRpc,
+    ControllerServiceCapabilityRpcType,
+    CreateSnapshotRequest,
+    CreateSnapshotResponse,
+    CreateVolumeRequest,
+    CreateVolumeResponse,
+    DeleteSnapshotRequest,
+    DeleteSnapshotResponse,
+    DeleteVolumeRequest,
+    DeleteVolumeResponse,
+    GetCapacityRequest,
+    GetCapacityResponse,
+    ListSnapshotsRequest,
+    ListSnapshotsResponse,
+    ListSnapshotsResponseEntry,
+    ListVolumesRequest,
+    ListVolumesResponse,
+    ListVolumesResponseEntry,
+    TopologyRequirement,
+    ValidateVolumeCapabilitiesRequest,
+    ValidateVolumeCapabilitiesResponse,
+    ValidateVolumeCapabilitiesResponseConfirmed,
+)
+from localdisk._proto.csi.v1 import Snapshot as CsiSnapshot
+from localdisk._proto.csi.v1 import Volume as CsiVolume
+from localdisk.config import NodeConfig
+from localdisk.csi import TOPOLOGY_KEY, convert, validate
+from localdisk.csi.controller import checked_create, page_bounds
+from localdisk.csi.status import rpc
+from localdisk.errors import FailedPrecondition, InsufficientCapacity, InvalidArgument
+from localdisk.k8s.cluster import ClusterVolumes, VolumeRequest
+from localdisk.k8s.crd import SnapshotObject, VolumeObject
+from localdisk.model import ContentSource, SourceKind
+
+Cap = ControllerServiceCapabilityRpcType
+log = logging.getLogger(__name__)
+
+
+def _nodes(requirement: TopologyRequirement | None) -> list[str]:
+    """The nodes a volume may go to, the preferred ones first (the external-provisioner puts the scheduler's
+    selected node first there), each once."""
+    if requirement is None:
+        return []
+    found: list[str] = []
+    for topology in [*requirement.preferred, *requirement.requisite]:
+        node = topology.segments.get(TOPOLOGY_KEY)
+        if node and node not in found:
+            found.append(node)
+    return found
+
+
+def _legacy(volume_id: str) -> None:
+    if ":" in volume_id:
+        raise FailedPrecondition(
+            f"volume {volume_id!r} has an ID of the per-node shape (<backend>:<pool>:<handle>); it is served by the"
+            " node that holds it and needs its LocalVolume adopted first (see docs/deploy.md, migration)"
+        )
+
+
+class CentralControllerService(ControllerBase):
+    def __init__(self, cluster: ClusterVolumes, config: NodeConfig | None = None) -> None:
+        self.cluster = cluster
+        self.config = config or NodeConfig()
+
+    def _volume(self, volume: VolumeObject) -> CsiVolume:
+        source = None
+        if volume.source_kind and volume.source_name:
+            source = ContentSource(SourceKind(volume.source_kind), volume.source_name)
+        return CsiVolume(
+            capacity_bytes=volume.size_bytes,
+            volume_id=volume.name,
+            volume_context={
+                "localdisk.csi.io/backend": volume.backend,
+                "localdisk.csi.io/pool": volume.pool or "",
+            },
+            content_source=convert.content_source(source),
+            accessible_topology=[convert.topology(volume.node)],
+        )
+
+    def _place(self, message: CreateVolumeRequest, required: int, source: ContentSource | None) -> str:
+        """The node for a new volume: the source's node for a clone or a restore, else the first node of the
+        topology whose pool reports room for it (the selected node, normally), else the first one (its agent then
+        answers with the truth: no room)."""
+        allowed = _nodes(message.accessibility_requirements)
+        if source is not None:
+            if source.kind is SourceKind.SNAPSHOT:
+                node = self.cluster.snapshot(source.id).node
+            else:
+                node = self.cluster.volume(source.id).node
+            if allowed and node not in allowed:
+                raise InsufficientCapacity(
+                    f"{source.kind.value} {source.id!r} is on node {node}, outside the requested topology; a volume"
+                    " made from it can only be created on that node"
+                )
+            return node
+        if not allowed:
+            raise InvalidArgument(
+                f"CreateVolume needs accessibility_requirements naming a node ({TOPOLOGY_KEY}); localdisk volumes are"
+                " local to one node, so the StorageClass must use volumeBindingMode WaitForFirstConsumer"
+            )
+        backend, pool = message.parameters.get("backend", ""), message.parameters.get("pool") or None
+        for node in allowed:
+            _, largest = self.cluster.capacity(node, backend, pool)
+            if largest >= required:
+                return node
+        return allowed[0]
+
+    @rpc
+    async def create_volume(self, message: CreateVolumeRequest) -> CreateVolumeResponse:
+        required, limit = checked_create(message, self.config)
+        source = validate.content_source(message.volume_content_source)
+        if source is not None:
+            _legacy(source.id)
+        await self.cluster.ready()
+        node = self._place(message, required, source)
+        volume = await self.cluster.create_volume(
+            VolumeRequest(
+                csi_name=message.name,
+                node=node,
+                backend=message.parameters.get("backend", ""),
+                pool=message.parameters.get("pool") or None,
+                required_bytes=required,
+                limit_bytes=limit,
+                encrypted=validate.encrypted(message.parameters),
+                source_kind=source.kind.value if source else None,
+                source_name=source.id if source else None,
+            )
+        )
+        return CreateVolumeResponse(volume=self._volume(volume))
+
+    @rpc
+    async def delete_volume(self, message: DeleteVolumeRequest) -> DeleteVolumeResponse:
+        validate.require(message.volume_id, "volume_id")
+        _legacy(message.volume_id)
+        await self.cluster.delete_volume(message.volume_id)
+        return DeleteVolumeResponse()
+
+    @rpc
+    async def validate_volume_capabilities(
+        self, message: ValidateVolumeCapabilitiesRequest
+    ) -> ValidateVolumeCapabilitiesResponse:
+        validate.require(message.volume_id, "volume_id")
+        validate.require(message.volume_capabilities, "volume_capabilities")
+        await self.cluster.ready()
+        self.cluster.volume(message.volume_id)
+        try:
+            validate.check_capabilities(message.volume_capabilities)
+            validate.check_parameters(message.parameters)
+        except InvalidArgument as exc:
+            return ValidateVolumeCapabilitiesResponse(message=str(exc))
+        return ValidateVolumeCapabilitiesResponse(
+            confirmed=ValidateVolumeCapabilitiesResponseConfirmed(
+                volume_context=message.volume_context,
+                volume_capabilities=message.volume_capabilities,
+                parameters=message.parameters,
+            )
+        )
+
+    @rpc
+    async def list_volumes(self, message: ListVolumesRequest) -> ListVolumesResponse:
+        await self.cluster.ready()
+        volumes = sorted((v for v in self.cluster.volumes.values() if v.handle is not None), key=lambda v: v.name)
+        start, end = page_bounds(len(volumes), message.max_entries, message.starting_token)
+        return ListVolumesResponse(
+            entries=[ListVolumesResponseEntry(volume=self._volume(v)) for v in volumes[start:end]],
+            next_token=str(end) if end < len(volumes) else "",
+        )
+
+    @rpc
+    async def get_capacity(self, message: GetCapacityRequest) -> GetCapacityResponse:
+        for cap in message.volume_capabilities:
+            validate.check_capability(cap)
+        validate.check_parameters(message.parameters)
+        await self.cluster.ready()
+        backend, pool = message.parameters.get("backend", ""), message.parameters.get("pool") or None
+        topology = message.accessible_topology
+        node = topology.segments.get(TOPOLOGY_KEY) if topology is not None else None
+        nodes = [node] if node else sorted(self.cluster.nodes)
+        answers = [self.cluster.capacity(n, backend, pool) for n in nodes]
+        return GetCapacityResponse(
+            available_capacity=sum(a for a, _ in answers), maximum_volume_size=max((m for _, m in answers), default=0)
+        )
+
+    @rpc
+    async def controller_get_capabilities(
+        self, message: ControllerGetCapabilitiesRequest
+    ) -> ControllerGetCapabilitiesResponse:
+        # Snapshots and clones are offered whatever the nodes have reported so far: the sidecars ask once, at start;
+        # a pool that cannot snapshot answers a clear INVALID_ARGUMENT from its node.
+        caps = [
+            Cap.CREATE_DELETE_VOLUME,
+            Cap.LIST_VOLUMES,
+            Cap.GET_CAPACITY,
+            Cap.GET_VOLUME,
+            Cap.EXPAND_VOLUME,
+            Cap.SINGLE_NODE_MULTI_WRITER,
+            Cap.CREATE_DELETE_SNAPSHOT,
+            Cap.LIST_SNAPSHOTS,
+            Cap.CLONE_VOLUME,
+        ]
+        return ControllerGetCapabilitiesResponse(
+            capabilities=[ControllerServiceCapability(rpc=ControllerServiceCapabilityRpc(type=c)) for c in caps]
+        )
+
+    @rpc
+    async def controller_get_volume(self, message: ControllerGetVolumeRequest) -> ControllerGetVolumeResponse:
+        validate.require(message.volume_id, "volume_id")
+        await self.cluster.ready()
+        return ControllerGetVolumeResponse(volume=self._volume(self.cluster.volume(message.volume_id)))
+
+    @rpc
+    async def controller_expand_volume(self, message: ControllerExpandVolumeRequest) -> ControllerExpandVolumeResponse:
+        validate.require(message.volume_id, "volume_id")
+        validate.require(message.capacity_range, "capacity_range")
+        required, limit = validate.capacity(message.capacity_range)
+        validate.require(required, "capacity_range.required_bytes")
+        if message.volume_capability is not None:
+            validate.check_capability(message.volume_capability, "volume_capability")
+        _legacy(message.volume_id)
+        volume = await self.cluster.expand_volume(message.volume_id, required, limit)
+        is_block = message.volume_capability is not None and message.volume_capability.block is not None
+        return ControllerExpandVolumeResponse(capacity_bytes=volume.size_bytes, node_expansion_required=not is_block)
+
+    @staticmethod
+    def _snapshot(snapshot: SnapshotObject) -> CsiSnapshot:
+        created = (
+            datetime.fromisoformat(snapshot.creation_time.replace("Z", "+00:00")) if snapshot.creation_time else None
+        )
+        return CsiSnapshot(
+            size_bytes=snapshot.size_bytes,
+            snapshot_id=snapshot.name,
+            source_volume_id=snapshot.source_volume,
+            creation_time=created,
+            ready_to_use=snapshot.phase == "Ready",
+        )
+
+    @rpc
+    async def create_snapshot(self, message: CreateSnapshotRequest) -> CreateSnapshotResponse:
+        validate.require(message.source_volume_id, "source_volume_id")
+        validate.check_name(message.name)
+        _legacy(message.source_volume_id)
+        snapshot = await self.cluster.create_snapshot(message.source_volume_id, message.name)
+        return CreateSnapshotResponse(snapshot=self._snapshot(snapshot))
+
+    @rpc
+    async def delete_snapshot(self, message: DeleteSnapshotRequest) -> DeleteSnapshotResponse:
+        validate.require(message.snapshot_id, "snapshot_id")
+        _legacy(message.snapshot_id)
+        await self.cluster.delete_snapshot(message.snapshot_id)
+        return DeleteSnapshotResponse()
+
+    @rpc
+    async def list_snapshots(self, message: ListSnapshotsRequest) -> ListSnapshotsResponse:
+        await self.cluster.ready()
+        snapshots = sorted((s for s in self.cluster.snapshots.values() if s.handle), key=lambda s: s.name)
+        if message.snapshot_id:
+            snapshots = [s for s in snapshots if s.name == message.snapshot_id]
+        if message.source_volume_id:
+            snapshots = [s for s in snapshots if s.source_volume == message.source_volume_id]
+        start, end = page_bounds(len(snapshots), message.max_entries, message.starting_token)
+        return ListSnapshotsResponse(
+            entries=[ListSnapshotsResponseEntry(snapshot=self._snapshot(s)) for s in snapshots[start:end]],
+            next_token=str(end) if end < len(snapshots) else "",
+        )

@@ -1,0 +1,464 @@
+"""The node agent of `localdisk serve --role node`: it carries out what the controller asks of this node.
+
+It watches the LocalVolume and LocalSnapshot objects labelled for its node only, and reconciles each through the
+`VolumeManager` it shares with the Node service: create, grow, snapshot, delete, each outcome written into the
+object's status. It keeps the LocalNode object of its node fresh (pools, capacity, largest volume, health) with a
+heartbeat, which is what GetCapacity answers from.
+
+Reconciling is level-based: an object is looked at whenever it changes and every `resync` seconds, and what to do is
+derived from the object alone (spec against status), so an agent killed half-way finishes the job after a restart
+(creates are idempotent by CSI name, deletes by handle). One object is worked on by one worker at a time; a change
+that arrives meanwhile runs it again afterwards.
+
+The agent needs these rights and no others: its kinds (get, list, watch, update; status patch), Nodes get, Events
+create. It never reads or writes a PV or a PVC.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectSendStream
+from kubernetes_asyncio import client
+
+from localdisk.errors import Busy, InvalidArgument, LocalDiskError, NotFound
+from localdisk.k8s.client import REQUEST_TIMEOUT, is_status, micro_time
+from localdisk.k8s.crd import (
+    FINALIZER,
+    GROUP,
+    NODE_LABEL,
+    NODES,
+    SNAPSHOTS,
+    VERSION,
+    VOLUMES,
+    PoolReport,
+    SnapshotObject,
+    VolumeObject,
+    error_status,
+    label_value,
+    node_selector,
+)
+from localdisk.k8s.watch import TRANSIENT, Pacer, list_and_watch
+from localdisk.manager import CreateRequest, VolumeManager
+from localdisk.model import ContentSource, SourceKind
+
+log = logging.getLogger(__name__)
+MERGE = "application/merge-patch+json"
+Key = tuple[str, str]  # (plural, object name)
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    node: str
+    heartbeat: float = 10.0
+    """Seconds between two LocalNode updates; the controller treats a node silent for 3 of them as gone."""
+    resync: float = 30.0
+    """Seconds between passes over every object of this node (a failed status write, a missed event)."""
+    workers: int = 4
+    """Objects reconciled at once."""
+    busy_retry: float = 2.0
+    """Seconds before an object whose volume is busy (another operation on it) is tried again."""
+
+
+class NodeAgent:
+    def __init__(self, api: Any, manager: VolumeManager, settings: AgentSettings) -> None:
+        self.custom: Any = client.CustomObjectsApi(api)
+        self.core: Any = client.CoreV1Api(api)
+        self.manager = manager
+        self.settings = settings
+        self.volumes: dict[str, VolumeObject] = {}
+        self.snapshots: dict[str, SnapshotObject] = {}
+        self.synced = anyio.Event()
+        """Set once both lists have been read: `resolve` answers from them from then on."""
+        self._volumes_listed = False
+        self._snapshots_listed = False
+        self._pending: set[Key] = set()
+        self._running: set[Key] = set()
+        self._queue: MemoryObjectSendStream[Key] | None = None
+        self._group: TaskGroup | None = None
+
+    # -- running --------------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Watch, reconcile and report until cancelled."""
+        send, receive = anyio.create_memory_object_stream[Key](math.inf)  # bounded by this node's objects
+        self._queue = send
+        async with send, receive, anyio.create_task_group() as group:
+            self._group = group
+            for _ in range(self.settings.workers):
+                group.start_soon(self._work, receive.clone())
+            group.start_soon(self._watch, VOLUMES)
+            group.start_soon(self._watch, SNAPSHOTS)
+            group.start_soon(self._report_forever)
+            group.start_soon(self._resync_forever)
+
+    async def _watch(self, plural: str) -> None:
+        async def on_relist(items: list[Any]) -> None:
+            names = {item["metadata"]["name"] for item in items}
+            cache: dict[str, Any] = self.volumes if plural == VOLUMES else self.snapshots
+            for gone in set(cache) - names:
+                del cache[gone]
+            for item in items:
+                self._store(plural, item)
+            if plural == VOLUMES:
+                self._volumes_listed = True
+            else:
+                self._snapshots_listed = True
+            if self._volumes_listed and self._snapshots_listed:
+                self.synced.set()
+
+        async def on_event(kind: str, item: Any) -> None:
+            if kind == "DELETED":
+                (self.volumes if plural == VOLUMES else self.snapshots).pop(item["metadata"]["name"], None)
+            else:
+                self._store(plural, item)
+
+        await list_and_watch(
+            self.custom.list_cluster_custom_object,
+            on_relist=on_relist,
+            on_event=on_event,
+            pacer=Pacer(),
+            what=plural,
+            group=GROUP,
+            version=VERSION,
+            plural=plural,
+            label_selector=node_selector(self.settings.node),
+        )
+
+    def _store(self, plural: str, item: dict[str, Any]) -> None:
+        if plural == VOLUMES:
+            volume = VolumeObject.of(item)
+            self.volumes[volume.name] = volume
+        else:
+            snapshot = SnapshotObject.of(item)
+            self.snapshots[snapshot.name] = snapshot
+        self._enqueue((plural, item["metadata"]["name"]))
+
+    def _enqueue(self, key: Key) -> None:
+        if key in self._pending or self._queue is None:
+            return
+        self._pending.add(key)
+        if key not in self._running:  # else the worker running it sends it again when done
+            self._queue.send_nowait(key)
+
+    async def _work(self, receive: Any) -> None:
+        async with receive:
+            async for key in receive:
+                self._pending.discard(key)
+                self._running.add(key)
+                try:
+                    await self._reconcile(key)
+                except Busy as exc:
+                    log.info("%s %s: %s; trying again in %.0fs", key[0], key[1], exc.message, self.settings.busy_retry)
+                    self._later(key)
+                except TRANSIENT as exc:
+                    log.warning("%s %s: the API failed (%s); trying again at the next resync", *key, exc)
+                except Exception:
+                    log.exception("%s %s: reconciling failed; trying again at the next resync", *key)
+                finally:
+                    self._running.discard(key)
+                    if key in self._pending and self._queue is not None:
+                        self._queue.send_nowait(key)
+
+    def _later(self, key: Key) -> None:
+        async def requeue() -> None:
+            await anyio.sleep(self.settings.busy_retry)
+            self._enqueue(key)
+
+        if self._group is not None:
+            self._group.start_soon(requeue)
+
+    async def _resync_forever(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.resync)
+            for name in list(self.volumes):
+                self._enqueue((VOLUMES, name))
+            for name in list(self.snapshots):
+                self._enqueue((SNAPSHOTS, name))
+
+    # -- what the Node service asks ---------------------------------------------------------------------------------
+
+    async def resolve(self, volume_id: str, wait: float = 10.0) -> str | None:
+        """The on-disk volume ID (`<backend>:<pool>:<handle>`) of the object `volume_id`, or None when this node
+        has no such volume. An ID with `:` is already one (a volume of the per-node shape) and is returned as is."""
+        if ":" in volume_id:
+            return volume_id
+        with anyio.move_on_after(wait):
+            await self.synced.wait()
+        found = self.volumes.get(volume_id)
+        if found is None or found.handle is None:
+            try:
+                item = await self.custom.get_cluster_custom_object(
+                    GROUP, VERSION, VOLUMES, volume_id, _request_timeout=REQUEST_TIMEOUT
+                )
+            except TRANSIENT as exc:
+                if is_status(exc, 404):
+                    return None
+                raise
+            found = VolumeObject.of(item)
+            if found.node != self.settings.node:
+                return None
+        return found.handle or (await self._handle_by_name(found))
+
+    async def _handle_by_name(self, volume: VolumeObject) -> str | None:
+        existing = await self.manager.find_volume_by_name(volume.csi_name)
+        return existing.id if existing is not None else None
+
+    # -- reconciling ------------------------------------------------------------------------------------------------
+
+    async def _reconcile(self, key: Key) -> None:
+        plural, name = key
+        if plural == VOLUMES:
+            volume = self.volumes.get(name)
+            if volume is not None and volume.node == self.settings.node:
+                await self._reconcile_volume(volume)
+        else:
+            snapshot = self.snapshots.get(name)
+            if snapshot is not None and snapshot.node == self.settings.node:
+                await self._reconcile_snapshot(snapshot)
+
+    async def _reconcile_volume(self, volume: VolumeObject) -> None:
+        if volume.deleting:
+            if FINALIZER in volume.finalizers:
+                handle = volume.handle or await self._handle_by_name(volume)
+                if handle is not None:
+                    try:
+                        await self.manager.delete_volume(handle)
+                    except Busy:
+                        raise
+                    except LocalDiskError as exc:
+                        await self._status(VOLUMES, volume.name, {"phase": "Deleting", "error": error_status(exc)})
+                        return
+                    log.info("volume %s (%s) deleted", volume.name, handle)
+                await self._release(VOLUMES, volume.name, volume.finalizers)
+            return
+        if volume.error is not None and volume.observed_generation >= volume.generation:
+            return  # answered; tried again when the controller clears the error
+        if volume.handle is not None and volume.observed_generation >= volume.generation:
+            return
+        try:
+            if volume.handle is None:
+                created = await self.manager.create_volume(
+                    CreateRequest(
+                        name=volume.csi_name,
+                        backend=volume.backend,
+                        pool=volume.pool,
+                        required_bytes=volume.required_bytes,
+                        limit_bytes=volume.limit_bytes,
+                        source=self._source(volume),
+                        encrypted=volume.encrypted,
+                    )
+                )
+                log.info("volume %s created as %s (%d bytes)", volume.name, created.id, created.size_bytes)
+            else:
+                created = await self.manager.expand_volume(volume.handle, volume.required_bytes, volume.limit_bytes)
+                log.info("volume %s (%s) is %d bytes", volume.name, created.id, created.size_bytes)
+        except Busy:
+            raise
+        except LocalDiskError as exc:
+            log.info("volume %s: %s", volume.name, exc.message)
+            await self._status(
+                VOLUMES,
+                volume.name,
+                {
+                    "phase": "Ready" if volume.handle else "Failed",
+                    "error": error_status(exc),
+                    "observedGeneration": volume.generation,
+                },
+            )
+            return
+        await self._status(
+            VOLUMES,
+            volume.name,
+            {
+                "phase": "Ready",
+                "handle": created.id,
+                "pool": created.ref.pool,
+                "sizeBytes": created.size_bytes,
+                "error": None,
+                "observedGeneration": volume.generation,
+            },
+        )
+
+    def _source(self, volume: VolumeObject) -> ContentSource | None:
+        if volume.source_kind is None or volume.source_name is None:
+            return None
+        if volume.source_kind == SourceKind.SNAPSHOT.value:
+            snapshot = self.snapshots.get(volume.source_name)
+            handle = snapshot.handle if snapshot is not None and not snapshot.deleting else None
+            kind = SourceKind.SNAPSHOT
+        elif volume.source_kind == SourceKind.VOLUME.value:
+            source = self.volumes.get(volume.source_name)
+            handle = source.handle if source is not None and not source.deleting else None
+            kind = SourceKind.VOLUME
+        else:
+            raise InvalidArgument(f"content source kind {volume.source_kind!r} is neither snapshot nor volume")
+        if handle is None:
+            raise NotFound(f"{volume.source_kind} {volume.source_name!r} is not on node {self.settings.node}")
+        return ContentSource(kind, handle)
+
+    async def _reconcile_snapshot(self, snapshot: SnapshotObject) -> None:
+        if snapshot.deleting:
+            if FINALIZER in snapshot.finalizers:
+                handle = snapshot.handle or await self._snapshot_by_name(snapshot.csi_name)
+                if handle is not None:
+                    try:
+                        await self.manager.delete_snapshot(handle)
+                    except Busy:
+                        raise
+                    except LocalDiskError as exc:
+                        await self._status(SNAPSHOTS, snapshot.name, {"phase": "Deleting", "error": error_status(exc)})
+                        return
+                    log.info("snapshot %s (%s) deleted", snapshot.name, handle)
+                await self._release(SNAPSHOTS, snapshot.name, snapshot.finalizers)
+            return
+        if snapshot.observed_generation >= snapshot.generation and (
+            snapshot.error is not None or snapshot.handle is not None
+        ):
+            return
+        try:
+            source = self.volumes.get(snapshot.source_volume)
+            if source is None or source.handle is None:
+                raise NotFound(f"volume {snapshot.source_volume!r} is not on node {self.settings.node}")
+            made = await self.manager.create_snapshot(source.handle, snapshot.csi_name)
+        except Busy:
+            raise
+        except LocalDiskError as exc:
+            log.info("snapshot %s: %s", snapshot.name, exc.message)
+            await self._status(
+                SNAPSHOTS,
+                snapshot.name,
+                {"phase": "Failed", "error": error_status(exc), "observedGeneration": snapshot.generation},
+            )
+            return
+        log.info("snapshot %s created as %s", snapshot.name, made.id)
+        await self._status(
+            SNAPSHOTS,
+            snapshot.name,
+            {
+                "phase": "Ready" if made.ready else "Pending",
+                "handle": made.id,
+                "sizeBytes": made.size_bytes,
+                "creationTime": micro_time(made.created_at),
+                "readyToUse": made.ready,
+                "error": None,
+                "observedGeneration": snapshot.generation,
+            },
+        )
+
+    async def _snapshot_by_name(self, name: str) -> str | None:
+        return next((s.id for s in await self.manager.list_snapshots() if s.name == name), None)
+
+    async def _status(self, plural: str, name: str, status: dict[str, Any]) -> None:
+        try:
+            await self.custom.patch_cluster_custom_object_status(
+                GROUP, VERSION, plural, name, {"status": status}, _content_type=MERGE, _request_timeout=REQUEST_TIMEOUT
+            )
+        except TRANSIENT as exc:
+            if not is_status(exc, 404):
+                raise
+
+    async def _release(self, plural: str, name: str, finalizers: tuple[str, ...]) -> None:
+        """Remove our finalizer; the API server then deletes the object."""
+        try:
+            await self.custom.patch_cluster_custom_object(
+                GROUP,
+                VERSION,
+                plural,
+                name,
+                {"metadata": {"finalizers": [f for f in finalizers if f != FINALIZER] or None}},
+                _content_type=MERGE,
+                _request_timeout=REQUEST_TIMEOUT,
+            )
+        except TRANSIENT as exc:
+            if not is_status(exc, 404):
+                raise
+
+    # -- the LocalNode object -----------------------------------------------------------------------------------------
+
+    async def _report_forever(self) -> None:
+        while True:
+            try:
+                await self.report()
+            except TRANSIENT as exc:
+                log.warning(
+                    "updating LocalNode %s failed (%s); next try in %.0fs",
+                    self.settings.node,
+                    exc,
+                    self.settings.heartbeat,
+                )
+            except Exception:
+                log.exception("updating LocalNode %s failed", self.settings.node)
+            await anyio.sleep(self.settings.heartbeat)
+
+    async def pools(self) -> list[PoolReport]:
+        reports = []
+        states = self.manager.pool_states()
+        for (kind, pool), backend in sorted(self.manager.backends.items()):
+            state = states[(kind, pool)]
+            available = largest = 0
+            if state.up:
+                try:
+                    capacity = await self.manager.capacity(kind, pool)
+                    available, largest = capacity.available_bytes, capacity.maximum_volume_bytes
+                except LocalDiskError as exc:
+                    log.warning("capacity of %s pool %r: %s", kind, pool, exc.message)
+            reports.append(
+                PoolReport(
+                    backend=kind,
+                    pool=pool,
+                    default=self.manager.defaults.get(kind) == pool,
+                    up=state.up,
+                    reason=state.reason or "",
+                    available_bytes=available,
+                    maximum_volume_bytes=largest,
+                    snapshots=backend.features.snapshots,
+                    clones=backend.features.clones,
+                )
+            )
+        return reports
+
+    async def report(self) -> None:
+        """Write this node's pools and a fresh heartbeat into its LocalNode, creating it first if needed."""
+        node = self.settings.node
+        status = {"heartbeat": micro_time(), "pools": [p.to_json() for p in await self.pools()]}
+        try:
+            await self.custom.patch_cluster_custom_object_status(
+                GROUP, VERSION, NODES, node, {"status": status}, _content_type=MERGE, _request_timeout=REQUEST_TIMEOUT
+            )
+            return
+        except TRANSIENT as exc:
+            if not is_status(exc, 404):
+                raise
+        body: dict[str, Any] = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "LocalNode",
+            "metadata": {"name": node, "labels": {NODE_LABEL: label_value(node)}},
+            "spec": {"node": node},
+        }
+        owner = await self._node_owner()
+        if owner is not None:
+            body["metadata"]["ownerReferences"] = [owner]  # gone with its Node
+        try:
+            await self.custom.create_cluster_custom_object(
+                GROUP, VERSION, NODES, body, _request_timeout=REQUEST_TIMEOUT
+            )
+        except TRANSIENT as exc:
+            if not is_status(exc, 409):
+                raise
+        await self.custom.patch_cluster_custom_object_status(
+            GROUP, VERSION, NODES, node, {"status": status}, _content_type=MERGE, _request_timeout=REQUEST_TIMEOUT
+        )
+
+    async def _node_owner(self) -> dict[str, Any] | None:
+        try:
+            found = await self.core.read_node(self.settings.node, _request_timeout=REQUEST_TIMEOUT)
+        except TRANSIENT as exc:
+            log.info("Node %s not readable (%s); its LocalNode has no owner", self.settings.node, exc)
+            return None
+        return {"apiVersion": "v1", "kind": "Node", "name": found.metadata.name, "uid": found.metadata.uid}

@@ -1,0 +1,456 @@
+"""The controller's view of the cluster's volumes: custom resources written, node agents' answers awaited.
+
+`ClusterVolumes` is what `localdisk serve --role controller` drives instead of a `VolumeManager`. It keeps a cache
+of every LocalVolume, LocalSnapshot and LocalNode (one list-and-watch each), turns each request into a change to one
+object, and waits for the node agent's answer in its status. It raises the domain errors the agent met (a full pool
+is `InsufficientCapacity` here too), and `Busy` when the node has not answered in time, which the CSI layer answers
+as ABORTED so the sidecar tries again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import anyio
+from kubernetes_asyncio import client
+
+from localdisk.errors import AlreadyExists, Busy, InvalidArgument, NotFound
+from localdisk.k8s.client import REQUEST_TIMEOUT, is_status
+from localdisk.k8s.crd import (
+    API_VERSION,
+    FINALIZER,
+    GROUP,
+    NODE_LABEL,
+    NODES,
+    SNAPSHOTS,
+    VERSION,
+    VOLUMES,
+    PoolReport,
+    SnapshotObject,
+    VolumeObject,
+    error_from_status,
+    label_value,
+    object_name,
+)
+from localdisk.k8s.watch import TRANSIENT, Pacer, list_and_watch
+
+log = logging.getLogger(__name__)
+MERGE = "application/merge-patch+json"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    answer_timeout: float = 50.0
+    """Seconds a CSI call waits for the node's answer before it answers ABORTED (the sidecar retries; its own
+    timeout is 60 s by default)."""
+    stale_after: float = 60.0
+    """A node whose LocalNode heartbeat is older than this offers no capacity."""
+
+
+@dataclass(frozen=True)
+class VolumeRequest:
+    csi_name: str
+    node: str
+    backend: str
+    pool: str | None
+    required_bytes: int
+    limit_bytes: int
+    encrypted: bool = False
+    source_kind: str | None = None
+    source_name: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeReport:
+    name: str
+    heartbeat: datetime | None
+    pools: tuple[PoolReport, ...]
+
+    def fresh(self, stale_after: float, now: datetime | None = None) -> bool:
+        if self.heartbeat is None:
+            return False
+        return ((now or datetime.now(UTC)) - self.heartbeat).total_seconds() <= stale_after
+
+    def pool(self, backend: str, pool: str | None) -> PoolReport | None:
+        mine = [p for p in self.pools if p.backend == backend]
+        if pool:
+            return next((p for p in mine if p.pool == pool), None)
+        marked = [p for p in mine if p.default]
+        return marked[0] if marked else (mine[0] if len(mine) == 1 else None)
+
+    @classmethod
+    def of(cls, obj: dict[str, Any]) -> NodeReport:
+        status = obj.get("status") or {}
+        beat = status.get("heartbeat")
+        heartbeat = datetime.fromisoformat(beat.replace("Z", "+00:00")) if beat else None
+        return cls(obj["metadata"]["name"], heartbeat, tuple(PoolReport.of(p) for p in status.get("pools") or []))
+
+
+class ClusterVolumes:
+    def __init__(self, api: Any, settings: ClusterSettings | None = None) -> None:
+        self.custom: Any = client.CustomObjectsApi(api)
+        self.settings = settings or ClusterSettings()
+        self.volumes: dict[str, VolumeObject] = {}
+        self.snapshots: dict[str, SnapshotObject] = {}
+        self.nodes: dict[str, NodeReport] = {}
+        self.synced = anyio.Event()
+        self._listed: set[str] = set()
+        self._changed = anyio.Event()
+        self._relists = 0  # a relist replaces the cache with the newest state of every object
+        self._recent: dict[tuple[str, str], deque[str]] = {}  # the last resourceVersions the watch showed, per object
+
+    async def run(self) -> None:
+        """Keep the cache up to date until cancelled."""
+        async with anyio.create_task_group() as group:
+            for plural in (VOLUMES, SNAPSHOTS, NODES):
+                group.start_soon(self._watch, plural)
+
+    async def _watch(self, plural: str) -> None:
+        async def on_relist(items: list[Any]) -> None:
+            cache = self._cache(plural)
+            cache.clear()
+            self._recent = {key: seen for key, seen in self._recent.items() if key[0] != plural}
+            self._relists += 1
+            for item in items:
+                self._store(plural, "ADDED", item)
+            self._listed.add(plural)
+            if len(self._listed) == 3:
+                self.synced.set()
+            self._notify()
+
+        async def on_event(kind: str, item: Any) -> None:
+            self._store(plural, kind, item)
+            self._notify()
+
+        await list_and_watch(
+            self.custom.list_cluster_custom_object,
+            on_relist=on_relist,
+            on_event=on_event,
+            pacer=Pacer(),
+            what=plural,
+            group=GROUP,
+            version=VERSION,
+            plural=plural,
+        )
+
+    def _cache(self, plural: str) -> dict[str, Any]:
+        caches: dict[str, dict[str, Any]] = {VOLUMES: self.volumes, SNAPSHOTS: self.snapshots, NODES: self.nodes}
+        return caches[plural]
+
+    def _store(self, plural: str, kind: str, item: dict[str, Any]) -> None:
+        name = item["metadata"]["name"]
+        cache = self._cache(plural)
+        recent = self._recent.setdefault((plural, name), deque(maxlen=32))
+        recent.append(str(item["metadata"].get("resourceVersion", "")))
+        if kind == "DELETED":
+            cache.pop(name, None)
+            del self._recent[(plural, name)]
+        elif plural == VOLUMES:
+            cache[name] = VolumeObject.of(item)
+        elif plural == SNAPSHOTS:
+            cache[name] = SnapshotObject.of(item)
+        else:
+            cache[name] = NodeReport.of(item)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def _until(
+        self, check: Callable[[], T | None], what: str, *, plural: str = "", name: str = "", since: str = ""
+    ) -> T:
+        """Wait for `check` to give an answer, re-checked on every change to the cache.
+
+        With `since` (the resourceVersion our own write returned), the watch must first have delivered that write
+        (or relisted since): until then the cache holds the state before it (the error we just cleared, say),
+        which is no answer to this call. The node's answer may follow our write at once, so the last few versions
+        of each object are remembered, not only the newest."""
+        relists = self._relists
+        caught_up = not since
+        with anyio.move_on_after(self.settings.answer_timeout):
+            await self.synced.wait()
+            while True:
+                changed = self._changed
+                if not caught_up:
+                    found = self._cache(plural).get(name)
+                    caught_up = self._relists != relists or (found is not None and found.resource_version == since)
+                if caught_up:
+                    result = check()
+                    if result is not None:
+                        return result
+                await changed.wait()
+        raise Busy(f"{what}: no answer within {self.settings.answer_timeout:.0f}s; retry")
+
+    async def ready(self) -> None:
+        with anyio.move_on_after(self.settings.answer_timeout):
+            await self.synced.wait()
+        if not self.synced.is_set():
+            raise Busy("the controller has not read the cluster's volumes yet; retry")
+
+    # -- volumes ----------------------------------------------------------------------------------------------------
+
+    async def create_volume(self, request: VolumeRequest) -> VolumeObject:
+        await self.ready()
+        name = object_name(request.csi_name)
+        existing = self.volumes.get(name) or await self._get(VOLUMES, name, VolumeObject.of)
+        if existing is not None:
+            if existing.csi_name != request.csi_name:
+                raise AlreadyExists(f"object {name} holds volume {existing.csi_name!r}, not {request.csi_name!r}")
+            if existing.deleting:
+                raise Busy(f"volume {request.csi_name!r} is still being deleted; retry")
+            if existing.node != request.node and existing.handle is None:
+                # an earlier attempt on another node failed (no room there, say) and the scheduler chose again
+                await self._delete(VOLUMES, name)
+                raise Busy(f"volume {request.csi_name!r}: clearing the failed attempt on node {existing.node}; retry")
+            self._same_or_conflict(existing, request)
+            since = ""
+            if existing.error is not None and existing.handle is None:
+                since = await self._retry(VOLUMES, name)
+        else:
+            since = await self._create(VOLUMES, self._volume_body(name, request))
+        settled = await self._until(
+            lambda: self._settled_volume(name), f"volume {request.csi_name!r}", plural=VOLUMES, name=name, since=since
+        )
+        if settled.handle is None and settled.error is not None:
+            raise error_from_status(settled.error, f"node {settled.node}")
+        return settled
+
+    def _settled_volume(self, name: str) -> VolumeObject | None:
+        found = self.volumes.get(name)
+        if found is None:
+            raise NotFound(f"volume object {name} was deleted while it was being created")
+        return found if found.settled else None
+
+    @staticmethod
+    def _same_or_conflict(existing: VolumeObject, request: VolumeRequest) -> None:
+        asked = (request.backend, request.pool, request.encrypted, request.source_kind, request.source_name)
+        has = (existing.backend, existing.pool, existing.encrypted, existing.source_kind, existing.source_name)
+        if asked != has:
+            raise AlreadyExists(f"volume {request.csi_name!r} already exists with other parameters")
+        if existing.handle is not None:
+            size = existing.size_bytes
+            if size < request.required_bytes or (request.limit_bytes and size > request.limit_bytes):
+                raise AlreadyExists(
+                    f"volume {request.csi_name!r} already exists with {size} bytes, outside the requested range"
+                )
+
+    @staticmethod
+    def _volume_body(name: str, request: VolumeRequest) -> dict[str, Any]:
+        spec: dict[str, Any] = {
+            "name": request.csi_name,
+            "node": request.node,
+            "backend": request.backend,
+            "requiredBytes": request.required_bytes,
+            "limitBytes": request.limit_bytes,
+            "encrypted": request.encrypted,
+        }
+        if request.pool:
+            spec["pool"] = request.pool
+        if request.source_kind and request.source_name:
+            spec["source"] = {"kind": request.source_kind, "name": request.source_name}
+        return {
+            "apiVersion": API_VERSION,
+            "kind": "LocalVolume",
+            "metadata": {"name": name, "labels": {NODE_LABEL: label_value(request.node)}, "finalizers": [FINALIZER]},
+            "spec": spec,
+        }
+
+    async def delete_volume(self, volume_id: str) -> None:
+        await self.ready()
+        if self.volumes.get(volume_id) is None and await self._get(VOLUMES, volume_id, VolumeObject.of) is None:
+            return
+        await self._delete(VOLUMES, volume_id)
+
+        def gone() -> bool | None:
+            found = self.volumes.get(volume_id)
+            if found is None:
+                return True
+            if found.error is not None and found.deleting:
+                raise error_from_status(found.error, f"node {found.node}")
+            return None
+
+        await self._until(gone, f"deleting volume {volume_id}")
+
+    def volume(self, volume_id: str) -> VolumeObject:
+        found = self.volumes.get(volume_id)
+        if found is None or found.handle is None:
+            raise NotFound(f"volume {volume_id!r} not found")
+        return found
+
+    async def expand_volume(self, volume_id: str, required: int, limit: int) -> VolumeObject:
+        await self.ready()
+        volume = self.volume(volume_id)
+        if volume.size_bytes >= required and volume.required_bytes >= required:
+            return volume
+        if volume.error is not None:
+            await self._retry(VOLUMES, volume_id)
+        patched = await self.custom.patch_cluster_custom_object(
+            GROUP,
+            VERSION,
+            VOLUMES,
+            volume_id,
+            {"spec": {"requiredBytes": max(required, volume.required_bytes), "limitBytes": limit}},
+            _content_type=MERGE,
+            _request_timeout=REQUEST_TIMEOUT,
+        )
+        generation = int(patched["metadata"].get("generation") or 0)
+
+        def answered() -> VolumeObject | None:
+            found = self.volumes.get(volume_id)
+            if found is None:
+                raise NotFound(f"volume {volume_id!r} was deleted while it grew")
+            if found.observed_generation >= generation and (found.error is not None or found.size_bytes >= required):
+                return found
+            return None
+
+        since = str(patched["metadata"].get("resourceVersion", ""))
+        done = await self._until(answered, f"growing volume {volume_id}", plural=VOLUMES, name=volume_id, since=since)
+        if done.error is not None and done.size_bytes < required:
+            raise error_from_status(done.error, f"node {done.node}")
+        return done
+
+    # -- snapshots --------------------------------------------------------------------------------------------------
+
+    async def create_snapshot(self, source_volume_id: str, csi_name: str) -> SnapshotObject:
+        await self.ready()
+        source = self.volume(source_volume_id)
+        name = object_name(csi_name)
+        existing = self.snapshots.get(name) or await self._get(SNAPSHOTS, name, SnapshotObject.of)
+        if existing is not None:
+            if existing.csi_name != csi_name or existing.source_volume != source_volume_id:
+                raise AlreadyExists(f"snapshot {csi_name!r} already exists for another volume")
+            if existing.deleting:
+                raise Busy(f"snapshot {csi_name!r} is still being deleted; retry")
+            since = ""
+            if existing.error is not None and existing.handle is None:
+                since = await self._retry(SNAPSHOTS, name)
+        else:
+            since = await self._create(
+                SNAPSHOTS,
+                {
+                    "apiVersion": API_VERSION,
+                    "kind": "LocalSnapshot",
+                    "metadata": {
+                        "name": name,
+                        "labels": {NODE_LABEL: label_value(source.node)},
+                        "finalizers": [FINALIZER],
+                    },
+                    "spec": {"name": csi_name, "node": source.node, "sourceVolume": source_volume_id},
+                },
+            )
+
+        def settled() -> SnapshotObject | None:
+            found = self.snapshots.get(name)
+            if found is None:
+                raise NotFound(f"snapshot object {name} was deleted while it was being created")
+            return found if found.settled else None
+
+        done = await self._until(settled, f"snapshot {csi_name!r}", plural=SNAPSHOTS, name=name, since=since)
+        if done.handle is None and done.error is not None:
+            raise error_from_status(done.error, f"node {done.node}")
+        return done
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        await self.ready()
+        if (
+            self.snapshots.get(snapshot_id) is None
+            and await self._get(SNAPSHOTS, snapshot_id, SnapshotObject.of) is None
+        ):
+            return
+        await self._delete(SNAPSHOTS, snapshot_id)
+
+        def gone() -> bool | None:
+            found = self.snapshots.get(snapshot_id)
+            if found is None:
+                return True
+            if found.error is not None and found.deleting:
+                raise error_from_status(found.error, f"node {found.node}")
+            return None
+
+        await self._until(gone, f"deleting snapshot {snapshot_id}")
+
+    def snapshot(self, snapshot_id: str) -> SnapshotObject:
+        found = self.snapshots.get(snapshot_id)
+        if found is None or found.handle is None:
+            raise NotFound(f"snapshot {snapshot_id!r} not found")
+        return found
+
+    # -- capacity ---------------------------------------------------------------------------------------------------
+
+    def capacity(self, node: str, backend: str, pool: str | None) -> tuple[int, int]:
+        """(available, largest volume) of `node` for a StorageClass: 0 when the node is unknown, silent for longer
+        than `stale_after`, or lacks the pool."""
+        report = self.nodes.get(node)
+        if report is None or not report.fresh(self.settings.stale_after):
+            return 0, 0
+        if not backend:
+            up = [p for p in report.pools if p.up]
+            return sum(p.available_bytes for p in up), max((p.maximum_volume_bytes for p in up), default=0)
+        found = report.pool(backend, pool)
+        if found is None or not found.up:
+            return 0, 0
+        return found.available_bytes, found.maximum_volume_bytes
+
+    def features(self) -> tuple[bool, bool]:
+        """Whether any node offers snapshots, clones."""
+        pools = [p for n in self.nodes.values() for p in n.pools]
+        return any(p.snapshots for p in pools), any(p.clones for p in pools)
+
+    # -- API plumbing -----------------------------------------------------------------------------------------------
+
+    async def _get(self, plural: str, name: str, parse: Callable[[dict[str, Any]], T]) -> T | None:
+        try:
+            return parse(
+                await self.custom.get_cluster_custom_object(
+                    GROUP, VERSION, plural, name, _request_timeout=REQUEST_TIMEOUT
+                )
+            )
+        except TRANSIENT as exc:
+            if is_status(exc, 404):
+                return None
+            raise
+
+    async def _create(self, plural: str, body: dict[str, Any]) -> str:
+        """Create an object; returns its resourceVersion ("" when a concurrent attempt made it first)."""
+        try:
+            made = await self.custom.create_cluster_custom_object(
+                GROUP, VERSION, plural, body, _request_timeout=REQUEST_TIMEOUT
+            )
+            return str(made["metadata"].get("resourceVersion", ""))
+        except TRANSIENT as exc:
+            if is_status(exc, 409):
+                return ""  # a concurrent attempt made it; waiting for its answer is the same
+            if is_status(exc, 422, 400):
+                raise InvalidArgument(
+                    f"the API server refused the {plural} object: {getattr(exc, 'body', exc)}"
+                ) from exc
+            raise
+
+    async def _delete(self, plural: str, name: str) -> None:
+        try:
+            await self.custom.delete_cluster_custom_object(
+                GROUP, VERSION, plural, name, _request_timeout=REQUEST_TIMEOUT
+            )
+        except TRANSIENT as exc:
+            if not is_status(exc, 404):
+                raise
+
+    async def _retry(self, plural: str, name: str) -> str:
+        """Clear the node's last error, so its agent tries the object again; returns the new resourceVersion."""
+        log.info("%s %s: asking its node to try again", plural, name)
+        patched = await self.custom.patch_cluster_custom_object_status(
+            GROUP,
+            VERSION,
+            plural,
+            name,
+            {"status": {"error": None, "observedGeneration": 0}},
+            _content_type=MERGE,
+            _request_timeout=REQUEST_TIMEOUT,
+        )
+        return str(patched["metadata"].get("resourceVersion", ""))

@@ -1,0 +1,327 @@
+"""The split shape against the real thing: `serve --role controller` behind the real external-provisioner (central
+mode, capacity tracking) and external-resizer, node agents (`serve --role node`) under the RBAC rules of
+examples/deploy, the real kube-scheduler choosing nodes from the CSIStorageCapacity objects they lead to.
+
+Two storage nodes without a kubelet: n1 with a 1 GiB pool, n2 with 2 GiB. One control plane serves the module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from localdisk.k8s import DRIVER_NAME, TOPOLOGY_KEY
+from localdisk.k8s.crd import GROUP, VERSION
+from localdisk.sizes import GiB, MiB
+from tests.k8s import controlplane
+from tests.k8s.controlplane import NAMESPACE, ApiError, ControlPlane, localdisk_command, wait_for
+
+pytestmark = [
+    pytest.mark.controlplane,
+    pytest.mark.skipif(controlplane.missing() is not None, reason=controlplane.missing() or ""),
+    pytest.mark.timeout(300),
+]
+DEPLOY = Path(__file__).parent.parent.parent / "examples" / "deploy"
+POOLS = {"n1": 1 * GiB, "n2": 2 * GiB}
+CLASS = "split"
+TEST_NAMESPACE = "default"
+VOLUMES = f"/apis/{GROUP}/{VERSION}/localvolumes"
+Obj = dict[str, Any]
+
+
+def deploy(name: str, kinds: set[str] | None = None) -> list[Obj]:
+    docs = [d for d in yaml.safe_load_all((DEPLOY / name).read_text()) if d]
+    return [d for d in docs if kinds is None or d["kind"] in kinds]
+
+
+def _bytes(quantity: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(quantity[: -len(suffix)]) * factor
+    return int(quantity)
+
+
+@dataclass
+class Split:
+    plane: ControlPlane
+    scheduler: contextlib.AbstractContextManager[controlplane.Process]
+
+    @property
+    def api(self) -> controlplane.Api:
+        return self.plane.admin
+
+    def free(self) -> dict[str, int]:
+        """node -> bytes free for the StorageClass, as its CSIStorageCapacity objects say."""
+        listed = self.api.get(f"/apis/storage.k8s.io/v1/namespaces/{NAMESPACE}/csistoragecapacities")
+        return {
+            item["nodeTopology"]["matchLabels"][TOPOLOGY_KEY]: _bytes(item["capacity"])
+            for item in listed["items"]
+            if item["storageClassName"] == CLASS and "capacity" in item
+        }
+
+    def wait_free(self, expected: dict[str, int], timeout: float = 60.0) -> None:
+        wait_for(f"capacities {expected}", lambda: self.free() == expected or None, timeout)
+
+    def claim(self, name: str, size: int, mode: str = "Filesystem") -> None:
+        """A claim of `size` bytes and a pod using it."""
+        base = f"/api/v1/namespaces/{TEST_NAMESPACE}"
+        self.api.create(
+            f"{base}/persistentvolumeclaims",
+            {
+                "metadata": {"name": name},
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "volumeMode": mode,
+                    "storageClassName": CLASS,
+                    "resources": {"requests": {"storage": str(size)}},
+                },
+            },
+        )
+        self.api.create(
+            f"{base}/pods",
+            {
+                "metadata": {"name": name},
+                "spec": {
+                    "containers": [{"name": "app", "image": "busybox"}],
+                    "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": name}}],
+                },
+            },
+        )
+
+    def pvc(self, name: str) -> Obj:
+        return self.api.get(f"/api/v1/namespaces/{TEST_NAMESPACE}/persistentvolumeclaims/{name}")
+
+    def bound(self, name: str, timeout: float = 90.0) -> Obj:
+        """The PV bound to claim `name`, once it is."""
+
+        def volume() -> Obj | None:
+            claim = self.pvc(name)
+            if claim["status"].get("phase") != "Bound":
+                return None
+            return self.api.get(f"/api/v1/persistentvolumes/{claim['spec']['volumeName']}")
+
+        return wait_for(f"claim {name} to be bound", volume, timeout)
+
+    def local_volume(self, name: str) -> Obj | None:
+        try:
+            return self.api.get(f"{VOLUMES}/{name}")
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def remove(self, name: str) -> None:
+        base = f"/api/v1/namespaces/{TEST_NAMESPACE}"
+        self.api.delete(f"{base}/pods/{name}", {"gracePeriodSeconds": 0})
+        self.api.delete(f"{base}/persistentvolumeclaims/{name}")
+
+
+def _scheduler_config() -> Obj:
+    return {"apiVersion": "kubescheduler.config.k8s.io/v1", "kind": "KubeSchedulerConfiguration"}
+
+
+@pytest.fixture(scope="module")
+def split() -> Iterator[Split]:
+    work = Path(tempfile.mkdtemp(prefix="localdisk-split-"))
+    plane = ControlPlane(work, controlplane.kube_bin_dir())
+    split: Split | None = None
+    try:
+        plane.start()
+        split = _start(plane)
+        yield split
+    finally:
+        if split is not None:
+            split.scheduler.__exit__(None, None, None)
+        plane.stop()
+        if not os.environ.get("LOCALDISK_KEEP_LOGS"):  # set it to read the processes' logs after a failure
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _start(plane: ControlPlane) -> Split:
+    api = plane.admin
+    api.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
+    for crd in deploy("crds.yaml"):
+        api.apply(crd)
+    for crd in deploy("crds.yaml"):
+        path = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd['metadata']['name']}"
+
+        def established(path: str = path) -> bool:
+            conditions = api.get(path).get("status", {}).get("conditions", [])
+            return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
+
+        wait_for(f"{crd['metadata']['name']} established", lambda: established() or None, 30)
+    rbac = ("clusterrole.yaml", "clusterrolebinding.yaml", "role.yaml", "rolebinding.yaml", "csidriver.yaml")
+    for doc in [d for name in rbac for d in deploy(name)]:
+        api.apply(doc)
+    api.apply(
+        {
+            "apiVersion": "storage.k8s.io/v1",
+            "kind": "StorageClass",
+            "metadata": {"name": CLASS},
+            "provisioner": DRIVER_NAME,
+            "volumeBindingMode": "WaitForFirstConsumer",
+            "allowVolumeExpansion": True,
+            "parameters": {"backend": "fake"},
+        }
+    )
+    for name, size in POOLS.items():
+        plane.register_node(name)
+        plane.serve_node(name, {"a": size}, ("--role=node", f"--kubeconfig={plane.node_kubeconfig}"))
+    socket_path = plane.work / "controller.sock"
+    controller = plane._start(
+        "localdisk-controller",
+        [
+            localdisk_command(),
+            "serve",
+            "--role=controller",
+            f"--kubeconfig={plane.controller_kubeconfig}",
+            f"--endpoint=unix://{socket_path}",
+            "--log-format=text",
+        ],
+    )
+    plane._wait_up(controller, "localdisk serve --role controller", socket_path.exists, 60)
+    sidecar_env = {"NAMESPACE": NAMESPACE, "POD_NAME": "localdisk-controller-0"}
+    plane._start(
+        "csi-provisioner",
+        [
+            str(plane.bin_dir / "csi-provisioner"),
+            f"--kubeconfig={plane.controller_kubeconfig}",
+            f"--csi-address={socket_path}",
+            "--leader-election=false",
+            "--strict-topology=true",
+            "--immediate-topology=false",
+            "--enable-capacity=true",
+            "--capacity-ownerref-level=-1",
+            "--capacity-poll-interval=1s",
+            "--timeout=60s",
+        ],
+        {**_environ(), **sidecar_env},
+    )
+    plane._start(
+        "csi-resizer",
+        [
+            str(plane.bin_dir / "csi-resizer"),
+            f"--kubeconfig={plane.controller_kubeconfig}",
+            f"--csi-address={socket_path}",
+            "--leader-election=false",
+            "--handle-volume-inuse-error=false",  # online expansion: no pod informer (and no rights on pods)
+            "--timeout=60s",
+        ],
+        {**_environ(), **sidecar_env},
+    )
+    scheduler = plane.scheduler(_scheduler_config(), feature_gates=None)
+    scheduler.__enter__()  # stopped with the plane's other processes
+    split = Split(plane, scheduler)
+    split.wait_free(dict(POOLS))
+    return split
+
+
+def _environ() -> dict[str, str]:
+    return dict(os.environ)
+
+
+def test_the_node_agent_has_no_rights_on_claims_or_volumes(split: Split) -> None:
+    node = controlplane.Api(split.plane.url, _token(split.plane.node_kubeconfig))
+    for path in ("/api/v1/persistentvolumes", f"/api/v1/namespaces/{TEST_NAMESPACE}/persistentvolumeclaims"):
+        with pytest.raises(ApiError) as refused:
+            node.get(path)
+        assert refused.value.status == 403
+    assert node.get(f"{VOLUMES}?labelSelector=localdisk.csi.io/node%3Dn1")["items"] == []
+
+
+def _token(kubeconfig: Path) -> str:
+    token: str = yaml.safe_load(kubeconfig.read_text())["users"][0]["user"]["token"]
+    return token
+
+
+def test_a_claim_only_one_node_can_hold_lands_there_grows_and_is_deleted(split: Split) -> None:
+    # raw block: growing it needs no NodeExpandVolume, which no kubelet would call here
+    split.claim("big", 1536 * MiB, mode="Block")
+    pv = split.bound("big")
+    terms = pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"]
+    assert terms[0]["matchExpressions"][0]["values"] == ["n2"]
+    handle = pv["spec"]["csi"]["volumeHandle"]
+    volume = split.local_volume(handle)
+    assert volume is not None
+    assert volume["spec"]["node"] == "n2"
+    assert volume["status"]["phase"] == "Ready"
+    assert volume["status"]["sizeBytes"] == 1536 * MiB
+    assert "localdisk.csi.io/on-disk" in volume["metadata"]["finalizers"]
+    split.wait_free({"n1": 1 * GiB, "n2": 512 * MiB})
+
+    # grows when the node has room: the PV's size follows the node's answer
+    split.api.patch(
+        f"/api/v1/namespaces/{TEST_NAMESPACE}/persistentvolumeclaims/big",
+        {"spec": {"resources": {"requests": {"storage": str(2 * GiB)}}}},
+    )
+    wait_for(
+        "the PV to be 2 GiB",
+        lambda: (
+            _bytes(split.api.get(f"/api/v1/persistentvolumes/{pv['metadata']['name']}")["spec"]["capacity"]["storage"])
+            == 2 * GiB
+            or None
+        ),
+        90,
+    )
+    split.wait_free({"n1": 1 * GiB, "n2": 0})
+
+    # and fails honestly when it has none: the PV keeps its size, the object says why
+    split.api.patch(
+        f"/api/v1/namespaces/{TEST_NAMESPACE}/persistentvolumeclaims/big",
+        {"spec": {"resources": {"requests": {"storage": str(3 * GiB)}}}},
+    )
+
+    def refused() -> Obj | None:
+        found = split.local_volume(handle)
+        error = (found or {}).get("status", {}).get("error")
+        return error if error else None
+
+    error = wait_for("the node to refuse the growth", refused, 90)
+    assert error["reason"] == "InsufficientCapacity"
+    pv_now = split.api.get(f"/api/v1/persistentvolumes/{pv['metadata']['name']}")
+    assert _bytes(pv_now["spec"]["capacity"]["storage"]) == 2 * GiB
+
+    split.remove("big")
+    wait_for("the LocalVolume to go", lambda: split.local_volume(handle) is None or None, 90)
+    wait_for(
+        "the PV to go",
+        lambda: (
+            not any(
+                p["metadata"]["name"] == pv["metadata"]["name"]
+                for p in split.api.get("/api/v1/persistentvolumes")["items"]
+            )
+            or None
+        ),
+        60,
+    )
+    split.wait_free(dict(POOLS))
+
+
+def test_a_claim_no_node_can_hold_leaves_its_pod_unschedulable_and_creates_nothing(split: Split) -> None:
+    split.claim("huge", 3 * GiB)
+
+    def unschedulable() -> bool | None:
+        pod = split.api.get(f"/api/v1/namespaces/{TEST_NAMESPACE}/pods/huge")
+        return (
+            any(
+                c["type"] == "PodScheduled" and c["status"] == "False" and c.get("reason") == "Unschedulable"
+                for c in pod["status"].get("conditions", [])
+            )
+            or None
+        )
+
+    wait_for("the pod to be unschedulable", unschedulable, 60)
+    assert split.pvc("huge")["status"].get("phase") == "Pending"
+    names = [v["spec"]["name"] for v in split.api.get(VOLUMES)["items"]]
+    assert names == []
+    split.remove("huge")
