@@ -136,7 +136,15 @@ def test_kustomize_builds_the_same_objects() -> None:
 
 def test_namespaced_objects_are_in_the_localdisk_namespace() -> None:
     namespace = one("Namespace")["metadata"]["name"]
-    cluster_scoped = {"Namespace", "CSIDriver", "ClusterRole", "ClusterRoleBinding", "StorageClass", *CRD_KINDS}
+    cluster_scoped = {
+        "Namespace",
+        "CSIDriver",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "StorageClass",
+        "CustomResourceDefinition",
+        *CRD_KINDS,
+    }
     for filename, obj in all_objects():
         if obj["kind"] not in cluster_scoped:
             assert obj["metadata"].get("namespace") == namespace, f"{filename}: {obj['metadata']['name']}"
@@ -238,6 +246,7 @@ def test_daemonset_wiring() -> None:
     assert plugin["args"][0] == "serve"
     cli_accepts("serve", plugin["args"][1:])
     opts = flags(plugin)
+    assert opts["role"] == "node"
     assert opts["node-id"] == "$(NODE_NAME)"
     node_name = next(e for e in plugin["env"] if e["name"] == "NODE_NAME")
     assert node_name["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
@@ -251,13 +260,7 @@ def test_daemonset_wiring() -> None:
     kubelet_dir = node_config_data()["node"]["kubelet_dir"]
     assert host_socket_dir == f"{kubelet_dir}/plugins/{DRIVER_NAME}"
     sidecars = {n: c for n, c in all_containers.items() if n != "localdisk"}
-    assert set(sidecars) == {
-        "node-driver-registrar",
-        "csi-provisioner",
-        "csi-resizer",
-        "csi-snapshotter",
-        "liveness-probe",
-    }
+    assert set(sidecars) == {"node-driver-registrar", "liveness-probe"}, "the other sidecars run centrally"
     for name, sidecar in sidecars.items():
         assert flags(sidecar)["csi-address"] == socket, name
         assert mounts(sidecar)["socket-dir"]["mountPath"] == socket_dir, name
@@ -276,13 +279,6 @@ def test_daemonset_wiring() -> None:
     assert str(Path(opts["config"]).parent) == config_mount["mountPath"]
     assert volumes(ds)["config"]["configMap"]["name"] == "localdisk-config"
     assert Path(opts["config"]).name in one("ConfigMap", "localdisk-config")["data"]
-
-    # distributed provisioning with capacity, distributed snapshots
-    provisioner = flags(sidecars["csi-provisioner"])
-    assert provisioner["node-deployment"] == "true" and provisioner["enable-capacity"] == "true"
-    assert {e["name"] for e in sidecars["csi-provisioner"]["env"]} >= {"NODE_NAME", "NAMESPACE", "POD_NAME"}
-    assert flags(sidecars["csi-snapshotter"])["node-deployment"] == "true"
-    assert flags(sidecars["csi-resizer"])["leader-election"] == "true"
 
     # liveness: the plugin's probe port is the livenessprobe sidecar's endpoint
     port = next(p for p in plugin["ports"] if p["name"] == plugin["livenessProbe"]["httpGet"]["port"])
@@ -304,8 +300,28 @@ def test_controller_deployment_wiring() -> None:
     lease_rules = [
         r for r in one("Role", "localdisk-controller")["rules"] if "leases" in r["resources"] and "update" in r["verbs"]
     ]
-    assert [r["resourceNames"] for r in lease_rules] == [[opts["lease-name"]]]
+    assert lease_rules, "the Lease lives in the controller's namespace"
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "localdisk-controller"
+
+    # the CSI controller behind the sidecars in central mode, each leader-elected, on one socket
+    all_containers = containers(deployment)
+    plugin = all_containers["csi-plugin"]
+    assert plugin["args"][0] == "serve"
+    cli_accepts("serve", plugin["args"][1:])
+    assert flags(plugin)["role"] == "controller"
+    socket = flags(plugin)["endpoint"].removeprefix("unix://")
+    sidecars = {n: c for n, c in all_containers.items() if n not in ("csi-plugin", "controller")}
+    assert set(sidecars) == {"csi-provisioner", "csi-resizer", "csi-snapshotter", "liveness-probe"}
+    for name, sidecar in sidecars.items():
+        assert flags(sidecar)["csi-address"] == socket, name
+        assert mounts(sidecar)["socket-dir"]["mountPath"] == str(Path(socket).parent), name
+        assert "node-deployment" not in flags(sidecar), f"{name} runs in central mode"
+        if name != "liveness-probe":
+            assert flags(sidecar)["leader-election"] == "true", name
+    provisioner = flags(sidecars["csi-provisioner"])
+    assert provisioner["enable-capacity"] == "true" and provisioner["strict-topology"] == "true"
+    assert {e["name"] for e in sidecars["csi-provisioner"]["env"]} >= {"NAMESPACE", "POD_NAME"}
+    assert flags(sidecars["csi-resizer"])["handle-volume-inuse-error"] == "false", "no rights on pods needed"
 
 
 def test_bindings_point_at_existing_roles_and_accounts() -> None:
