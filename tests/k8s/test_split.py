@@ -30,7 +30,10 @@ pytestmark = [
     pytest.mark.skipif(controlplane.missing() is not None, reason=controlplane.missing() or ""),
     pytest.mark.timeout(300),
 ]
-DEPLOY = Path(__file__).parent.parent.parent / "examples" / "deploy"
+REPO = Path(__file__).parent.parent.parent
+DEPLOY = REPO / "examples" / "deploy"
+SNAPSHOT_CRDS = Path(os.environ.get("SNAPSHOT_CRDS") or REPO.parent / "shared" / "k8s" / "crds")
+"""The VolumeSnapshot CRDs of external-snapshotter; `../shared/k8s/crds` beside the repository by default."""
 POOLS = {"n1": 1 * GiB, "n2": 2 * GiB}
 CLASS = "split"
 TEST_NAMESPACE = "default"
@@ -72,31 +75,27 @@ class Split:
     def wait_free(self, expected: dict[str, int], timeout: float = 60.0) -> None:
         wait_for(f"capacities {expected}", lambda: self.free() == expected or None, timeout)
 
-    def claim(self, name: str, size: int, mode: str = "Filesystem") -> None:
-        """A claim of `size` bytes and a pod using it."""
+    def claim(
+        self, name: str, size: int, mode: str = "Filesystem", *, snapshot: str | None = None, node: str | None = None
+    ) -> None:
+        """A claim of `size` bytes (restored from VolumeSnapshot `snapshot`) and a pod using it (on `node`)."""
         base = f"/api/v1/namespaces/{TEST_NAMESPACE}"
-        self.api.create(
-            f"{base}/persistentvolumeclaims",
-            {
-                "metadata": {"name": name},
-                "spec": {
-                    "accessModes": ["ReadWriteOnce"],
-                    "volumeMode": mode,
-                    "storageClassName": CLASS,
-                    "resources": {"requests": {"storage": str(size)}},
-                },
-            },
-        )
-        self.api.create(
-            f"{base}/pods",
-            {
-                "metadata": {"name": name},
-                "spec": {
-                    "containers": [{"name": "app", "image": "busybox"}],
-                    "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": name}}],
-                },
-            },
-        )
+        spec: Obj = {
+            "accessModes": ["ReadWriteOnce"],
+            "volumeMode": mode,
+            "storageClassName": CLASS,
+            "resources": {"requests": {"storage": str(size)}},
+        }
+        if snapshot:
+            spec["dataSource"] = {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": snapshot}
+        self.api.create(f"{base}/persistentvolumeclaims", {"metadata": {"name": name}, "spec": spec})
+        pod: Obj = {
+            "containers": [{"name": "app", "image": "busybox"}],
+            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": name}}],
+        }
+        if node:
+            pod["nodeSelector"] = {"kubernetes.io/hostname": node}
+        self.api.create(f"{base}/pods", {"metadata": {"name": name}, "spec": pod})
 
     def pvc(self, name: str) -> Obj:
         return self.api.get(f"/api/v1/namespaces/{TEST_NAMESPACE}/persistentvolumeclaims/{name}")
@@ -150,9 +149,11 @@ def split() -> Iterator[Split]:
 def _start(plane: ControlPlane) -> Split:
     api = plane.admin
     api.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
-    for crd in deploy("crds.yaml"):
+    snapshot_crds = [yaml.safe_load(p.read_text()) for p in sorted(SNAPSHOT_CRDS.glob("*.yaml"))]
+    assert snapshot_crds, f"no VolumeSnapshot CRDs in {SNAPSHOT_CRDS} (set SNAPSHOT_CRDS)"
+    for crd in deploy("crds.yaml") + snapshot_crds:
         api.apply(crd)
-    for crd in deploy("crds.yaml"):
+    for crd in deploy("crds.yaml") + snapshot_crds:
         path = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd['metadata']['name']}"
 
         def established(path: str = path) -> bool:
@@ -219,6 +220,23 @@ def _start(plane: ControlPlane) -> Split:
         ],
         {**_environ(), **sidecar_env},
     )
+    plane._start(
+        "csi-snapshotter",
+        [
+            str(plane.bin_dir / "csi-snapshotter"),
+            f"--kubeconfig={plane.controller_kubeconfig}",
+            f"--csi-address={socket_path}",
+            "--leader-election=false",
+            "--timeout=60s",
+        ],
+        {**_environ(), **sidecar_env},
+    )
+    plane._start(  # the cluster's own, as it comes: no --enable-distributed-snapshotting
+        "snapshot-controller",
+        [str(plane.bin_dir / "snapshot-controller"), f"--kubeconfig={plane.kubeconfig}", "--leader-election=false"],
+    )
+    for doc in deploy("volumesnapshotclass.yaml"):
+        api.request("POST", "/apis/snapshot.storage.k8s.io/v1/volumesnapshotclasses", doc)
     scheduler = plane.scheduler(_scheduler_config(), feature_gates=None)
     scheduler.__enter__()  # stopped with the plane's other processes
     split = Split(plane, scheduler)
@@ -325,3 +343,50 @@ def test_a_claim_no_node_can_hold_leaves_its_pod_unschedulable_and_creates_nothi
     names = [v["spec"]["name"] for v in split.api.get(VOLUMES)["items"]]
     assert names == []
     split.remove("huge")
+
+
+def test_a_volume_is_snapshotted_and_restored_on_its_node_without_distributed_snapshotting(split: Split) -> None:
+    split.claim("origin", 256 * MiB, node="n1")
+    origin = split.bound("origin")
+    base = f"/apis/snapshot.storage.k8s.io/v1/namespaces/{TEST_NAMESPACE}/volumesnapshots"
+    split.api.create(
+        base,
+        {
+            "apiVersion": "snapshot.storage.k8s.io/v1",
+            "kind": "VolumeSnapshot",
+            "metadata": {"name": "snap"},
+            "spec": {"volumeSnapshotClassName": "localdisk", "source": {"persistentVolumeClaimName": "origin"}},
+        },
+    )
+
+    def ready() -> Obj | None:
+        status = split.api.get(f"{base}/snap").get("status") or {}
+        return status if status.get("readyToUse") else None
+
+    status = wait_for("the snapshot to be ready", ready, 90)
+    content = split.api.get(
+        f"/apis/snapshot.storage.k8s.io/v1/volumesnapshotcontents/{status['boundVolumeSnapshotContentName']}"
+    )
+    snapshot_id = content["status"]["snapshotHandle"]
+    local = split.api.get(f"/apis/{GROUP}/{VERSION}/localsnapshots/{snapshot_id}")
+    assert local["spec"]["node"] == "n1"
+    assert local["spec"]["sourceVolume"] == origin["spec"]["csi"]["volumeHandle"]
+    assert local["status"]["phase"] == "Ready"
+
+    split.claim("restored", 256 * MiB, snapshot="snap", node="n1")
+    restored = split.bound("restored")
+    volume = split.local_volume(restored["spec"]["csi"]["volumeHandle"])
+    assert volume is not None
+    assert volume["spec"]["source"] == {"kind": "snapshot", "name": snapshot_id}
+    assert volume["spec"]["node"] == "n1"
+
+    split.remove("restored")
+    split.api.delete(f"{base}/snap")
+    wait_for(
+        "the LocalSnapshot to go",
+        lambda: not split.api.get(f"/apis/{GROUP}/{VERSION}/localsnapshots")["items"] or None,
+        90,
+    )
+    split.remove("origin")
+    wait_for("every LocalVolume to go", lambda: not split.api.get(VOLUMES)["items"] or None, 90)
+    split.wait_free(dict(POOLS))
