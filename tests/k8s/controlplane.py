@@ -104,6 +104,8 @@ class Process:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None
 
     def tail(self, lines: int = 30) -> str:
         try:
@@ -113,6 +115,17 @@ class Process:
 
     def alive(self) -> bool:
         return self.popen.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL to the whole process group: a crash, not a shutdown."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait()
+
+    def restarted(self) -> Process:
+        """The same command started again, logging to the same file."""
+        self.stop()
+        return start(self.name, self.argv, self.log.parent, self.env)
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM to the whole process group, SIGKILL after `timeout`."""
@@ -135,7 +148,7 @@ def start(name: str, argv: list[str], logs: Path, env: dict[str, str] | None = N
         popen = subprocess.Popen(
             argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env
         )
-    return Process(name, popen, log)
+    return Process(name, popen, log, argv, env)
 
 
 class ApiError(Exception):
@@ -360,6 +373,18 @@ class ControlPlane:
         for process in reversed(self.processes):
             process.stop()
         self.processes.clear()
+
+    def process(self, name: str) -> Process:
+        return next(p for p in self.processes if p.name == name)
+
+    def restart(self, name: str, *, crash: bool = False) -> Process:
+        """Stop the process `name` (SIGKILL with `crash`, else SIGTERM) and start it again with the same command."""
+        old = self.process(name)
+        if crash:
+            old.kill()
+        fresh = old.restarted()
+        self.processes[self.processes.index(old)] = fresh
+        return fresh
 
     @contextlib.contextmanager
     def running(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Iterator[Process]:

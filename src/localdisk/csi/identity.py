@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 
 from localdisk._proto.csi.v1 import (
@@ -30,8 +31,9 @@ def driver_version() -> str:
 
 
 class IdentityService(IdentityBase):
-    def __init__(self, ready: bool = True, *, controller: bool = True) -> None:
+    def __init__(self, ready: bool | Callable[[], bool] = True, *, controller: bool = True) -> None:
         self.ready = ready
+        """Probe's answer; a callable is asked on every Probe (the split roles: their watches of the API server)."""
         self.controller = controller
         """False on `serve --role node`: the Controller service is the controller Deployment's."""
 
@@ -55,4 +57,4 @@ class IdentityService(IdentityBase):
 
     @rpc
     async def probe(self, message: ProbeRequest) -> ProbeResponse:
-        return ProbeResponse(ready=self.ready)
+        return ProbeResponse(ready=self.ready() if callable(self.ready) else self.ready)

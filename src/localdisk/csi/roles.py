@@ -104,7 +104,10 @@ def _with_metrics(servicers: list[IServable], metrics: Metrics | None) -> list[I
 
 def node_services(agent: NodeAgent, node_id: str, config: NodeConfig, metrics: Metrics | None) -> list[IServable]:
     return _with_metrics(
-        [IdentityService(controller=False), AgentNodeService(agent, agent.manager, node_id, config)], metrics
+        # Always ready: kubelet needs the Node service (unpublish, unstage) most when the API server is away, and a
+        # restart would not bring the API back. The agent's watches retry with backoff meanwhile.
+        [IdentityService(controller=False), AgentNodeService(agent, agent.manager, node_id, config)],
+        metrics,
     )
 
 
@@ -168,7 +171,9 @@ async def serve_controller(
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_socket(path)
     cluster = ClusterVolumes(api)
-    server = GuardedServer(_with_metrics([IdentityService(), CentralControllerService(cluster, config)], metrics))
+    server = GuardedServer(
+        _with_metrics([IdentityService(cluster.healthy), CentralControllerService(cluster, config)], metrics)
+    )
     if metrics is not None and metrics_address:
         metrics.serve(metrics_address)
     async with anyio.create_task_group() as tasks:

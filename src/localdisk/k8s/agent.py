@@ -81,8 +81,16 @@ class NodeAgent:
         self._running: set[Key] = set()
         self._queue: MemoryObjectSendStream[Key] | None = None
         self._group: TaskGroup | None = None
+        self._pacers: dict[str, Pacer] = {}
 
     # -- running --------------------------------------------------------------------------------------------------
+
+    def _pacer(self, plural: str) -> Pacer:
+        return self._pacers.setdefault(plural, Pacer())
+
+    def healthy(self, grace: float = 60.0) -> bool:
+        """False once a watch has failed for `grace` seconds in a row (the API server away, the rights gone)."""
+        return all(p.failing_for() < grace for p in self._pacers.values())
 
     async def run(self) -> None:
         """Watch, reconcile and report until cancelled."""
@@ -122,7 +130,7 @@ class NodeAgent:
             self.custom.list_cluster_custom_object,
             on_relist=on_relist,
             on_event=on_event,
-            pacer=Pacer(),
+            pacer=self._pacer(plural),
             what=plural,
             group=GROUP,
             version=VERSION,

@@ -102,8 +102,16 @@ class ClusterVolumes:
         self.synced = anyio.Event()
         self._listed: set[str] = set()
         self._changed = anyio.Event()
+        self._pacers: dict[str, Pacer] = {}
         self._relists = 0  # a relist replaces the cache with the newest state of every object
         self._recent: dict[tuple[str, str], deque[str]] = {}  # the last resourceVersions the watch showed, per object
+
+    def _pacer(self, plural: str) -> Pacer:
+        return self._pacers.setdefault(plural, Pacer())
+
+    def healthy(self, grace: float = 60.0) -> bool:
+        """False once a watch has failed for `grace` seconds in a row (the API server away, the rights gone)."""
+        return all(p.failing_for() < grace for p in self._pacers.values())
 
     async def run(self) -> None:
         """Keep the cache up to date until cancelled."""
@@ -132,7 +140,7 @@ class ClusterVolumes:
             self.custom.list_cluster_custom_object,
             on_relist=on_relist,
             on_event=on_event,
-            pacer=Pacer(),
+            pacer=self._pacer(plural),
             what=plural,
             group=GROUP,
             version=VERSION,

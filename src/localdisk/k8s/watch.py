@@ -40,6 +40,8 @@ class Pacer:
     min_interval: float = 1.0
     max_interval: float = 60.0
     failures: int = 0
+    failing_since: float | None = None
+    """When the current run of failures began (monotonic seconds), None while requests succeed."""
     _last_start: float = field(default=-1e9, repr=False)
 
     def delay(self) -> float:
@@ -56,9 +58,16 @@ class Pacer:
 
     def failed(self) -> None:
         self.failures = min(self.failures + 1, 30)
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
 
     def succeeded(self) -> None:
         self.failures = 0
+        self.failing_since = None
+
+    def failing_for(self) -> float:
+        """Seconds the current run of failures has lasted; 0 while requests succeed."""
+        return 0.0 if self.failing_since is None else time.monotonic() - self.failing_since
 
 
 async def list_and_watch(
