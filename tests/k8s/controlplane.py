@@ -30,11 +30,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
+
 from localdisk.k8s import DRIVER_NAME, TOPOLOGY_KEY
 
 T = TypeVar("T")
 Obj = dict[str, Any]
-KUBE_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "csi-provisioner")
+KUBE_BINARIES = (
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "csi-provisioner",
+    "csi-resizer",
+    "csi-snapshotter",
+    "snapshot-controller",
+)
 FEATURE_GATES = "StorageCapacityScoring=true"
 """Alpha in 1.36 and off by default; kube-scheduler is the only component that needs it (the scoring tests pass with
 the API server and controller-manager started without it), and refuses VolumeBinding's `shape` without it."""
@@ -61,6 +71,20 @@ def etcd_binary() -> Path | None:
         return None
     path = Path(spec.submodule_search_locations[0]) / "etcdbin" / "etcd"
     return path if path.is_file() else None
+
+
+def skip_unless_available() -> Any:
+    """The mark for a module that needs the control plane: a skip naming what is missing, except in CI (`CI=true`),
+    where a missing binary must fail the run rather than hide a whole suite (`require` fails it)."""
+    reason = missing()
+    return pytest.mark.skipif(reason is not None and os.environ.get("CI") != "true", reason=reason or "")
+
+
+def require() -> None:
+    """Fail (in CI, where `skip_unless_available` does not skip) when the control plane cannot run."""
+    reason = missing()
+    if reason is not None:
+        pytest.fail(f"CI=true but the control plane cannot run: {reason}")
 
 
 def missing() -> str | None:

@@ -32,7 +32,7 @@ from tests.k8s.controlplane import NAMESPACE, ApiError, ControlPlane, Process, f
 
 pytestmark = [
     pytest.mark.controlplane,
-    pytest.mark.skipif(controlplane.missing() is not None, reason=controlplane.missing() or ""),
+    controlplane.skip_unless_available(),
     pytest.mark.timeout(300),
 ]
 EXAMPLES = Path(__file__).parent.parent.parent / "examples"
@@ -154,6 +154,7 @@ def _bytes(quantity: str) -> int:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
+    controlplane.require()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="localdisk-controlplane-") as work:
         plane = ControlPlane(Path(work), controlplane.kube_bin_dir())

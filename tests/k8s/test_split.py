@@ -27,7 +27,7 @@ from tests.k8s.controlplane import NAMESPACE, ApiError, ControlPlane, localdisk_
 
 pytestmark = [
     pytest.mark.controlplane,
-    pytest.mark.skipif(controlplane.missing() is not None, reason=controlplane.missing() or ""),
+    controlplane.skip_unless_available(),
     pytest.mark.timeout(600),
 ]
 REPO = Path(__file__).parent.parent.parent
@@ -131,6 +131,7 @@ def _scheduler_config() -> Obj:
 
 @pytest.fixture(scope="module")
 def split() -> Iterator[Split]:
+    controlplane.require()
     work = Path(tempfile.mkdtemp(prefix="localdisk-split-"))
     plane = ControlPlane(work, controlplane.kube_bin_dir())
     split: Split | None = None
