@@ -1,0 +1,124 @@
+"""The pure parts of the split shape: object names, errors carried in status, node reports, node choice."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from localdisk import errors
+from localdisk._proto.csi.v1 import Topology, TopologyRequirement
+from localdisk.csi.central import _nodes
+from localdisk.k8s.cluster import ClusterVolumes, NodeReport, VolumeRequest
+from localdisk.k8s.crd import (
+    FINALIZER,
+    NODE_LABEL,
+    PoolReport,
+    VolumeObject,
+    error_from_status,
+    error_status,
+    label_value,
+    object_name,
+)
+
+KEY = "topology.localdisk.io/node"
+
+
+def test_sidecar_names_are_kept_and_anything_else_is_hashed_stably() -> None:
+    assert object_name("pvc-2d3aa8ab-3ac2-4e24-a920-2cafcf6f04e5") == "pvc-2d3aa8ab-3ac2-4e24-a920-2cafcf6f04e5"
+    odd = object_name("Volume With Spaces/and:colons")
+    assert odd.startswith("h-") and len(odd) <= 63 and ":" not in odd
+    assert odd == object_name("Volume With Spaces/and:colons")
+    assert object_name("x" * 64) != object_name("x" * 65)
+    # a name that looks like a hashed one is hashed too, so no CSI name can take another's object
+    assert object_name(odd) != odd
+
+
+def test_long_node_names_become_valid_label_values() -> None:
+    assert label_value("n1") == "n1"
+    long = "node-" + "a" * 70
+    assert len(label_value(long)) <= 63 and label_value(long) == label_value(long)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        errors.InsufficientCapacity("no room"),
+        errors.InvalidArgument("bad"),
+        errors.FailedPrecondition("state"),
+        errors.CommandFailed(["lvcreate"], 5, "boom"),  # a subclass travels as its nearest known class
+    ],
+)
+def test_errors_travel_through_status_as_their_domain_class(error: errors.LocalDiskError) -> None:
+    status = error_status(error)
+    back = error_from_status(status, "node n1")
+    expected = errors.BackendFailure if isinstance(error, errors.CommandFailed) else type(error)
+    assert type(back) is expected
+    assert back.message.startswith("node n1: ")
+
+
+def test_an_unknown_reason_is_a_backend_failure_not_a_crash() -> None:
+    assert type(error_from_status({"reason": "Whatever", "message": "x"}, "n")) is errors.BackendFailure
+    assert "without a message" in error_from_status({}, "n").message
+
+
+def _volume(**status: object) -> dict[str, object]:
+    return {
+        "metadata": {
+            "name": "pvc-1",
+            "generation": 2,
+            "resourceVersion": "7",
+            "finalizers": [FINALIZER],
+            "labels": {NODE_LABEL: "n1"},
+        },
+        "spec": {"name": "pvc-1", "node": "n1", "backend": "lvm", "requiredBytes": 10, "limitBytes": 0},
+        "status": status,
+    }
+
+
+def test_a_volume_is_settled_only_when_the_node_answered_its_current_spec() -> None:
+    assert not VolumeObject.of(_volume()).settled
+    assert not VolumeObject.of(_volume(phase="Ready", handle="lvm:a:b", observedGeneration=1)).settled
+    assert VolumeObject.of(_volume(phase="Ready", handle="lvm:a:b", observedGeneration=2)).settled
+    assert VolumeObject.of(_volume(phase="Failed", error={"reason": "X"}, observedGeneration=2)).settled
+
+
+def _report(age: float, *pools: PoolReport) -> NodeReport:
+    return NodeReport("n1", datetime.now(UTC) - timedelta(seconds=age), pools)
+
+
+def _pool(name: str, default: bool = False, up: bool = True, available: int = 100) -> PoolReport:
+    return PoolReport("lvm", name, default, up, "", available, available // 2, False, False)
+
+
+@pytest.mark.anyio
+async def test_capacity_comes_from_fresh_reports_and_the_class_pool_only() -> None:
+    cluster = ClusterVolumes(api=None)
+    cluster.nodes["n1"] = _report(5, _pool("ssd", default=True, available=100), _pool("hdd", available=1000))
+    assert cluster.capacity("n1", "lvm", None) == (100, 50)  # the default pool
+    assert cluster.capacity("n1", "lvm", "hdd") == (1000, 500)
+    assert cluster.capacity("n1", "thin", None) == (0, 0)  # a class this node does not have
+    assert cluster.capacity("n2", "lvm", None) == (0, 0)  # a node that never reported
+    cluster.nodes["n1"] = _report(600, _pool("ssd", default=True))
+    assert cluster.capacity("n1", "lvm", None) == (0, 0)  # silent for too long
+    cluster.nodes["n1"] = _report(1, _pool("ssd", default=True, up=False))
+    assert cluster.capacity("n1", "lvm", None) == (0, 0)  # a pool that is down
+
+
+def test_the_preferred_node_comes_first_and_each_once() -> None:
+    requirement = TopologyRequirement(
+        requisite=[Topology(segments={KEY: "n2"}), Topology(segments={KEY: "n1"})],
+        preferred=[Topology(segments={KEY: "n1"}), Topology(segments={KEY: "n2"})],
+    )
+    assert _nodes(requirement) == ["n1", "n2"]
+    assert _nodes(None) == []
+
+
+def test_a_retried_create_with_other_parameters_is_already_exists() -> None:
+    existing = VolumeObject.of(_volume(phase="Ready", handle="lvm:a:b", sizeBytes=10, observedGeneration=2))
+    same = VolumeRequest("pvc-1", "n1", "lvm", None, 10, 0)
+    ClusterVolumes._same_or_conflict(existing, same)
+    with pytest.raises(errors.AlreadyExists):
+        ClusterVolumes._same_or_conflict(existing, VolumeRequest("pvc-1", "n1", "thin", None, 10, 0))
+    with pytest.raises(errors.AlreadyExists):
+        ClusterVolumes._same_or_conflict(existing, VolumeRequest("pvc-1", "n1", "lvm", None, 20, 0))
