@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from localdisk import ConfigError, VolumeManager, load_config, parse_config
+from localdisk import ConfigError, VolumeManager, config, load_config, parse_config
 
 
 def test_loads_pools_and_defaults(tmp_path: Path) -> None:
@@ -92,3 +92,11 @@ def test_two_defaults_on_one_node_are_refused_there() -> None:
     overlapping = parse_config(tomllib.loads(GROUPS.replace('"nvme|ssd"', '"*"')))  # nvme: any value
     with pytest.raises(ConfigError, match="node n: more than one pool of backend 'fake' has default"):
         overlapping.for_node("n", {"localdisk.io/disks": "hdd"})
+
+
+def test_the_kubelet_directory_can_be_set_apart_from_the_file() -> None:
+    cfg = config.development_default().with_kubelet_dir("/var/lib/k0s/kubelet/")
+    assert cfg.node.kubelet_dir == "/var/lib/k0s/kubelet"
+    assert cfg.pools == config.development_default().pools
+    with pytest.raises(ConfigError, match="absolute"):
+        config.development_default().with_kubelet_dir("var/lib/kubelet")

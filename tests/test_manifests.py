@@ -28,6 +28,7 @@ from localdisk import config, registry
 from localdisk.cli import app
 from localdisk.csi import DRIVER_NAME
 from localdisk.csi.validate import KNOWN_PARAMETERS, PASSTHROUGH_PREFIXES
+from tests.k8s.controlplane import kube_bin_dir
 
 ROOT = Path(__file__).parent.parent
 DEPLOY = ROOT / "examples" / "deploy"
@@ -257,7 +258,8 @@ def test_daemonset_wiring() -> None:
     socket_dir = str(Path(socket).parent)
     assert mounts(plugin)["socket-dir"]["mountPath"] == socket_dir
     host_socket_dir = volumes(ds)["socket-dir"]["hostPath"]["path"]
-    kubelet_dir = node_config_data()["node"]["kubelet_dir"]
+    kubelet_dir = next(e["value"] for e in plugin["env"] if e["name"] == "KUBELET_DIR")
+    assert kubelet_dir == node_config_data()["node"]["kubelet_dir"], "the ConfigMap's default agrees"
     assert host_socket_dir == f"{kubelet_dir}/plugins/{DRIVER_NAME}"
     sidecars = {n: c for n, c in all_containers.items() if n != "localdisk"}
     assert set(sidecars) == {"node-driver-registrar", "liveness-probe"}, "the other sidecars run centrally"
@@ -266,7 +268,11 @@ def test_daemonset_wiring() -> None:
         assert mounts(sidecar)["socket-dir"]["mountPath"] == socket_dir, name
         assert re.fullmatch(r"registry\.k8s\.io/sig-storage/[a-z-]+:v\d+\.\d+\.\d+", sidecar["image"]), name
     registrar = flags(sidecars["node-driver-registrar"])
-    assert registrar["kubelet-registration-path"] == f"{host_socket_dir}/{Path(socket).name}"
+    assert registrar["kubelet-registration-path"] == "$(KUBELET_REGISTRATION_PATH)"
+    registration = next(
+        e["value"] for e in sidecars["node-driver-registrar"]["env"] if e["name"] == "KUBELET_REGISTRATION_PATH"
+    )
+    assert registration == f"{host_socket_dir}/{Path(socket).name}"
     assert volumes(ds)["registration-dir"]["hostPath"]["path"] == f"{kubelet_dir}/plugins_registry"
 
     # the kubelet directory, where staging and publish targets are mounted
@@ -360,3 +366,30 @@ def test_containerfile_installs_the_tools_and_runs_localdisk() -> None:
     for source in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.MULTILINE):
         for path in source.split():
             assert (ROOT / path).exists(), f"Containerfile copies {path}, which is not in the repository"
+
+
+def test_the_kubelet_directory_is_one_setting(tmp_path: Path) -> None:
+    """Changing KUBELET_DIR of the node plugin moves every host path, mount and registration path under it."""
+    kubectl = shutil.which("kubectl") or str(kube_bin_dir() / "kubectl")
+    if not Path(kubectl).is_file():
+        pytest.skip("kubectl not found (bash ../shared/k8s/unpack.sh)")
+    copy = tmp_path / "deploy"
+    shutil.copytree(DEPLOY, copy)
+    daemonset = copy / "daemonset.yaml"
+    text = daemonset.read_text()
+    assert text.count("value: /var/lib/kubelet\n") == 1
+    daemonset.write_text(text.replace("value: /var/lib/kubelet\n", "value: /var/lib/k0s/kubelet\n"))
+    built = subprocess.run([kubectl, "kustomize", str(copy)], check=True, capture_output=True, text=True).stdout
+    ds = next(d for d in yaml.safe_load_all(built) if d and d["kind"] == "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    assert paths["kubelet-dir"] == "/var/lib/k0s/kubelet"
+    assert paths["socket-dir"] == f"/var/lib/k0s/kubelet/plugins/{DRIVER_NAME}"
+    assert paths["registration-dir"] == "/var/lib/k0s/kubelet/plugins_registry"
+    by_name = {c["name"]: c for c in pod["containers"]}
+    assert {m["name"]: m["mountPath"] for m in by_name["localdisk"]["volumeMounts"]}["kubelet-dir"] == paths[
+        "kubelet-dir"
+    ]
+    registrar_env = {e["name"]: e["value"] for e in by_name["node-driver-registrar"]["env"]}
+    assert registrar_env["KUBELET_REGISTRATION_PATH"] == f"{paths['socket-dir']}/csi.sock"
+    assert "/var/lib/kubelet" not in yaml.safe_dump(ds).replace("kubelet_dir", "")

@@ -89,6 +89,10 @@ def serve(
     kubeconfig: Annotated[
         str | None, typer.Option(help="Kubeconfig for --role node/controller outside a pod (default: in-cluster).")
     ] = None,
+    kubelet_dir: Annotated[
+        str | None,
+        typer.Option(envvar="KUBELET_DIR", help="kubelet's root directory; overrides node.kubelet_dir of the config."),
+    ] = None,
 ) -> None:
     """Run the CSI server on a unix socket, in one of three roles (--role)."""
     import anyio
@@ -119,6 +123,8 @@ def serve(
         else:
             cfg = node_config.development_default()
             log.warning("no --config given: serving one in-memory 'fake' pool (development only, data is not kept)")
+        if kubelet_dir:
+            cfg = cfg.with_kubelet_dir(kubelet_dir)
         node = node_id or socket.gethostname()
         if any(p.config.nodes or p.config.node_labels for p in cfg.pools):
             labels = _parse_labels(node_labels) if node_labels is not None else _labels_from_cluster(node)

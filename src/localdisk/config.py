@@ -64,6 +64,12 @@ class NodeConfig:
         _one_default_per_backend(chosen, f"node {node}")
         return NodeConfig(self.node, chosen)
 
+    def with_kubelet_dir(self, kubelet_dir: str) -> NodeConfig:
+        """The config with another kubelet directory (`serve --kubelet-dir`, `$KUBELET_DIR`)."""
+        if not kubelet_dir.startswith("/"):
+            raise ConfigError(f"the kubelet directory {kubelet_dir!r} must be an absolute path")
+        return NodeConfig(self.node.model_copy(update={"kubelet_dir": kubelet_dir.rstrip("/") or "/"}), self.pools)
+
     def default_pool(self, backend: str) -> str | None:
         """The pool used when only `backend` is given: the one marked default, or the only one."""
         mine = [p for p in self.pools if p.backend == backend]
