@@ -55,6 +55,7 @@ async def test_controller_end_to_end_and_sigterm(fake: FakeKubernetes, kubeconfi
         http_host="127.0.0.1",
         http_port=port,
         kubeconfig=kubeconfig,
+        node_loss_grace_period=0,
     )
     async with aiohttp.ClientSession() as http:
         with anyio.fail_after(60):

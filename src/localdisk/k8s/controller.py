@@ -27,6 +27,10 @@ class ControllerSettings:
     identity: str
     lease_name: str = "localdisk-controller"
     resync_period: float = 300.0
+    node_loss_grace_period: float = 600.0
+    """Seconds a deleted node must stay gone before its volumes are released."""
+    node_loss_dry_run: bool = False
+    """Report what the node-loss clean-up would do, change nothing."""
     http_host: str | None = None
     """Address for /healthz and /metrics; None listens on every interface (what a pod wants)."""
     http_port: int = 8080
@@ -73,7 +77,11 @@ async def run_controller(settings: ControllerSettings) -> None:
         leader.set_function(lambda: float(elector.is_leader))
         node_loss = NodeLossController(
             api,
-            NodeLossSettings(resync_period=settings.resync_period),
+            NodeLossSettings(
+                resync_period=settings.resync_period,
+                grace_period=settings.node_loss_grace_period,
+                dry_run=settings.node_loss_dry_run,
+            ),
             events=EventRecorder(api, host=settings.identity),
             registry=registry,
         )
