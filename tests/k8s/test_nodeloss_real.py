@@ -81,20 +81,8 @@ def add_node(api: controlplane.Api, name: str) -> None:
 
 def bound_pair(api: controlplane.Api, node: str, name: str, policy: str = "Delete") -> None:
     """A PV on `node` and its claim, as the external-provisioner leaves them; waits until the PV controller bound
-    them."""
+    them (the PV first: the claim's arrival then binds at once, not at the controller's next 15 s resync)."""
     claim_class = "ld-retain" if policy == "Retain" else "ld-delete"
-    api.create(
-        f"/api/v1/namespaces/{APPS}/persistentvolumeclaims",
-        {
-            "metadata": {"name": name},
-            "spec": {
-                "accessModes": ["ReadWriteOnce"],
-                "storageClassName": claim_class,
-                "resources": {"requests": {"storage": "1Gi"}},
-                "volumeName": f"pv-{name}",
-            },
-        },
-    )
     api.create(
         "/api/v1/persistentvolumes",
         {
@@ -117,6 +105,18 @@ def bound_pair(api: controlplane.Api, node: str, name: str, policy: str = "Delet
                         ]
                     }
                 },
+            },
+        },
+    )
+    api.create(
+        f"/api/v1/namespaces/{APPS}/persistentvolumeclaims",
+        {
+            "metadata": {"name": name},
+            "spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": claim_class,
+                "resources": {"requests": {"storage": "1Gi"}},
+                "volumeName": f"pv-{name}",
             },
         },
     )
