@@ -197,12 +197,11 @@ def capacity_exists(api: controlplane.Api, name: str) -> bool:
 
 
 def reasons(api: controlplane.Api, name: str) -> set[str]:
-    """The reasons of localdisk's Events about objects called `name` (in any namespace)."""
-    return {
-        e["reason"]
-        for e in api.get("/api/v1/events")["items"]
-        if e["involvedObject"].get("name") == name and e.get("reportingComponent") == "localdisk-controller"
-    }
+    """The reasons of localdisk's Events about objects called `name` (in any namespace), selected as docs/deploy.md
+    tells users to (`kubectl get events -A --field-selector reportingComponent=localdisk-controller`)."""
+    listed = api.get("/api/v1/events?fieldSelector=reportingComponent%3Dlocaldisk-controller")["items"]
+    assert all(e["reportingComponent"] == "localdisk-controller" for e in listed)
+    return {e["reason"] for e in listed if e["involvedObject"].get("name") == name}
 
 
 def seconds(wire: str) -> float:
