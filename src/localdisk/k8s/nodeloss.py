@@ -80,7 +80,7 @@ class LostNodeExtension(Protocol):
     """Objects of some other kind that a lost node leaves behind (localdisk's own per-volume resources, say).
 
     `nodes` names every node it holds objects for, so that a node known only to it is found too; `release` is
-    called once that node is confirmed gone and its grace period is over, on every pass until it returns nothing.
+    called once that node is confirmed gone and its grace period is over, on every pass while `nodes` names it.
     It must be idempotent, must only say (not do) what it would do when `dry_run` is set, and returns one short
     description per object it released (or would release). An API error it raises is retried on the next pass.
     """
@@ -195,8 +195,9 @@ class NodeLossController:
             await self.resync()
 
         async def on_event(kind: str, node: Any) -> None:
-            if kind in ("ADDED", "DELETED"):  # gone, or back: MODIFIED (heartbeats) changes neither
-                log.info("node %s was %s", node.metadata.name, "deleted" if kind == "DELETED" else "added")
+            name = node.metadata.name
+            if kind == "DELETED" or (kind == "ADDED" and name in self._lost):  # gone, or back; not heartbeats
+                log.info("node %s was %s", name, "deleted" if kind == "DELETED" else "created again")
                 await self.resync()
 
         await list_and_watch(
@@ -309,7 +310,7 @@ class NodeLossController:
         since = min([*marks, *([known] if known else [])], default=now.replace(microsecond=0))
         self._lost[node] = since
         due = since + self._grace
-        if known is None:
+        if known is None and not marks:  # with marks, an earlier process (or pass) said it already
             await self._detected(node, left, since, due, now)
         if now < due:
             for pv in left.volumes:
