@@ -159,6 +159,21 @@ def controller(
         "localdisk-controller"
     ),
     resync_period: Annotated[float, typer.Option(help="Seconds between full node-loss passes.", min=1)] = 300.0,
+    node_loss_grace_period: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a deleted Node must stay gone before its claims are released (a Node that comes back"
+            " cancels it); 0 releases at once.",
+            min=0,
+        ),
+    ] = 600.0,
+    node_loss_dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--node-loss-dry-run",
+            help="Only report (Events, logs, localdisk_node_loss_dry_run_actions_total) what node loss would release.",
+        ),
+    ] = False,
     http_port: Annotated[int, typer.Option(help="Port for /healthz and /metrics; 0 turns them off.")] = 8080,
     kubeconfig: Annotated[
         str | None, typer.Option(help="Kubeconfig to use outside a pod (default: in-cluster, then $KUBECONFIG).")
@@ -166,7 +181,8 @@ def controller(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     log_format: Annotated[str, typer.Option(help="json (for log collectors) or text.")] = "json",
 ) -> None:
-    """Run the cluster-wide controller: releases the claims of deleted nodes; one replica leads (Lease)."""
+    """Run the cluster-wide controller: releases the claims of deleted nodes after a grace period; one replica leads
+    (Lease)."""
     import anyio
 
     from localdisk import logs
@@ -180,6 +196,8 @@ def controller(
         identity=identity or socket.gethostname(),
         lease_name=lease_name,
         resync_period=resync_period,
+        node_loss_grace_period=node_loss_grace_period,
+        node_loss_dry_run=node_loss_dry_run,
         http_port=http_port,
         kubeconfig=kubeconfig,
     )

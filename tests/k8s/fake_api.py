@@ -51,6 +51,8 @@ RESOURCES = {
         Resource("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", True),
         Resource("", "v1", "events", "Event", True),
         Resource("storage.k8s.io", "v1", "storageclasses", "StorageClass", False),
+        Resource("storage.k8s.io", "v1", "csistoragecapacities", "CSIStorageCapacity", True),
+        Resource("snapshot.storage.k8s.io", "v1", "volumesnapshotcontents", "VolumeSnapshotContent", False),
         Resource("coordination.k8s.io", "v1", "leases", "Lease", True),
         Resource("localdisk.csi.io", "v1alpha1", "localvolumes", "LocalVolume", False),
     )
@@ -130,6 +132,8 @@ class FakeKubernetes:
         self.compacted = 0
         self.requests: list[tuple[str, str]] = []
         self.faults: list[Fault] = []
+        self.uninstalled: set[str] = {"volumesnapshotcontents"}
+        """Resources of CRDs that are not installed: 404 for every request (`install` adds them)."""
         self.max_watch_seconds = 30.0
         self._freeze_after: tuple[str, str] | None = None
         self._thawed = asyncio.Event()
@@ -179,6 +183,10 @@ class FakeKubernetes:
     def thaw(self) -> None:
         self._freeze_after = None
         self._thawed.set()
+
+    def install(self, plural: str) -> None:
+        """Install the CRD of `plural` (the snapshot CRDs are not there unless a test installs them)."""
+        self.uninstalled.discard(plural)
 
     def compact(self) -> None:
         """Forget the history: watches from any version before now get 410 Gone."""
@@ -230,6 +238,8 @@ class FakeKubernetes:
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
         resource, namespace, name = self._route(request.path)
+        if resource.plural in self.uninstalled:
+            raise ApiError(404, "NotFound", f"the server could not find the requested resource ({resource.plural})")
         unsupported = set(request.query) - SUPPORTED_QUERY
         if unsupported:
             raise ApiError(400, "BadRequest", f"the fake API server does not implement {sorted(unsupported)}")

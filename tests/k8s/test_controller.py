@@ -18,6 +18,7 @@ from localdisk.cli import app
 from localdisk.k8s.controller import ControllerSettings, main
 from tests.k8s import objects
 from tests.k8s.fake_api import FakeKubernetes
+from tests.k8s.test_nodeloss_grace import Recorder
 
 pytestmark = pytest.mark.anyio
 
@@ -48,6 +49,7 @@ async def test_controller_end_to_end_and_sigterm(fake: FakeKubernetes, kubeconfi
     await fake.put("storageclasses", objects.storage_class("localdisk-lvm"))
     pvc = await fake.put("persistentvolumeclaims", objects.claim("apps", "data-db-0", volume="pv-1"))
     await fake.put("persistentvolumes", objects.volume("pv-1", "gone", bound_to=pvc))
+    extension = Recorder({"gone": ["lv-1"]})
     port = free_port()
     settings = ControllerSettings(
         namespace="localdisk",
@@ -55,12 +57,13 @@ async def test_controller_end_to_end_and_sigterm(fake: FakeKubernetes, kubeconfi
         http_host="127.0.0.1",
         http_port=port,
         kubeconfig=kubeconfig,
+        node_loss_grace_period=0,
     )
     async with aiohttp.ClientSession() as http:
         with anyio.fail_after(60):
             async with anyio.create_task_group() as group:
-                group.start_soon(main, settings)
-                while not (fake.get("persistentvolumes", "pv-1") or {}).get("metadata", {}).get("deletionTimestamp"):
+                group.start_soon(main, settings, lambda api: [extension])
+                while not extension.calls:  # the last step of the release
                     await anyio.sleep(0.05)
                 async with http.get(f"http://127.0.0.1:{port}/healthz") as health:
                     assert health.status == 200
@@ -68,6 +71,7 @@ async def test_controller_end_to_end_and_sigterm(fake: FakeKubernetes, kubeconfi
                 wanted = ["localdisk_controller_leader 1.0", "localdisk_node_loss_released_volumes_total 1.0"]
                 await scrape_until(http, f"http://127.0.0.1:{port}/metrics", wanted, seconds=30)
                 os.kill(os.getpid(), signal.SIGTERM)  # what the kubelet sends: main() must stop cleanly
+    assert ("gone", False) in extension.calls, "the node-loss extension made by the factory was run"
     lease = fake.get("leases", "localdisk-controller", "localdisk")
     assert lease is not None and lease["spec"]["holderIdentity"] == "", "released on the way out"
 

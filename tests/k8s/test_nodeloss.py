@@ -1,4 +1,5 @@
-"""Node loss: claims on a deleted node are released, nothing else is touched, and a restart finishes the job."""
+"""Node loss without a grace period: claims on a deleted node are released, nothing else is touched, and a restart
+finishes the job. The grace period, Retain, pending claims, capacities, snapshots and dry runs: test_nodeloss_grace."""
 
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ pytestmark = pytest.mark.anyio
 
 def controller(api: Any, resync_period: float = 300.0) -> NodeLossController:
     return NodeLossController(
-        api, NodeLossSettings(resync_period=resync_period), registry=CollectorRegistry(), pacer=Pacer(0.05)
+        api,
+        NodeLossSettings(resync_period=resync_period, grace_period=0),
+        registry=CollectorRegistry(),
+        pacer=Pacer(0.05),
     )
 
 
@@ -63,7 +67,7 @@ async def cluster(fake: FakeKubernetes) -> None:
 async def test_resync_releases_the_claims_of_a_deleted_node_only(fake: FakeKubernetes, api: Any) -> None:
     await cluster(fake)
     registry = CollectorRegistry()
-    loss = NodeLossController(api, registry=registry)
+    loss = NodeLossController(api, NodeLossSettings(grace_period=0), registry=registry)
     assert await loss.resync() == 1
     pvc = fake.get("persistentvolumeclaims", "data-db-0", "apps")
     assert pvc is not None and pvc["metadata"]["deletionTimestamp"], "deleted (pvc-protection holds it for now)"

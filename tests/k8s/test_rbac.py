@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from localdisk import config
 from localdisk.k8s.leader import LeaderElector, LeaseSettings
-from localdisk.k8s.nodeloss import NodeLossController
+from localdisk.k8s.nodeloss import NodeLossController, NodeLossSettings
 from localdisk.k8s.orphans import OrphanReporter, OrphanSettings, object_claims
 from localdisk.k8s.watch import Pacer
 from localdisk.manager import CreateRequest, VolumeManager
@@ -87,8 +87,18 @@ async def test_controller_needs_nothing_beyond_its_role(fake: FakeKubernetes, ap
     pvc = await fake.put("persistentvolumeclaims", objects.claim("apps", "data-db-0", volume="pv-1"))
     await fake.put("persistentvolumes", objects.volume("pv-1", "gone", bound_to=pvc))
     await fake.put("nodes", objects.node("n1"))
+    pvc = await fake.put("persistentvolumeclaims", objects.claim("apps", "data-db-1", volume="pv-2"))
+    await fake.put("persistentvolumes", objects.volume("pv-2", "n1", bound_to=pvc, reclaim_policy="Retain"))
+    await fake.put("persistentvolumeclaims", objects.pending_claim("apps", "data-db-2", "gone"))
+    await fake.put("csistoragecapacities", objects.capacity("csisc-gone", "gone"))
+    fake.install("volumesnapshotcontents")
+    content = objects.snapshot_content("snapcontent-1", "gone")
+    await fake.put("volumesnapshotcontents", content)
+    await fake.remove("volumesnapshotcontents", "snapcontent-1")  # terminating, held by the snapshotter's finalizer
     fake.requests.clear()
-    node_loss = NodeLossController(api, registry=CollectorRegistry(), pacer=Pacer(0.05))
+    node_loss = NodeLossController(
+        api, NodeLossSettings(grace_period=0), registry=CollectorRegistry(), pacer=Pacer(0.05)
+    )
     elector = LeaderElector(api, LeaseSettings(NAMESPACE, "localdisk-controller", "replica-1", 1.0, 0.6, 0.1))
 
     def pv_lists() -> int:
@@ -100,11 +110,18 @@ async def test_controller_needs_nothing_beyond_its_role(fake: FakeKubernetes, ap
     with anyio.fail_after(30):
         async with anyio.create_task_group() as group:
             group.start_soon(elector.run, node_loss.run)
-            while fake.count("DELETE", "/persistentvolumes/") == 0 or fake.count("PATCH") == 0:
+            while not fake.count("DELETE", "/persistentvolumes/") or not fake.count(
+                "PATCH", "/volumesnapshotcontents/"
+            ):
                 await anyio.sleep(0.05)
             lists = pv_lists()
             await fake.remove("nodes", "n1")  # a watched deletion too: the controller reads the node, lists the PVs
-            while fake.count("GET", "/api/v1/nodes/n1") == 0 or pv_lists() == lists or "update" not in verbs():
+            while (
+                fake.count("GET", "/api/v1/nodes/n1") == 0
+                or pv_lists() == lists
+                or "update" not in verbs()
+                or fake.count("DELETE", "/persistentvolumeclaims/data-db-1") == 0
+            ):
                 await anyio.sleep(0.05)
             group.cancel_scope.cancel()
     assert verbs() >= {"get", "list", "watch", "create", "update", "patch", "delete"}, "the scenario covered them all"

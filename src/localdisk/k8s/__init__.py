@@ -16,6 +16,9 @@ TOPOLOGY_KEY = "topology.localdisk.io/node"
 
 RELEASE_ON_NODE_LOSS = "localdisk.csi.io/release-on-node-loss"
 """Annotation on a StorageClass or a PVC; `"false"` keeps the claims of a deleted node (the PVC's value wins)."""
+NODE_LOST_SINCE = "localdisk.csi.io/node-lost-since"
+"""Put on a PV by `localdisk controller` when its node is first seen gone (a wire time): the grace period counts
+from it, across restarts and fail-overs; removed again when the node comes back."""
 PROVISIONER_FINALIZER = "external-provisioner.volume.kubernetes.io/finalizer"
 """Put on PVs by the external-provisioner; only the provisioner of the PV's own node would ever remove it."""
 COMPONENT = "localdisk-controller"

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 from aiohttp import web
@@ -16,9 +18,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, gen
 
 from localdisk.k8s.client import EventRecorder, connect
 from localdisk.k8s.leader import LeaderElector, LeaseSettings
-from localdisk.k8s.nodeloss import NodeLossController, NodeLossSettings
+from localdisk.k8s.nodeloss import LostNodeExtension, NodeLossController, NodeLossSettings
 
 log = logging.getLogger(__name__)
+ExtensionFactory = Callable[[Any], Sequence[LostNodeExtension]]
+"""Makes the node-loss extensions from the controller's API client."""
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,10 @@ class ControllerSettings:
     identity: str
     lease_name: str = "localdisk-controller"
     resync_period: float = 300.0
+    node_loss_grace_period: float = 600.0
+    """Seconds a deleted node must stay gone before its volumes are released."""
+    node_loss_dry_run: bool = False
+    """Report what the node-loss clean-up would do, change nothing."""
     http_host: str | None = None
     """Address for /healthz and /metrics; None listens on every interface (what a pod wants)."""
     http_port: int = 8080
@@ -34,7 +42,7 @@ class ControllerSettings:
     kubeconfig: str | None = None
 
 
-async def main(settings: ControllerSettings) -> None:
+async def main(settings: ControllerSettings, extensions: ExtensionFactory | None = None) -> None:
     """`run_controller` until SIGTERM or SIGINT, which stop it cleanly (the Lease is released on the way out).
 
     Its errors are raised as they are, not wrapped in an exception group, so the CLI can print them.
@@ -51,7 +59,7 @@ async def main(settings: ControllerSettings) -> None:
 
         async def control() -> None:
             try:
-                await run_controller(settings)
+                await run_controller(settings, extensions)
             except Exception as exc:
                 failure.append(exc)
             finally:
@@ -63,8 +71,11 @@ async def main(settings: ControllerSettings) -> None:
         raise failure[0]
 
 
-async def run_controller(settings: ControllerSettings) -> None:
-    """Run until cancelled; raises `LeadershipLost` if the Lease slipped away (the process should exit then)."""
+async def run_controller(settings: ControllerSettings, extensions: ExtensionFactory | None = None) -> None:
+    """Run until cancelled; raises `LeadershipLost` if the Lease slipped away (the process should exit then).
+
+    `extensions` makes, from the API client, the `LostNodeExtension`s the node-loss clean-up also runs (other objects
+    a lost node leaves behind)."""
     api = await connect(settings.kubeconfig)
     async with api:
         registry = CollectorRegistry()
@@ -73,9 +84,14 @@ async def run_controller(settings: ControllerSettings) -> None:
         leader.set_function(lambda: float(elector.is_leader))
         node_loss = NodeLossController(
             api,
-            NodeLossSettings(resync_period=settings.resync_period),
+            NodeLossSettings(
+                resync_period=settings.resync_period,
+                grace_period=settings.node_loss_grace_period,
+                dry_run=settings.node_loss_dry_run,
+            ),
             events=EventRecorder(api, host=settings.identity),
             registry=registry,
+            extensions=extensions(api) if extensions is not None else (),
         )
         runner = await _serve_http(settings, registry) if settings.http_port else None
         try:
