@@ -187,6 +187,7 @@ def controller(
 
     from localdisk import logs
     from localdisk.errors import LocalDiskError
+    from localdisk.k8s.cluster import LostNodeObjects
     from localdisk.k8s.controller import ControllerSettings, main
     from localdisk.k8s.leader import LeadershipLost
 
@@ -202,7 +203,7 @@ def controller(
         kubeconfig=kubeconfig,
     )
     try:
-        anyio.run(main, settings)
+        anyio.run(main, settings, lambda api: [LostNodeObjects(api)])
     except LocalDiskError as exc:
         raise fail(exc.message) from None
     except LeadershipLost as exc:

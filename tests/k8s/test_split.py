@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from localdisk.k8s import DRIVER_NAME, TOPOLOGY_KEY
-from localdisk.k8s.crd import GROUP, VERSION
+from localdisk.k8s.crd import FINALIZER, GROUP, NODE_LABEL, VERSION
 from localdisk.sizes import GiB, MiB
 from tests.k8s import controlplane
 from tests.k8s.controlplane import NAMESPACE, ApiError, ControlPlane, localdisk_command, wait_for
@@ -32,7 +32,7 @@ pytestmark = [
 ]
 REPO = Path(__file__).parent.parent.parent
 DEPLOY = REPO / "examples" / "deploy"
-SNAPSHOT_CRDS = Path(os.environ.get("SNAPSHOT_CRDS") or REPO.parent / "shared" / "k8s" / "crds")
+SNAPSHOT_CRDS = Path(os.environ.get("SNAPSHOT_CRD_DIR") or REPO.parent / "shared" / "k8s" / "crds")
 """The VolumeSnapshot CRDs of external-snapshotter; `../shared/k8s/crds` beside the repository by default."""
 POOLS = {"n1": 1 * GiB, "n2": 2 * GiB}
 CLASS = "split"
@@ -151,7 +151,7 @@ def _start(plane: ControlPlane) -> Split:
     api = plane.admin
     api.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
     snapshot_crds = [yaml.safe_load(p.read_text()) for p in sorted(SNAPSHOT_CRDS.glob("*.yaml"))]
-    assert snapshot_crds, f"no VolumeSnapshot CRDs in {SNAPSHOT_CRDS} (set SNAPSHOT_CRDS)"
+    assert snapshot_crds, f"no VolumeSnapshot CRDs in {SNAPSHOT_CRDS} (set SNAPSHOT_CRD_DIR)"
     for crd in deploy("crds.yaml") + snapshot_crds:
         api.apply(crd)
     for crd in deploy("crds.yaml") + snapshot_crds:
@@ -423,3 +423,71 @@ def test_node_agent_controller_and_api_server_restarts_in_the_middle_of_operatio
     split.remove("after")
     wait_for("every LocalVolume to go", lambda: not split.api.get(VOLUMES)["items"] or None, 180)
     split.wait_free(dict(POOLS), 90)
+
+
+def test_the_objects_of_a_lost_node_are_released_after_the_grace_period_except_retained_ones(split: Split) -> None:
+    api = split.api
+    for name in ("lost-kept", "lost-free"):
+        api.create(
+            VOLUMES,
+            {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "LocalVolume",
+                "metadata": {"name": name, "labels": {NODE_LABEL: "gone"}, "finalizers": [FINALIZER]},
+                "spec": {"name": name, "node": "gone", "backend": "fake", "requiredBytes": MiB},
+            },
+        )
+    api.create(
+        f"/apis/{GROUP}/{VERSION}/localsnapshots",
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "LocalSnapshot",
+            "metadata": {"name": "lost-snap", "labels": {NODE_LABEL: "gone"}, "finalizers": [FINALIZER]},
+            "spec": {"name": "lost-snap", "node": "gone", "sourceVolume": "lost-free"},
+        },
+    )
+    api.create(
+        "/api/v1/persistentvolumes",
+        {
+            "metadata": {"name": "lost-kept"},
+            "spec": {
+                "capacity": {"storage": "1Mi"},
+                "accessModes": ["ReadWriteOnce"],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "storageClassName": CLASS,
+                "csi": {"driver": DRIVER_NAME, "volumeHandle": "lost-kept"},
+                "nodeAffinity": {
+                    "required": {
+                        "nodeSelectorTerms": [
+                            {"matchExpressions": [{"key": TOPOLOGY_KEY, "operator": "In", "values": ["gone"]}]}
+                        ]
+                    }
+                },
+            },
+        },
+    )
+    with split.plane.running(
+        "localdisk-node-loss",
+        [
+            localdisk_command(),
+            "controller",
+            f"--kubeconfig={split.plane.controller_kubeconfig}",
+            f"--namespace={NAMESPACE}",
+            "--identity=test",
+            "--http-port=0",
+            "--node-loss-grace-period=2",
+            "--resync-period=1",
+            "--log-format=text",
+        ],
+    ):
+        wait_for("the free volume's object to go", lambda: _gone(api, "localvolumes", "lost-free") or None, 120)
+        wait_for("the snapshot's object to go", lambda: _gone(api, "localsnapshots", "lost-snap") or None, 120)
+    kept = split.local_volume("lost-kept")
+    assert kept is not None and FINALIZER in kept["metadata"]["finalizers"], "a Retain PV's object stays"
+    api.delete("/api/v1/persistentvolumes/lost-kept")
+    api.patch(f"{VOLUMES}/lost-kept", {"metadata": {"finalizers": None}})
+    api.delete(f"{VOLUMES}/lost-kept")
+
+
+def _gone(api: controlplane.Api, plural: str, name: str) -> bool:
+    return not any(i["metadata"]["name"] == name for i in api.get(f"/apis/{GROUP}/{VERSION}/{plural}")["items"])

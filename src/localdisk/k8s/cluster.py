@@ -462,3 +462,78 @@ class ClusterVolumes:
             _request_timeout=REQUEST_TIMEOUT,
         )
         return str(patched["metadata"].get("resourceVersion", ""))
+
+
+class LostNodeObjects:
+    """The LocalVolumes and LocalSnapshots of a lost node, for the node-loss clean-up (`LostNodeExtension`).
+
+    No agent will ever remove their finalizers, so after the grace period this does: snapshots go, and so does
+    every volume whose PV is gone (the clean-up deletes Delete-policy PVs first, so such a volume goes on the pass
+    after). A volume whose PV has the Retain policy keeps its object, the record of what was on the lost disks.
+    """
+
+    name = "LocalVolume and LocalSnapshot objects"
+
+    def __init__(self, api: Any) -> None:
+        self.custom: Any = client.CustomObjectsApi(api)
+        self.core: Any = client.CoreV1Api(api)
+
+    async def _list(self, plural: str, node: str | None = None) -> list[dict[str, Any]]:
+        selector = {"label_selector": f"{NODE_LABEL}={label_value(node)}"} if node else {}
+        listed = await self.custom.list_cluster_custom_object(
+            GROUP, VERSION, plural, _request_timeout=REQUEST_TIMEOUT, **selector
+        )
+        return list(listed.get("items") or [])
+
+    async def nodes(self) -> set[str]:
+        found: set[str] = set()
+        for plural in (VOLUMES, SNAPSHOTS):
+            try:
+                items = await self._list(plural)
+            except TRANSIENT as exc:
+                if is_status(exc, 404):  # the custom resources are not installed: nothing of ours to clean
+                    return set()
+                raise
+            found.update(str((item.get("spec") or {}).get("node", "")) for item in items)
+        return found - {""}
+
+    async def release(self, node: str, *, dry_run: bool) -> list[str]:
+        pvs = (await self.core.list_persistent_volume(_request_timeout=REQUEST_TIMEOUT)).items or []
+        claimed = {
+            pv.spec.csi.volume_handle: pv.spec.persistent_volume_reclaim_policy
+            for pv in pvs
+            if pv.spec is not None and pv.spec.csi is not None
+        }
+        done = []
+        for item in await self._list(SNAPSHOTS, node):
+            snapshot = SnapshotObject.of(item)
+            if snapshot.node == node:
+                done.append(f"LocalSnapshot {snapshot.name}")
+                if not dry_run:
+                    await self._remove(SNAPSHOTS, snapshot.name)
+        for item in await self._list(VOLUMES, node):
+            volume = VolumeObject.of(item)
+            if volume.node != node or volume.name in claimed:
+                continue  # Retain: kept for good; any other PV: released first, this object on the next pass
+            done.append(f"LocalVolume {volume.name}")
+            if not dry_run:
+                await self._remove(VOLUMES, volume.name)
+        return done
+
+    async def _remove(self, plural: str, name: str) -> None:
+        try:
+            await self.custom.delete_cluster_custom_object(
+                GROUP, VERSION, plural, name, _request_timeout=REQUEST_TIMEOUT
+            )
+            await self.custom.patch_cluster_custom_object(
+                GROUP,
+                VERSION,
+                plural,
+                name,
+                {"metadata": {"finalizers": None}},
+                _content_type=MERGE,
+                _request_timeout=REQUEST_TIMEOUT,
+            )
+        except TRANSIENT as exc:
+            if not is_status(exc, 404):
+                raise
