@@ -184,19 +184,24 @@ def sanity(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """The performance suite (bench/); not a test. Counts: BENCH_* variables, see bench/.
 
-    LVM in the UML sandbox, then partitions on host loop devices (root). BENCH_ONLY=lvm|partition runs one half.
-    Posargs: the LVM and partition JSON outputs (default bench-results.json, bench-partition.json).
+    LVM in the UML sandbox, then partitions on host loop devices (root), then PVC-to-Bound through a real control
+    plane, per-node shape against the split shape (bench/splitbench.py). BENCH_ONLY=lvm|partition|split runs one part.
+    Posargs: the LVM, partition and split JSON outputs (default bench-results.json, bench-partition.json,
+    bench-split.json).
     """
     only = os.environ.get("BENCH_ONLY", "")
-    if only not in ("", "lvm", "partition"):
-        session.error(f"BENCH_ONLY must be lvm or partition, not {only!r}")
+    if only not in ("", "lvm", "partition", "split"):
+        session.error(f"BENCH_ONLY must be lvm, partition or split, not {only!r}")
     session.install("-e", ".[test]")
     lvm_out = session.posargs[0] if session.posargs else "bench-results.json"
     part_out = session.posargs[1] if len(session.posargs) > 1 else "bench-partition.json"
-    if only != "partition":
+    split_out = session.posargs[2] if len(session.posargs) > 2 else "bench-split.json"
+    if only in ("", "lvm"):
         _lvm_bench(session, lvm_out)
-    if only != "lvm":
+    if only in ("", "partition"):
         session.run("python", "bench/partbench.py", part_out)
+    if only in ("", "split"):
+        session.run("python", "bench/splitbench.py", split_out)
 
 
 def _lvm_bench(session: nox.Session, out: str) -> None:
