@@ -53,6 +53,7 @@ class Table:
     first_lba: int
     last_lba: int  # last usable sector, inclusive (as GPT headers and sfdisk spell it)
     partitions: tuple[Partition, ...]
+    label_id: str = ""  # the disk GUID, upper case as sfdisk prints it
 
     def by_uuid(self, uuid: str) -> Partition | None:
         uuid = uuid.lower()
@@ -137,6 +138,7 @@ def parse_sfdisk(text: str, device: str) -> Table:
             first_lba=int(raw["firstlba"]),
             last_lba=int(raw["lastlba"]),
             partitions=tuple(sorted(parts, key=lambda p: p.number)),
+            label_id=str(raw.get("id", "")).upper(),
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise BackendFailure(f"cannot read the partition table of {device}: unexpected sfdisk output ({exc})") from exc
