@@ -27,7 +27,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
@@ -324,6 +324,14 @@ class Claims:
 
 
 CLAIMS = Claims()  # the process's pools share one; a test passes its own
+
+
+@runtime_checkable
+class Discovers(Protocol):
+    """A backend whose pool finds its disks by rules: what its last pass made of each matching disk, by kernel
+    name ("used...", "blank...", "refused: <why>"), for metrics and `doctor`."""
+
+    discovered: dict[str, str]
 
 
 @dataclass(frozen=True)
