@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import struct
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -174,3 +176,26 @@ def parse_wipefs(text: str) -> list[Signature]:
         return [Signature(str(s["type"]), int(str(s["offset"]), 0)) for s in raw]
     except (ValueError, KeyError, TypeError) as exc:
         raise BackendFailure(f"unexpected wipefs output: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Header:
+    """The fields of a GPT header (primary or backup) that tell whose label it is and where its entries lie."""
+
+    disk_guid: str  # upper case, as sfdisk prints it
+    entries_lba: int
+    entries: int
+    entry_size: int
+
+
+def parse_header(sector: bytes) -> Header | None:
+    """A GPT header read raw from its sector, or None when the sector holds none ("EFI PART" missing)."""
+    if len(sector) < 92 or sector[:8] != b"EFI PART":
+        return None
+    entries_lba, entries, entry_size = struct.unpack_from("<QII", sector, 72)
+    return Header(str(uuid.UUID(bytes_le=bytes(sector[56:72]))).upper(), entries_lba, entries, entry_size)
+
+
+def has_protective_mbr(sector: bytes) -> bool:
+    """Whether LBA 0 holds a protective MBR: the boot signature and a first entry of type 0xEE."""
+    return len(sector) >= 512 and sector[510:512] == b"\x55\xaa" and sector[450] == 0xEE

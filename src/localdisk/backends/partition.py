@@ -53,7 +53,15 @@ from pydantic import Field, field_validator, model_validator
 
 from localdisk import crypt
 from localdisk.backend import finish_despite_cancellation
-from localdisk.backends.gpt import Partition, Table, best_fit, parse_sfdisk, parse_wipefs
+from localdisk.backends.gpt import (
+    Partition,
+    Table,
+    best_fit,
+    has_protective_mbr,
+    parse_header,
+    parse_sfdisk,
+    parse_wipefs,
+)
 from localdisk.blockdev import erase_signatures, open_exclusive, zero_out
 from localdisk.discovery import CLAIMS, HOST, Claims, DiskRules, Roots, summary, survey
 from localdisk.errors import (
@@ -129,8 +137,41 @@ def label_id(pool: str) -> str:
 
 def labelled_for(table: Table) -> str | None:
     """The pool mark of a label localdisk wrote (see `label_id`), or None for any other GPT."""
-    guid = table.label_id.replace("-", "")
+    return _mark_of(table.label_id)
+
+
+def _mark_of(disk_guid: str) -> str | None:
+    guid = disk_guid.upper().replace("-", "")
     return guid[8:12] + guid[13:16] if len(guid) == 32 and guid.startswith(LABEL_MARK) else None
+
+
+def unfinished_label(device: str, pool: str) -> bool:
+    """Whether `device` holds what a label write of `pool` cut off before its last write leaves (see `_label`): no
+    protective MBR yet, and a GPT header, primary or backup, whose disk GUID marks `pool` and whose entry array is
+    all zeros. Reads only. No foreign disk looks so: its GUID would have to carry the mark (1 in 2**60)."""
+    sector = int(_read_text(_SYSFS_BLOCK / Path(device).name / "queue" / "logical_block_size") or 512)
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if has_protective_mbr(os.pread(fd, 512, 0)):
+            return False
+        last = os.lseek(fd, 0, os.SEEK_END) // sector - 1
+        for lba in (1, last):
+            header = parse_header(os.pread(fd, sector, lba * sector))
+            if header is None or _mark_of(header.disk_guid) != _pool_mark(pool):
+                continue
+            length = header.entries * header.entry_size
+            if 0 < length <= 4 * MiB and not any(os.pread(fd, length, header.entries_lba * sector)):
+                return True
+        return False
+    finally:
+        os.close(fd)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
 
 
 class PartitionPoolConfig(PoolConfig):
@@ -386,9 +427,10 @@ class PartitionBackend:
         return [p for p in ours if not is_ready(p)]
 
     async def _label(self, disk: _Disk) -> None:
-        """Write an empty GPT whose disk GUID marks it as this pool's (`label_id`): one sfdisk run, which writes
-        the backup header, the primary one, then the protective MBR; until that last write wipefs sees no table, so
-        a label cut off by a crash leaves a disk that still reads as blank and is labelled again."""
+        """Write an empty GPT whose disk GUID marks it as this pool's (`label_id`): one sfdisk run, five writes
+        (backup entries, backup header, primary entries, primary header, protective MBR). A crash before the
+        second leaves the disk blank; after it and before the last, a header carrying this pool's mark without a
+        protective MBR, which `unfinished_label` recognises and the next discovery pass labels again."""
         script = f"label: gpt\nlabel-id: {label_id(self.pool)}\n".encode()
         await self.runner.run([*_SFDISK_WRITE, "--wipe", "never", "--", disk.device()], input=script)
         await self._settle(disk.device(), await self._read(disk))
@@ -443,6 +485,12 @@ class PartitionBackend:
                 await self._label(disk)
                 log.info("%s: labelled blank disk %s", self._owner, device)
                 return "used: labelled now"
+            if await anyio.to_thread.run_sync(unfinished_label, device, self.pool):
+                if not self.config.setup:
+                    return "refused: a label of this pool cut off half-way; set setup = true to finish it"
+                await self._label(disk)
+                log.info("%s: finished the label cut off on disk %s", self._owner, device)
+                return "used: label finished"
             table = await self._read(disk)
             mark = labelled_for(table)
             if mark is None:
