@@ -3,11 +3,13 @@ and the config errors that name the bad key. The real-disk side is tests/test_di
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from localdisk import config
 from localdisk.backends.gpt import Table
@@ -234,3 +236,19 @@ def test_one_config_gives_two_node_groups_their_own_rules() -> None:
     assert [p.name for p in hdd_node.pools] == ["hdd"] and [p.name for p in nvme_node.pools] == ["fast"]
     rules = hdd_node.pools[0].config.match  # type: ignore[attr-defined]
     assert rules == DiskRules(rotational=True, min_size=10**12)
+
+
+def test_the_example_configmap_gives_each_node_group_its_pools() -> None:
+    """examples/deploy/configmap.yaml, read as an HDD node and as an NVMe node (docs/deploy.md's walk-through)."""
+    manifest = yaml.safe_load(Path(__file__).parent.parent.joinpath("examples/deploy/configmap.yaml").read_text())
+    parsed = config.parse(tomllib.loads(manifest["data"]["config.toml"]), "configmap.yaml")
+    hdd = parsed.for_node("storage-1", {"localdisk.io/disks": "hdd"})
+    nvme = parsed.for_node("compute-1", {"localdisk.io/disks": "nvme"})
+    assert [(p.backend, p.name) for p in hdd.pools] == [("partition", "hdd")]
+    assert sorted((p.backend, p.name) for p in nvme.pools) == [
+        ("lvm", "default"),
+        ("partition", "nvme"),
+        ("thin", "default"),
+    ]
+    assert hdd.default_pool("partition") == "hdd" and nvme.default_pool("partition") == "nvme"
+    assert parsed.for_node("unlabelled", {}).pools == ()
