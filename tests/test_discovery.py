@@ -252,3 +252,12 @@ def test_the_example_configmap_gives_each_node_group_its_pools() -> None:
     ]
     assert hdd.default_pool("partition") == "hdd" and nvme.default_pool("partition") == "nvme"
     assert parsed.for_node("unlabelled", {}).pools == ()
+
+
+async def test_disks_already_in_the_pool_are_not_probed_again(roots: Roots) -> None:
+    runner = _Wipefs({"sdb": ["gpt", "PMBR"]})
+    result = await survey(
+        DiskRules(names=("sdb", "vda")), "pool", runner, claims=Claims(), roots=roots, in_pool={"sdb"}
+    )
+    assert {f.disk.name: f.state for f in result.findings} == {"sdb": "in the pool", "vda": "blank"}
+    assert runner.probed == ["vda"]

@@ -24,7 +24,7 @@ import fnmatch
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol, runtime_checkable
@@ -337,7 +337,7 @@ class Discovers(Protocol):
 @dataclass(frozen=True)
 class Finding:
     disk: SysDisk
-    state: Literal["blank", "partitioned", "refused"]
+    state: Literal["blank", "partitioned", "refused", "in the pool"]
     reason: str = ""  # why refused (or, for the other states, what the backend decided; filled in by it)
 
 
@@ -367,9 +367,16 @@ async def _signatures(runner: CommandRunner, device: str) -> list[str] | str:
 
 
 async def survey(
-    rules: DiskRules, owner: str, runner: CommandRunner, *, claims: Claims = CLAIMS, roots: Roots = HOST
+    rules: DiskRules,
+    owner: str,
+    runner: CommandRunner,
+    *,
+    claims: Claims = CLAIMS,
+    roots: Roots = HOST,
+    in_pool: Container[str] = (),
 ) -> Survey:
-    """Sort the disks matching `rules` into blank, partitioned and refused (see the module docstring) for `owner`.
+    """Sort the disks matching `rules` into blank, partitioned and refused (see the module docstring) for `owner`;
+    the disks already `in_pool` (kernel names) are only listed, not looked at again.
 
     Only reads: sysfs, /proc, and `wipefs` listing signatures of the matching disks.
     """
@@ -379,6 +386,9 @@ async def survey(
         why = rules.mismatch(disk)
         if why is not None:
             result.unmatched[disk.name] = why
+            continue
+        if disk.name in in_pool:
+            result.findings.append(Finding(disk, "in the pool"))
             continue
         result.findings.append(await _sort(disk, owner, runner, claims, roots, mounted, swaps))
     return result

@@ -443,9 +443,9 @@ class PartitionBackend:
         rules = self.config.match
         assert rules is not None
         async with self._discovering:
-            result = await survey(rules, self._owner, self.runner, claims=self._claims, roots=self._roots)
-            self._discovered_at = time.monotonic()
             used = {Path(d.device()).name for d in self._disks}
+            result = await survey(rules, self._owner, self.runner, claims=self._claims, roots=self._roots, in_pool=used)
+            self._discovered_at = time.monotonic()
             decided: dict[str, str] = {}
             added: list[_Disk] = []
             for finding in result.findings:
