@@ -15,9 +15,11 @@ from typing import Any
 import anyio
 import pytest
 
+from localdisk import config
 from localdisk.availability import Available
 from localdisk.backends.gpt import parse_sfdisk
 from localdisk.backends.partition import LABEL_MARK, PartitionBackend, PartitionPoolConfig
+from localdisk.commands.doctor import run_checks
 from localdisk.discovery import Claims
 from localdisk.model import VolumeSpec
 from localdisk.runner import CommandRunner
@@ -123,3 +125,19 @@ async def test_a_label_cut_off_after_any_of_its_writes_converges(tmp_path: Path)
             assert [v.split(":")[0] for v in backend.discovered.values()] == ["used"], (done, backend.discovered)
             assert (await label_of(disk)).startswith(LABEL_MARK)
             assert set(await signatures(disk)) == {"gpt", "PMBR"}
+
+
+@needs_loop_devices
+async def test_doctor_shows_what_the_rules_would_find_without_writing() -> None:
+    async with loop_disks(2, 64 * MiB) as (blank, ext4):
+        await RUNNER.run(["mkfs.ext4", "-q", "-F", ext4])
+        before = {d: digest(d) for d in (blank, ext4)}
+        rules = {"transport": "loop", "names": [Path(blank).name, Path(ext4).name]}
+        parsed = config.parse({"pools": {"partition": {"found": {"match": rules, "setup": True}}}})
+        checks = {c.name: c for c in await run_checks(parsed)}
+        assert "pool partition/found" not in checks  # no listed disks to check
+        found = checks["pool partition/found rules"]
+        assert found.ok
+        assert f"/dev/{Path(blank).name} (64 MiB, loop, rotational): blank" in found.detail
+        assert f"/dev/{Path(ext4).name} (64 MiB, loop, rotational): refused: carries ext4 signature(s)" in found.detail
+        assert {d: digest(d) for d in (blank, ext4)} == before

@@ -433,5 +433,9 @@ async def _sort(
 def summary(result: Survey, decided: dict[str, str]) -> str:
     """One line for the log: each matching disk and what became of it (`decided`: kernel name -> the backend's
     verdict, else the survey's own)."""
-    parts = [f"{f.disk.describe()}: {decided.get(f.disk.name) or f.reason or f.state}" for f in result.findings]
+
+    def verdict(found: Finding) -> str:
+        return decided.get(found.disk.name) or (f"refused: {found.reason}" if found.reason else found.state)
+
+    parts = [f"{f.disk.describe()}: {verdict(f)}" for f in result.findings]
     return "; ".join(parts) or "no disk matches the rules"
