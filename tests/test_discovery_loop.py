@@ -184,3 +184,41 @@ async def test_discovery_takes_blank_disks_and_never_touches_hostile_ones(tmp_pa
             (foreign_gpt, "a GPT localdisk did not write"),
         ):
             assert why in log, (name, why)
+
+
+@needs_loop_devices
+async def test_one_config_as_two_nodes_finds_each_its_own_disks(tmp_path: Path) -> None:
+    """One file, two node groups: the `big` group takes disks of 96 MiB or more, the `small` group disks up to
+    48 MiB; served as a node of each group on the same disks, each labels and offers only its own."""
+    async with loop_disks(2, 128 * MiB) as bigs, loop_disks(1, TOO_SMALL) as smalls:
+        names = [Path(d).name for d in [*bigs, *smalls]]
+        rules = f'transport = "loop"\nnames = {names!r}\n'.replace("'", '"')
+        config = tmp_path / "config.toml"
+        config.write_text(
+            f'[node]\nkubelet_dir = "{tmp_path / "kubelet"}"\n\n'
+            '[pools.partition.big]\nsetup = true\nnode_labels = { "localdisk.io/disks" = "big" }\n'
+            f'[pools.partition.big.match]\n{rules}min_size = "96Mi"\n\n'
+            '[pools.partition.small]\nsetup = true\nnode_labels = { "localdisk.io/disks" = "small" }\n'
+            f'[pools.partition.small.match]\n{rules}max_size = "48Mi"\n'
+        )
+        offered: dict[str, dict[str, int]] = {}
+        for group in ("big", "small"):
+            workdir = tmp_path / group
+            workdir.mkdir()
+            extra = ["--node-id", f"{group}-1", "--node-labels", f"localdisk.io/disks={group}"]
+            with running_server(workdir, config, extra) as sock:
+                channel = Channel(path=str(sock))
+                try:
+                    controller = ControllerStub(channel)
+                    offered[group] = {}
+                    for pool in ("big", "small"):
+                        request = GetCapacityRequest(parameters={"backend": "partition", "pool": pool})
+                        offered[group][pool] = (await controller.get_capacity(request)).available_capacity
+                finally:
+                    channel.close()
+        assert offered["big"]["small"] == 0 and offered["small"]["big"] == 0
+        assert 2 * 120 * MiB < offered["big"]["big"] < 2 * 128 * MiB
+        assert 24 * MiB < offered["small"]["small"] < TOO_SMALL
+        for device in [*bigs, *smalls]:
+            table = parse_sfdisk((await RUNNER.run(["sfdisk", "--json", "--", device])).text, device)
+            assert table.label_id.startswith(LABEL_MARK)

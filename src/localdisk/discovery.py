@@ -333,6 +333,11 @@ class Discovers(Protocol):
 
     discovered: dict[str, str]
 
+    @property
+    def finds_disks(self) -> bool:
+        """Whether this pool has rules at all (a pool that only lists its disks reports nothing)."""
+        ...
+
 
 @dataclass(frozen=True)
 class Finding:

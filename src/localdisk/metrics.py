@@ -143,7 +143,7 @@ class PoolCollector(Collector):
             if not state.up:
                 down.add_metric([backend, pool, state.reason or "unknown"], 1)
             inner = self.manager.backends[(backend, pool)].inner
-            if isinstance(inner, Discovers):
+            if isinstance(inner, Discovers) and inner.finds_disks:
                 outcomes = collections.Counter(verdict.partition(":")[0] for verdict in dict(inner.discovered).values())
                 for outcome in ("used", "blank", "refused"):
                     disks.add_metric([backend, pool, outcome], outcomes.get(outcome, 0))

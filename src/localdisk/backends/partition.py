@@ -360,6 +360,10 @@ class PartitionBackend:
         self._claims.release(self._owner)
 
     @property
+    def finds_disks(self) -> bool:
+        return self.config.match is not None
+
+    @property
     def refresh_interval(self) -> float:
         """Half the views' age limit: re-read in the background well before a read would have to wait for it; as
         often as discovery is due if that is sooner."""
