@@ -24,7 +24,6 @@ import anyio
 import typer
 
 from localdisk.commands.output import emit_json, table
-from localdisk.discovery import Claims, DiskRules, summary, survey
 from localdisk.errors import CommandFailed, LocalDiskError
 from localdisk.runner import CommandRunner
 
@@ -146,6 +145,8 @@ def _cgroup() -> Check:
 
 
 async def _pools(runner: CommandRunner, config: NodeConfig) -> list[Check]:
+    from localdisk.discovery import Claims, DiskRules, summary, survey  # pydantic: kept out of `localdisk --help`
+
     checks: list[Check] = []
     claims = Claims()  # the disks every partition pool lists, so discovery reports them as taken
     for pool in config.pools:
