@@ -21,18 +21,21 @@ from localdisk.backends.gpt import parse_sfdisk
 from localdisk.backends.partition import LABEL_MARK, PartitionBackend, PartitionPoolConfig
 from localdisk.commands.doctor import run_checks
 from localdisk.discovery import Claims
+from localdisk.manager import VolumeManager
 from localdisk.model import VolumeSpec
 from localdisk.runner import CommandRunner
 from localdisk.sizes import MiB
 from tests.loopdisks import loop_disks, needs_loop_devices
-from tests.test_discovery_loop import digest, signatures
+from tests.test_discovery_loop import digest, growable_disk, signatures
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
 RUNNER = CommandRunner(default_timeout=60)
 
 
-def pool(name: str, disks: Sequence[str], claims: Claims, **settings: Any) -> PartitionBackend:
-    rules = {"transport": "loop", "names": [Path(d).name for d in disks]}
+def pool(
+    name: str, disks: Sequence[str], claims: Claims, *, rules: dict[str, Any] | None = None, **settings: Any
+) -> PartitionBackend:
+    rules = {"transport": "loop", "names": [Path(d).name for d in disks], **(rules or {})}
     config = PartitionPoolConfig.model_validate({"match": rules, **settings})
     return PartitionBackend(name, config, RUNNER, claims=claims)
 
@@ -141,3 +144,22 @@ async def test_doctor_shows_what_the_rules_would_find_without_writing() -> None:
         assert f"/dev/{Path(blank).name} (64 MiB, loop, rotational): blank" in found.detail
         assert f"/dev/{Path(ext4).name} (64 MiB, loop, rotational): refused: carries ext4 signature(s)" in found.detail
         assert {d: digest(d) for d in (blank, ext4)} == before
+
+
+@needs_loop_devices
+async def test_a_pool_with_no_matching_disk_is_down_and_comes_up_when_one_appears() -> None:
+    async with growable_disk(8 * MiB) as (late, grow):
+        backend = pool("later", [late], Claims(), rules={"min_size": "48Mi"}, setup=True)
+        manager = VolumeManager({("partition", "later"): backend}, {})
+        await manager.open()
+        state = manager.pool_states()[("partition", "later")]
+        assert not state.up and state.reason is not None and "no disk yet: no disk matches the rules" in state.reason
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(manager.retry_unavailable, 0.1)
+            grow(64 * MiB)
+            with anyio.fail_after(60):
+                while not manager.pool_states()[("partition", "later")].up:
+                    await anyio.sleep(0.05)
+            tasks.cancel_scope.cancel()
+        assert (await manager.capacity("partition", "later")).available_bytes > 48 * MiB
+        await manager.aclose()
