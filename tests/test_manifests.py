@@ -201,7 +201,11 @@ def test_storage_classes_use_known_parameters_and_configured_pools() -> None:
         pools = data["pools"][backend]
         pool = sc["parameters"].get("pool")
         if pool is None:
-            assert sum(bool(p.get("default")) for p in pools.values()) == 1 or len(pools) == 1, name
+            defaults = [p for p in pools.values() if p.get("default")]
+            # One default per node: one pool, or each default for a node group (for_node checks the overlaps).
+            assert (
+                len(defaults) == 1 or len(pools) == 1 or all(p.get("node_labels") or p.get("nodes") for p in defaults)
+            ), name
         else:
             assert pool in pools, f"{name}: pool {pool!r} is not in the ConfigMap"
 

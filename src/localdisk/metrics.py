@@ -7,6 +7,7 @@ never shows numbers older than the pool's cache, and nothing polls when nobody s
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Iterable, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -15,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from localdisk.discovery import Discovers
 from localdisk.errors import LocalDiskError
 from localdisk.manager import VolumeManager
 from localdisk.model import Capacity
@@ -130,11 +132,22 @@ class PoolCollector(Collector):
             "1 for a pool that is down, with the reason (the other pools and the Node service keep working)",
             labels=["backend", "pool", "reason"],
         )
+        disks = GaugeMetricFamily(
+            f"{PREFIX}_disks_discovered",
+            "Disks a pool's [match] rules matched at the last discovery pass, by outcome: used, blank (left alone"
+            " without setup = true) or refused (the reason is in the log)",
+            labels=["backend", "pool", "outcome"],
+        )
         for (backend, pool), state in self.manager.pool_states().items():
             up.add_metric([backend, pool], 1 if state.up else 0)
             if not state.up:
                 down.add_metric([backend, pool, state.reason or "unknown"], 1)
-        yield from (up, down)
+            inner = self.manager.backends[(backend, pool)].inner
+            if isinstance(inner, Discovers) and inner.finds_disks:
+                outcomes = collections.Counter(verdict.partition(":")[0] for verdict in dict(inner.discovered).values())
+                for outcome in ("used", "blank", "refused"):
+                    disks.add_metric([backend, pool, outcome], outcomes.get(outcome, 0))
+        yield from (up, down, disks)
 
     async def _figures(self) -> list[tuple[tuple[str, str], Capacity, list[int]]]:
         out: list[tuple[tuple[str, str], Capacity, list[int]]] = []

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import struct
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -53,6 +55,7 @@ class Table:
     first_lba: int
     last_lba: int  # last usable sector, inclusive (as GPT headers and sfdisk spell it)
     partitions: tuple[Partition, ...]
+    label_id: str = ""  # the disk GUID, upper case as sfdisk prints it
 
     def by_uuid(self, uuid: str) -> Partition | None:
         uuid = uuid.lower()
@@ -137,6 +140,7 @@ def parse_sfdisk(text: str, device: str) -> Table:
             first_lba=int(raw["firstlba"]),
             last_lba=int(raw["lastlba"]),
             partitions=tuple(sorted(parts, key=lambda p: p.number)),
+            label_id=str(raw.get("id", "")).upper(),
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise BackendFailure(f"cannot read the partition table of {device}: unexpected sfdisk output ({exc})") from exc
@@ -172,3 +176,26 @@ def parse_wipefs(text: str) -> list[Signature]:
         return [Signature(str(s["type"]), int(str(s["offset"]), 0)) for s in raw]
     except (ValueError, KeyError, TypeError) as exc:
         raise BackendFailure(f"unexpected wipefs output: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Header:
+    """The fields of a GPT header (primary or backup) that tell whose label it is and where its entries lie."""
+
+    disk_guid: str  # upper case, as sfdisk prints it
+    entries_lba: int
+    entries: int
+    entry_size: int
+
+
+def parse_header(sector: bytes) -> Header | None:
+    """A GPT header read raw from its sector, or None when the sector holds none ("EFI PART" missing)."""
+    if len(sector) < 92 or sector[:8] != b"EFI PART":
+        return None
+    entries_lba, entries, entry_size = struct.unpack_from("<QII", sector, 72)
+    return Header(str(uuid.UUID(bytes_le=bytes(sector[56:72]))).upper(), entries_lba, entries, entry_size)
+
+
+def has_protective_mbr(sector: bytes) -> bool:
+    """Whether LBA 0 holds a protective MBR: the boot signature and a first entry of type 0xEE."""
+    return len(sector) >= 512 and sector[510:512] == b"\x55\xaa" and sector[450] == 0xEE

@@ -34,6 +34,7 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import logging
 import math
 import os
 import re
@@ -48,12 +49,21 @@ from typing import Literal
 
 import anyio
 import anyio.to_thread
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from localdisk import crypt
 from localdisk.backend import finish_despite_cancellation
-from localdisk.backends.gpt import Partition, Table, best_fit, parse_sfdisk, parse_wipefs
+from localdisk.backends.gpt import (
+    Partition,
+    Table,
+    best_fit,
+    has_protective_mbr,
+    parse_header,
+    parse_sfdisk,
+    parse_wipefs,
+)
 from localdisk.blockdev import erase_signatures, open_exclusive, zero_out
+from localdisk.discovery import CLAIMS, HOST, Claims, DiskRules, Roots, summary, survey
 from localdisk.errors import (
     BackendFailure,
     Busy,
@@ -61,6 +71,7 @@ from localdisk.errors import (
     ConfigError,
     FailedPrecondition,
     InsufficientCapacity,
+    LocalDiskError,
     NotFound,
     OutOfRange,
     Unsupported,
@@ -85,7 +96,10 @@ _UDEV_CONTROL = Path("/run/udev/control")
 _KERNEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 VIEW_MAX_AGE = 30.0  # seconds a cached table is trusted for changes made outside localdisk
 _SFDISK_WRITE = ["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel"]  # write the table, leave the kernel alone
+LABEL_MARK = "10CA1D15"  # the first 8 hex digits of the disk GUID of every GPT label localdisk writes
+DISCOVER_INTERVAL = 60.0  # seconds between discovery passes of a pool with `match`
 assert len(READY_PREFIX) + KEY_LENGTH <= GPT_NAME_LIMIT
+log = logging.getLogger(__name__)
 
 
 def volume_key(name: str) -> str:
@@ -108,9 +122,69 @@ def is_ready(part: Partition) -> bool:
     return is_ours(part) and part.name.startswith(READY_PREFIX)
 
 
+def _pool_mark(pool: str) -> str:
+    return hashlib.sha256(pool.encode()).hexdigest()[:7].upper()
+
+
+def label_id(pool: str) -> str:
+    """A fresh disk GUID for a label localdisk writes for `pool`: `10CA1D15-PPPP-4PPP-xxxx-xxxxxxxxxxxx`, the mark,
+    28 bits of the pool name's hash, and random bits (a valid version 4 UUID). Discovery takes a GPT disk only when
+    its GUID says localdisk labelled it for this very pool; a foreign GPT disk carries a random GUID (a 1 in 2**60
+    chance to look like ours)."""
+    mark, rest = _pool_mark(pool), uuid.uuid4().hex.upper()
+    return f"{LABEL_MARK}-{mark[:4]}-4{mark[4:]}-{rest[16:20]}-{rest[20:]}"
+
+
+def labelled_for(table: Table) -> str | None:
+    """The pool mark of a label localdisk wrote (see `label_id`), or None for any other GPT."""
+    return _mark_of(table.label_id)
+
+
+def _mark_of(disk_guid: str) -> str | None:
+    guid = disk_guid.upper().replace("-", "")
+    return guid[8:12] + guid[13:16] if len(guid) == 32 and guid.startswith(LABEL_MARK) else None
+
+
+def unfinished_label(device: str, pool: str) -> bool:
+    """Whether `device` holds what a label write of `pool` cut off before its last write leaves (see `_label`): no
+    protective MBR yet, and a GPT header, primary or backup, whose disk GUID marks `pool` and whose entry array is
+    all zeros. Reads only. No foreign disk looks so: its GUID would have to carry the mark (1 in 2**60)."""
+    sector = int(_read_text(_SYSFS_BLOCK / Path(device).name / "queue" / "logical_block_size") or 512)
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if has_protective_mbr(os.pread(fd, 512, 0)):
+            return False
+        last = os.lseek(fd, 0, os.SEEK_END) // sector - 1
+        for lba in (1, last):
+            header = parse_header(os.pread(fd, sector, lba * sector))
+            if header is None or _mark_of(header.disk_guid) != _pool_mark(pool):
+                continue
+            length = header.entries * header.entry_size
+            if 0 < length <= 4 * MiB and not any(os.pread(fd, length, header.entries_lba * sector)):
+                return True
+        return False
+    finally:
+        os.close(fd)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
 class PartitionPoolConfig(PoolConfig):
-    disks: tuple[str, ...] = Field(min_length=1)
-    """Whole disks the pool may partition, by stable path (/dev/disk/by-id/...). No other disk is ever touched."""
+    disks: tuple[str, ...] = ()
+    """Whole disks the pool may partition, by stable path (/dev/disk/by-id/...), under the `adopt` rules."""
+    match: DiskRules | None = None
+    """Disks found by rules instead (or as well): see `localdisk.discovery`. Only a blank matching disk, or one
+    localdisk labelled for this pool, is used; `adopt` does not apply to them."""
+    setup: bool = False
+    """With `match`: write localdisk's GPT label on a blank matching disk, making it part of the pool (also one
+    attached while the server runs). Without it such a disk is reported and left alone."""
+    discover_seconds: float = Field(default=DISCOVER_INTERVAL, gt=0)
+    """With `match`: how often the disks are looked over again for new matching ones."""
     adopt: Literal["never", "free-space", "erase"] = "never"
     """What to do with a disk that is not blank. `never`: refuse it unless it is a GPT disk holding only localdisk
     partitions. `free-space`: also share a GPT disk with partitions localdisk did not make, using only its free space
@@ -126,6 +200,14 @@ class PartitionPoolConfig(PoolConfig):
     """How long GetCapacity, ListVolumes and lookups may answer from the cached partition tables, so how late they
     see a change made to the disks by anything but localdisk (0: read the disks on every call). Changes always
     re-read their disk first."""
+
+    @model_validator(mode="after")
+    def _some_disks(self) -> PartitionPoolConfig:
+        if not self.disks and self.match is None:
+            raise ValueError("give the pool's disks, by path (disks = [...]) or by rules ([...match] table)")
+        if self.setup and self.match is None:
+            raise ValueError("setup = true needs a [...match] table: it labels blank disks the rules find")
+        return self
 
     @field_validator("disks")
     @classmethod
@@ -227,7 +309,14 @@ class PartitionBackend:
     kind = "partition"
 
     def __init__(
-        self, pool: str, config: PartitionPoolConfig, runner: CommandRunner, *, view_max_age: float = 0.0
+        self,
+        pool: str,
+        config: PartitionPoolConfig,
+        runner: CommandRunner,
+        *,
+        view_max_age: float = 0.0,
+        claims: Claims = CLAIMS,
+        roots: Roots = HOST,
     ) -> None:
         self.pool = pool
         self.config = config
@@ -242,6 +331,14 @@ class PartitionBackend:
         self._max_age = view_max_age
         self._creating: Counter[str] = Counter()  # keys of the creates running in this process
         self._reclaiming: set[str] = set()  # keys whose pending partition `reclaim_pending` is removing
+        self._owner = f"partition pool {pool!r}"
+        self._claims = claims
+        self._roots = roots
+        claims.name(self._owner, config.disks)
+        self._discovering = anyio.Lock()
+        self._discovered_at = -math.inf
+        self.discovered: dict[str, str] = {}  # kernel name -> what the last discovery pass made of that disk
+        self._summary = ""
 
     # -- lifecycle --------------------------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -254,16 +351,28 @@ class PartitionBackend:
                 leftovers = await self._prepare(disk)
             for part in leftovers:
                 await self._remove(disk, part, zero=False)
+        if self.config.match is not None:
+            await self.discover()
+            if not self._disks:
+                raise FailedPrecondition(f"{self._owner} has no disk yet: {self._summary}")
 
     async def aclose(self) -> None:
-        return None
+        self._claims.release(self._owner)
+
+    @property
+    def finds_disks(self) -> bool:
+        return self.config.match is not None
 
     @property
     def refresh_interval(self) -> float:
-        """Half the views' age limit: re-read in the background well before a read would have to wait for it."""
-        return self._max_age / 2
+        """Half the views' age limit: re-read in the background well before a read would have to wait for it; as
+        often as discovery is due if that is sooner."""
+        intervals = [self._max_age / 2, self.config.discover_seconds if self.config.match is not None else 0]
+        return min((i for i in intervals if i > 0), default=0.0)
 
     async def refresh_state(self) -> None:
+        if self.config.match is not None and time.monotonic() - self._discovered_at >= self.config.discover_seconds:
+            await self.discover()
         for disk in self._disks:
             if disk.table is None or time.monotonic() - disk.read_at >= self.refresh_interval:
                 async with disk.lock:
@@ -322,8 +431,83 @@ class PartitionBackend:
         return [p for p in ours if not is_ready(p)]
 
     async def _label(self, disk: _Disk) -> None:
-        await self.runner.run(["parted", "--script", "--", disk.device(), "mklabel", "gpt"])
+        """Write an empty GPT whose disk GUID marks it as this pool's (`label_id`): one sfdisk run, five writes
+        (backup entries, backup header, primary entries, primary header, protective MBR). A crash before the
+        second leaves the disk blank; after it and before the last, a header carrying this pool's mark without a
+        protective MBR, which `unfinished_label` recognises and the next discovery pass labels again."""
+        script = f"label: gpt\nlabel-id: {label_id(self.pool)}\n".encode()
+        await self.runner.run([*_SFDISK_WRITE, "--wipe", "never", "--", disk.device()], input=script)
         await self._settle(disk.device(), await self._read(disk))
+
+    # -- discovery (`match`) ----------------------------------------------------------------------------------------
+    async def discover(self) -> list[str]:
+        """One discovery pass: survey the disks the rules match and add to the pool those that are blank (labelling
+        them, with `setup`) or labelled for it already; returns the kernel names added. Logs a line when the
+        outcome differs from the last pass's; `discovered` keeps it for metrics and `doctor`."""
+        rules = self.config.match
+        assert rules is not None
+        async with self._discovering:
+            used = {Path(d.device()).name for d in self._disks}
+            result = await survey(rules, self._owner, self.runner, claims=self._claims, roots=self._roots, in_pool=used)
+            self._discovered_at = time.monotonic()
+            decided: dict[str, str] = {}
+            added: list[_Disk] = []
+            for finding in result.findings:
+                name = finding.disk.name
+                if name in used:
+                    decided[name] = "used"
+                elif finding.state == "refused" or not self._claims.take(self._owner, name):
+                    decided[name] = f"refused: {finding.reason or 'taken by another pool'}"
+                else:
+                    disk = _Disk(finding.disk.path, self._max_age)
+                    try:
+                        decided[name] = await self._adopt_found(disk, finding.state == "blank")
+                    except (LocalDiskError, OSError) as exc:
+                        decided[name] = f"refused: {getattr(exc, 'message', None) or exc}"
+                    if decided[name].startswith("used"):
+                        added.append(disk)
+                    else:
+                        self._claims.drop(self._owner, name)
+            self._disks = [*self._disks, *added]
+            self.discovered = decided
+            line = summary(result, decided)
+            if line != self._summary:
+                log.info("%s: disk discovery: %s", self._owner, line)
+                self._summary = line
+            return [Path(d.device()).name for d in added]
+
+    async def _adopt_found(self, disk: _Disk, blank: bool) -> str:
+        """What to make of a disk discovery found blank or partitioned: "used" (and it is ready), or why not."""
+        async with disk.lock:
+            device = disk.device()
+            if blank:
+                if not self.config.setup:
+                    return "blank: left alone, set setup = true to let localdisk label it"
+                # Looked at again right before the write: nothing may have appeared on it since the survey.
+                if parse_wipefs((await self.runner.run(["wipefs", "--json", "--", device])).text):
+                    return "refused: no longer blank"
+                await self._label(disk)
+                log.info("%s: labelled blank disk %s", self._owner, device)
+                return "used: labelled now"
+            if await anyio.to_thread.run_sync(unfinished_label, device, self.pool):
+                if not self.config.setup:
+                    return "refused: a label of this pool cut off half-way; set setup = true to finish it"
+                await self._label(disk)
+                log.info("%s: finished the label cut off on disk %s", self._owner, device)
+                return "used: label finished"
+            table = await self._read(disk)
+            mark = labelled_for(table)
+            if mark is None:
+                return "refused: a GPT localdisk did not write; list it under disks to adopt it"
+            if mark != _pool_mark(self.pool):
+                return "refused: labelled by localdisk for another pool"
+            if any(not is_ours(p) for p in table.partitions):
+                return "refused: holds partitions localdisk did not create"
+            await self._settle(device, table)
+            leftovers = [p for p in table.partitions if is_ours(p) and not is_ready(p)]
+        for part in leftovers:
+            await self._remove(disk, part, zero=False)
+        return "used"
 
     # -- reading ----------------------------------------------------------------------------------------------------
     async def _read(self, disk: _Disk) -> Table:

@@ -145,7 +145,12 @@ def _cgroup() -> Check:
 
 
 async def _pools(runner: CommandRunner, config: NodeConfig) -> list[Check]:
+    from localdisk.discovery import Claims, DiskRules, summary, survey  # pydantic: kept out of `localdisk --help`
+
     checks: list[Check] = []
+    claims = Claims()  # the disks every partition pool lists, so discovery reports them as taken
+    for pool in config.pools:
+        claims.name(f"partition pool {pool.name!r}", getattr(pool.config, "disks", ()))
     for pool in config.pools:
         where = f"pool {pool.backend}/{pool.name}"
         settings = pool.config.model_dump()
@@ -163,14 +168,21 @@ async def _pools(runner: CommandRunner, config: NodeConfig) -> list[Check]:
         elif pool.backend == "partition":
             disks = [str(d) for d in settings.get("disks", [])]
             missing = [d for d in disks if not _is_block(d)]
-            checks.append(
-                Check(
-                    where,
-                    not missing,
-                    f"{len(disks)} disk(s)" + (f", missing: {missing}" if missing else ""),
-                    "" if not missing else "fix the disk paths (use /dev/disk/by-id/...)",
+            rules = getattr(pool.config, "match", None)
+            if disks or rules is None:
+                checks.append(
+                    Check(
+                        where,
+                        not missing,
+                        f"{len(disks)} disk(s)" + (f", missing: {missing}" if missing else ""),
+                        "" if not missing else "fix the disk paths (use /dev/disk/by-id/...)",
+                    )
                 )
-            )
+            if isinstance(rules, DiskRules):  # what discovery would make of the disks, read-only
+                found = await survey(rules, f"partition pool {pool.name!r}", runner, claims=claims)
+                usable = any(f.state != "refused" for f in found.findings)
+                fix = "no disk the rules match is blank or this pool's: see docs/deploy.md, Disks by rules"
+                checks.append(Check(f"{where} rules", usable, summary(found, {}), "" if usable else fix))
     return checks
 
 
