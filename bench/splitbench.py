@@ -206,7 +206,8 @@ def run_shape(shape: str, disk: str, repeats: int, count: int) -> dict[str, Any]
             scheduler.__exit__(None, None, None)
         KEEP.clear()
         plane.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        if not os.environ.get("BENCH_SPLIT_KEEP"):  # set it to read the processes' logs afterwards
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> None:
@@ -217,9 +218,12 @@ def main() -> None:
     count = int(os.environ.get("BENCH_SPLIT_CLAIMS", "50"))
     results: dict[str, Any] = {}
     with loop_disk(count * CLAIM + 1 * GiB) as disk:
-        for shape in ("per-node", "split"):
+        for shape in os.environ.get("BENCH_SPLIT_SHAPES", "per-node,split").split(","):
             subprocess.run(["wipefs", "--all", "--quiet", disk], check=True)  # each shape starts from a blank disk
             results[shape] = run_shape(shape, disk, repeats, count)
+    if len(results) < 2:
+        print(json.dumps(results, indent=2))
+        return
     print()
     print(f"PVC to Bound (partition pool, {CLAIM // MiB} MiB claims), ms")
     print(f"{'case':<22}{'per-node p50/p95':>20}{'split p50/p95':>18}{'split/per-node p50':>22}")
