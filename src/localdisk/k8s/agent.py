@@ -57,8 +57,9 @@ class AgentSettings:
     node: str
     heartbeat: float = 10.0
     """Seconds between two LocalNode updates; the controller treats a node silent for 3 of them as gone."""
-    resync: float = 30.0
-    """Seconds between passes over every object of this node (a failed status write, a missed event)."""
+    resync: float = 15.0
+    """Seconds between passes over every object of this node, listed afresh (a failed status write, a lagging
+    watch)."""
     workers: int = 4
     """Objects reconciled at once."""
     busy_retry: float = 2.0
@@ -107,12 +108,7 @@ class NodeAgent:
 
     async def _watch(self, plural: str) -> None:
         async def on_relist(items: list[Any]) -> None:
-            names = {item["metadata"]["name"] for item in items}
-            cache: dict[str, Any] = self.volumes if plural == VOLUMES else self.snapshots
-            for gone in set(cache) - names:
-                del cache[gone]
-            for item in items:
-                self._store(plural, item)
+            self._replace(plural, items)
             if plural == VOLUMES:
                 self._volumes_listed = True
             else:
@@ -137,6 +133,14 @@ class NodeAgent:
             plural=plural,
             label_selector=node_selector(self.settings.node),
         )
+
+    def _replace(self, plural: str, items: list[Any]) -> None:
+        names = {item["metadata"]["name"] for item in items}
+        cache: dict[str, Any] = self.volumes if plural == VOLUMES else self.snapshots
+        for gone in set(cache) - names:
+            del cache[gone]
+        for item in items:
+            self._store(plural, item)
 
     def _store(self, plural: str, item: dict[str, Any]) -> None:
         if plural == VOLUMES:
@@ -182,12 +186,23 @@ class NodeAgent:
             self._group.start_soon(requeue)
 
     async def _resync_forever(self) -> None:
+        """Every `resync` seconds, list this node's objects afresh and look at each: a watch can lag (the first one
+        on a new resource has, for tens of seconds), and a status write can have failed."""
         while True:
             await anyio.sleep(self.settings.resync)
-            for name in list(self.volumes):
-                self._enqueue((VOLUMES, name))
-            for name in list(self.snapshots):
-                self._enqueue((SNAPSHOTS, name))
+            for plural in (VOLUMES, SNAPSHOTS):
+                try:
+                    listed = await self.custom.list_cluster_custom_object(
+                        GROUP,
+                        VERSION,
+                        plural,
+                        label_selector=node_selector(self.settings.node),
+                        _request_timeout=REQUEST_TIMEOUT,
+                    )
+                except TRANSIENT as exc:
+                    log.warning("listing %s failed (%s); the watch and the next resync go on", plural, exc)
+                    continue
+                self._replace(plural, list(listed.get("items") or []))
 
     # -- what the Node service asks ---------------------------------------------------------------------------------
 

@@ -51,6 +51,8 @@ class ClusterSettings:
     timeout is 60 s by default)."""
     stale_after: float = 60.0
     """A node whose LocalNode heartbeat is older than this offers no capacity."""
+    poll: float = 2.0
+    """Seconds a waiting call goes without a change from the watch before it reads its object itself."""
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,9 @@ class ClusterVolumes:
         With `since` (the resourceVersion our own write returned), the watch must first have delivered that write
         (or relisted since): until then the cache holds the state before it (the error we just cleared, say),
         which is no answer to this call. The node's answer may follow our write at once, so the last few versions
-        of each object are remembered, not only the newest."""
+        of each object are remembered, not only the newest. Every `poll` seconds without a change, the object is
+        read from the API server: a watch that lags (the first one on a new resource can, for tens of seconds)
+        only slows the answer down to that."""
         relists = self._relists
         caught_up = not since
         with anyio.move_on_after(self.settings.answer_timeout):
@@ -186,14 +190,30 @@ class ClusterVolumes:
             while True:
                 changed = self._changed
                 if not caught_up:
-                    found = self._cache(plural).get(name)
-                    caught_up = self._relists != relists or (found is not None and found.resource_version == since)
+                    caught_up = self._relists != relists or since in self._recent.get((plural, name), ())
                 if caught_up:
                     result = check()
                     if result is not None:
                         return result
-                await changed.wait()
+                with anyio.move_on_after(self.settings.poll):
+                    await changed.wait()
+                if not changed.is_set() and plural and await self._refresh(plural, name):
+                    caught_up = True  # what the API server says now is newer than our write
         raise Busy(f"{what}: no answer within {self.settings.answer_timeout:.0f}s; retry")
+
+    async def _refresh(self, plural: str, name: str) -> bool:
+        """Read one object into the cache (or drop it there when it is gone); False when the API did not answer."""
+        try:
+            item = await self.custom.get_cluster_custom_object(
+                GROUP, VERSION, plural, name, _request_timeout=REQUEST_TIMEOUT
+            )
+        except TRANSIENT as exc:
+            if not is_status(exc, 404):
+                return False
+            self._cache(plural).pop(name, None)
+            return True
+        self._store(plural, "MODIFIED", item)
+        return True
 
     async def ready(self) -> None:
         with anyio.move_on_after(self.settings.answer_timeout):
@@ -283,7 +303,7 @@ class ClusterVolumes:
                 raise error_from_status(found.error, f"node {found.node}")
             return None
 
-        await self._until(gone, f"deleting volume {volume_id}")
+        await self._until(gone, f"deleting volume {volume_id}", plural=VOLUMES, name=volume_id)
 
     def volume(self, volume_id: str) -> VolumeObject:
         found = self.volumes.get(volume_id)
@@ -381,7 +401,7 @@ class ClusterVolumes:
                 raise error_from_status(found.error, f"node {found.node}")
             return None
 
-        await self._until(gone, f"deleting snapshot {snapshot_id}")
+        await self._until(gone, f"deleting snapshot {snapshot_id}", plural=SNAPSHOTS, name=snapshot_id)
 
     def snapshot(self, snapshot_id: str) -> SnapshotObject:
         found = self.snapshots.get(snapshot_id)
