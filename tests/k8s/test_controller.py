@@ -93,3 +93,37 @@ def test_cli_controller_without_a_cluster_fails_with_a_message(tmp_path: Path, m
 def test_names_match_the_csi_layer() -> None:
     assert localdisk.k8s.DRIVER_NAME == localdisk.csi.DRIVER_NAME
     assert localdisk.k8s.TOPOLOGY_KEY == localdisk.csi.TOPOLOGY_KEY
+
+
+async def test_healthz_fails_while_the_api_server_keeps_failing_and_recovers_without_a_restart(
+    fake: FakeKubernetes, kubeconfig: str
+) -> None:
+    port = free_port()
+    settings = ControllerSettings(
+        namespace="localdisk",
+        identity="replica-1",
+        http_host="127.0.0.1",
+        http_port=port,
+        kubeconfig=kubeconfig,
+        unhealthy_after=0.5,
+    )
+    fake.fail("GET", "/api/v1/nodes", 500, times=1000)
+    url = f"http://127.0.0.1:{port}/healthz"
+
+    async def status(http: aiohttp.ClientSession) -> int:
+        try:
+            async with http.get(url) as response:
+                return response.status
+        except aiohttp.ClientConnectionError:
+            return 0  # not listening yet
+
+    async with aiohttp.ClientSession() as http:
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as group:
+                group.start_soon(main, settings)
+                while await status(http) != 503:
+                    await anyio.sleep(0.05)
+                fake.faults.clear()  # the API server is back: the watch's next try succeeds
+                while await status(http) != 200:
+                    await anyio.sleep(0.05)
+                group.cancel_scope.cancel()

@@ -39,6 +39,9 @@ class ControllerSettings:
     """Address for /healthz and /metrics; None listens on every interface (what a pod wants)."""
     http_port: int = 8080
     """0 turns the HTTP server off."""
+    unhealthy_after: float = 60.0
+    """/healthz fails once the watch of Nodes has failed for this many seconds in a row (the API server away, the
+    rights gone); the process keeps retrying with backoff meanwhile, it does not exit."""
     kubeconfig: str | None = None
 
 
@@ -93,7 +96,11 @@ async def run_controller(settings: ControllerSettings, extensions: ExtensionFact
             registry=registry,
             extensions=extensions(api) if extensions is not None else (),
         )
-        runner = await _serve_http(settings, registry) if settings.http_port else None
+
+        def failing() -> float:
+            return node_loss.pacer.failing_for()
+
+        runner = await _serve_http(settings, registry, failing) if settings.http_port else None
         try:
             await elector.run(node_loss.run)
         finally:
@@ -102,8 +109,13 @@ async def run_controller(settings: ControllerSettings, extensions: ExtensionFact
                     await runner.cleanup()
 
 
-async def _serve_http(settings: ControllerSettings, registry: CollectorRegistry) -> web.AppRunner:
+async def _serve_http(
+    settings: ControllerSettings, registry: CollectorRegistry, failing: Callable[[], float]
+) -> web.AppRunner:
     async def healthz(request: web.Request) -> web.Response:
+        seconds = failing()
+        if seconds >= settings.unhealthy_after:
+            return web.Response(status=503, text=f"the API server has been failing for {seconds:.0f}s\n")
         return web.Response(text="ok\n")
 
     async def metrics(request: web.Request) -> web.Response:
