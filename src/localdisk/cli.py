@@ -93,6 +93,14 @@ def serve(
         str | None,
         typer.Option(envvar="KUBELET_DIR", help="kubelet's root directory; overrides node.kubelet_dir of the config."),
     ] = None,
+    adopt: Annotated[
+        bool,
+        typer.Option(
+            envvar="LOCALDISK_ADOPT",
+            help="--role node: at start, make a LocalVolume for every volume on this node's disks that none points"
+            " to (moving from the per-node shape).",
+        ),
+    ] = False,
 ) -> None:
     """Run the CSI server on a unix socket, in one of three roles (--role)."""
     import anyio
@@ -136,7 +144,18 @@ def serve(
             from localdisk.csi.roles import run_node
 
             report = orphan_report is not False
-            args = (kubeconfig, manager, node, endpoint, metrics, metrics_address, cfg, report, orphan_delete_after)
+            args = (
+                kubeconfig,
+                manager,
+                node,
+                endpoint,
+                metrics,
+                metrics_address,
+                cfg,
+                report,
+                orphan_delete_after,
+                adopt,
+            )
             anyio.run(run_node, *args)
             return
         background = _orphan_reporter(node, orphan_report, orphan_delete_after, metrics) + _pool_events(node)

@@ -8,17 +8,22 @@ Two storage nodes without a kubelet: n1 with a 1 GiB pool, n2 with 2 GiB. One co
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import yaml
+from grpclib.client import Channel
 
+from localdisk._proto.csi.v1 import ControllerStub, DeleteVolumeRequest
 from localdisk.k8s import DRIVER_NAME, TOPOLOGY_KEY
 from localdisk.k8s.crd import FINALIZER, GROUP, NODE_LABEL, VERSION
 from localdisk.sizes import GiB, MiB
@@ -491,3 +496,87 @@ def test_the_objects_of_a_lost_node_are_released_after_the_grace_period_except_r
 
 def _gone(api: controlplane.Api, plural: str, name: str) -> bool:
     return not any(i["metadata"]["name"] == name for i in api.get(f"/apis/{GROUP}/{VERSION}/{plural}")["items"])
+
+
+def test_a_volume_of_the_per_node_shape_is_adopted_and_deleted_through_the_controller(split: Split) -> None:
+    plane = split.plane
+    image = plane.work / "n3.img"
+    with image.open("wb") as handle:
+        handle.truncate(256 * MiB)
+    disk = subprocess.run(
+        ["losetup", "--find", "--show", "--partscan", "--", str(image)], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    config = plane.work / "n3-partition.toml"
+    config.write_text(
+        f'[node]\nkubelet_dir = "{plane.work / "n3" / "kubelet"}"\n'
+        f'[pools.partition.default]\ndefault = true\ndisks = ["{disk}"]\nadopt = "never"\n'
+    )
+    agent = None
+    adopt_rbac = [d for d in yaml.safe_load_all((DEPLOY / "migration" / "adopt-rbac.yaml").read_text()) if d]
+    for doc in adopt_rbac:
+        plane.admin.apply(doc)
+    try:
+        # made by the per-node shape: a partition whose PV would carry its on-disk ID
+        made = subprocess.run(
+            [
+                localdisk_command(),
+                "volume",
+                "create",
+                "pvc-old",
+                "--size=64Mi",
+                "--backend=partition",
+                f"--config={config}",
+                "--json",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        old_id = json.loads(made.stdout)["id"]
+        assert old_id.startswith("partition:default:")
+        socket_path = plane.work / "n3.sock"
+        agent = plane._start(
+            "localdisk-n3",
+            [
+                localdisk_command(),
+                "serve",
+                "--role=node",
+                "--adopt",
+                f"--kubeconfig={plane.node_kubeconfig}",
+                f"--endpoint=unix://{socket_path}",
+                "--node-id=n3",
+                f"--config={config}",
+                "--log-format=text",
+                "--no-orphan-report",
+            ],
+        )
+
+        # found by its on-disk ID (a partition keeps a hash of a long CSI name in its GPT label, not the name)
+        def by_handle() -> Obj | None:
+            items = split.api.get(VOLUMES)["items"]
+            return next((v for v in items if (v.get("status") or {}).get("handle") == old_id), None)
+
+        adopted = wait_for("the adopted LocalVolume", by_handle, 120)
+        assert adopted["spec"]["node"] == "n3" and adopted["status"]["phase"] == "Ready"
+        assert adopted["metadata"]["annotations"]["localdisk.csi.io/adopted"] == old_id
+
+        # the central controller deletes it by the old ID, through its object
+        async def delete() -> None:
+            async with Channel(path=str(plane.work / "controller.sock")) as channel:
+                await ControllerStub(channel).delete_volume(DeleteVolumeRequest(volume_id=old_id))
+
+        anyio.run(delete)
+        assert split.local_volume(adopted["metadata"]["name"]) is None
+        listed = subprocess.run(
+            [localdisk_command(), "volume", "list", f"--config={config}", "--json"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        assert json.loads(listed.stdout) == []
+    finally:
+        if agent is not None:
+            agent.stop()
+            plane.processes.remove(agent)
+        subprocess.run(["losetup", "--detach", disk], check=False)
+        plane.admin.delete("/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/localdisk-node-adopt")

@@ -72,11 +72,11 @@ def _nodes(requirement: TopologyRequirement | None) -> list[str]:
     return found
 
 
-def _legacy(volume_id: str) -> None:
-    if ":" in volume_id:
+def _snapshot_of_old_shape(snapshot_id: str) -> None:
+    if ":" in snapshot_id:
         raise FailedPrecondition(
-            f"volume {volume_id!r} has an ID of the per-node shape (<backend>:<pool>:<handle>); it is served by the"
-            " node that holds it and needs its LocalVolume adopted first (see docs/deploy.md, migration)"
+            f"snapshot {snapshot_id!r} has an ID of the per-node shape (<backend>:<pool>:<handle>); snapshots are not"
+            " adopted into LocalSnapshots: delete it before moving, or restore it with the per-node shape"
         )
 
 
@@ -132,9 +132,11 @@ class CentralControllerService(ControllerBase):
     async def create_volume(self, message: CreateVolumeRequest) -> CreateVolumeResponse:
         required, limit = checked_create(message, self.config)
         source = validate.content_source(message.volume_content_source)
-        if source is not None:
-            _legacy(source.id)
         await self.cluster.ready()
+        if source is not None and source.kind is SourceKind.SNAPSHOT:
+            _snapshot_of_old_shape(source.id)
+        elif source is not None:
+            source = ContentSource(source.kind, self.cluster.by_handle(source.id))
         node = self._place(message, required, source)
         volume = await self.cluster.create_volume(
             VolumeRequest(
@@ -154,8 +156,8 @@ class CentralControllerService(ControllerBase):
     @rpc
     async def delete_volume(self, message: DeleteVolumeRequest) -> DeleteVolumeResponse:
         validate.require(message.volume_id, "volume_id")
-        _legacy(message.volume_id)
-        await self.cluster.delete_volume(message.volume_id)
+        await self.cluster.ready()
+        await self.cluster.delete_volume(self.cluster.by_handle(message.volume_id))
         return DeleteVolumeResponse()
 
     @rpc
@@ -165,7 +167,7 @@ class CentralControllerService(ControllerBase):
         validate.require(message.volume_id, "volume_id")
         validate.require(message.volume_capabilities, "volume_capabilities")
         await self.cluster.ready()
-        self.cluster.volume(message.volume_id)
+        self.cluster.volume(self.cluster.by_handle(message.volume_id))
         try:
             validate.check_capabilities(message.volume_capabilities)
             validate.check_parameters(message.parameters)
@@ -229,7 +231,8 @@ class CentralControllerService(ControllerBase):
     async def controller_get_volume(self, message: ControllerGetVolumeRequest) -> ControllerGetVolumeResponse:
         validate.require(message.volume_id, "volume_id")
         await self.cluster.ready()
-        return ControllerGetVolumeResponse(volume=self._volume(self.cluster.volume(message.volume_id)))
+        volume = self.cluster.volume(self.cluster.by_handle(message.volume_id))
+        return ControllerGetVolumeResponse(volume=self._volume(volume))
 
     @rpc
     async def controller_expand_volume(self, message: ControllerExpandVolumeRequest) -> ControllerExpandVolumeResponse:
@@ -239,8 +242,8 @@ class CentralControllerService(ControllerBase):
         validate.require(required, "capacity_range.required_bytes")
         if message.volume_capability is not None:
             validate.check_capability(message.volume_capability, "volume_capability")
-        _legacy(message.volume_id)
-        volume = await self.cluster.expand_volume(message.volume_id, required, limit)
+        await self.cluster.ready()
+        volume = await self.cluster.expand_volume(self.cluster.by_handle(message.volume_id), required, limit)
         is_block = message.volume_capability is not None and message.volume_capability.block is not None
         return ControllerExpandVolumeResponse(capacity_bytes=volume.size_bytes, node_expansion_required=not is_block)
 
@@ -261,14 +264,14 @@ class CentralControllerService(ControllerBase):
     async def create_snapshot(self, message: CreateSnapshotRequest) -> CreateSnapshotResponse:
         validate.require(message.source_volume_id, "source_volume_id")
         validate.check_name(message.name)
-        _legacy(message.source_volume_id)
-        snapshot = await self.cluster.create_snapshot(message.source_volume_id, message.name)
+        await self.cluster.ready()
+        snapshot = await self.cluster.create_snapshot(self.cluster.by_handle(message.source_volume_id), message.name)
         return CreateSnapshotResponse(snapshot=self._snapshot(snapshot))
 
     @rpc
     async def delete_snapshot(self, message: DeleteSnapshotRequest) -> DeleteSnapshotResponse:
         validate.require(message.snapshot_id, "snapshot_id")
-        _legacy(message.snapshot_id)
+        _snapshot_of_old_shape(message.snapshot_id)
         await self.cluster.delete_snapshot(message.snapshot_id)
         return DeleteSnapshotResponse()
 

@@ -121,12 +121,13 @@ async def run_node(
     config: NodeConfig,
     orphan_report: bool = True,
     orphan_delete_after: float | None = None,
+    adopt: bool = False,
 ) -> None:
     """`serve --role node`: the Node service and the node agent, on one opened `VolumeManager`; beside them the
     pool-state Events and the orphan report (volumes no LocalVolume points to)."""
     api = await connect(kubeconfig)
     async with api:
-        agent = NodeAgent(api, manager, AgentSettings(node_id))
+        agent = NodeAgent(api, manager, AgentSettings(node_id, adopt=adopt))
 
         async def node_agent(_: VolumeManager) -> None:
             await agent.run()

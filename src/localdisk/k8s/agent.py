@@ -29,6 +29,7 @@ from kubernetes_asyncio import client
 from localdisk.errors import Busy, InvalidArgument, LocalDiskError, NotFound
 from localdisk.k8s.client import REQUEST_TIMEOUT, is_status, micro_time
 from localdisk.k8s.crd import (
+    ADOPTED,
     FINALIZER,
     GROUP,
     NODE_LABEL,
@@ -42,6 +43,7 @@ from localdisk.k8s.crd import (
     error_status,
     label_value,
     node_selector,
+    object_name,
 )
 from localdisk.k8s.watch import TRANSIENT, Pacer, list_and_watch
 from localdisk.manager import CreateRequest, VolumeManager
@@ -64,6 +66,9 @@ class AgentSettings:
     """Objects reconciled at once."""
     busy_retry: float = 2.0
     """Seconds before an object whose volume is busy (another operation on it) is tried again."""
+    adopt: bool = False
+    """At start, make a LocalVolume for every volume on this node's disks that none points to (moving from the
+    per-node shape, whose PVs hold `<backend>:<pool>:<handle>` IDs); see `adopt`."""
 
 
 class NodeAgent:
@@ -105,6 +110,8 @@ class NodeAgent:
             group.start_soon(self._watch, SNAPSHOTS)
             group.start_soon(self._report_forever)
             group.start_soon(self._resync_forever)
+            if self.settings.adopt:
+                group.start_soon(self._adopt_when_synced)
 
     async def _watch(self, plural: str) -> None:
         async def on_relist(items: list[Any]) -> None:
@@ -203,6 +210,71 @@ class NodeAgent:
                     log.warning("listing %s failed (%s); the watch and the next resync go on", plural, exc)
                     continue
                 self._replace(plural, list(listed.get("items") or []))
+
+    async def _adopt_when_synced(self) -> None:
+        await self.synced.wait()
+        try:
+            adopted = await self.adopt()
+        except (*TRANSIENT, LocalDiskError) as exc:
+            log.warning("adopting this node's volumes failed (%s); restart with --adopt to try again", exc)
+            return
+        log.info("adopted %d volume(s) into LocalVolume objects", len(adopted))
+
+    async def adopt(self) -> list[str]:
+        """Make a LocalVolume, Ready, for every volume on this node's disks that no object points to (by handle or
+        CSI name). Its handle is the volume's on-disk ID, which is also the volume ID of its PV in the per-node
+        shape: the controller finds it by that handle (`ClusterVolumes.by_handle`). Returns the adopted IDs."""
+        known_handles = {v.handle for v in self.volumes.values() if v.handle}
+        known_names = {v.csi_name for v in self.volumes.values()}
+        adopted = []
+        for volume in await self.manager.list_volumes():
+            if volume.id in known_handles or volume.name in known_names:
+                continue
+            name = object_name(volume.name)
+            body = {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "LocalVolume",
+                "metadata": {
+                    "name": name,
+                    "labels": {NODE_LABEL: label_value(self.settings.node)},
+                    "annotations": {ADOPTED: volume.id},
+                    "finalizers": [FINALIZER],
+                },
+                "spec": {
+                    "name": volume.name,
+                    "node": self.settings.node,
+                    "backend": volume.ref.backend,
+                    "pool": volume.ref.pool,
+                    "requiredBytes": volume.size_bytes,
+                    "limitBytes": 0,
+                    "encrypted": volume.encrypted,
+                },
+            }
+            try:
+                made = await self.custom.create_cluster_custom_object(
+                    GROUP, VERSION, VOLUMES, body, _request_timeout=REQUEST_TIMEOUT
+                )
+            except TRANSIENT as exc:
+                if is_status(exc, 409):
+                    log.warning("volume %s: object %s exists for another volume; not adopted", volume.id, name)
+                    continue
+                raise
+            generation = int(made["metadata"].get("generation") or 1)
+            await self._status(
+                VOLUMES,
+                name,
+                {
+                    "phase": "Ready",
+                    "handle": volume.id,
+                    "pool": volume.ref.pool,
+                    "sizeBytes": volume.size_bytes,
+                    "observedGeneration": generation,
+                    "error": None,
+                },
+            )
+            log.info("adopted volume %s (%s) as LocalVolume %s", volume.id, volume.name, name)
+            adopted.append(volume.id)
+        return adopted
 
     # -- what the Node service asks ---------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import anyio
 from kubernetes_asyncio import client
 
-from localdisk.errors import AlreadyExists, Busy, InvalidArgument, NotFound
+from localdisk.errors import AlreadyExists, Busy, FailedPrecondition, InvalidArgument, NotFound
 from localdisk.k8s.client import REQUEST_TIMEOUT, is_status
 from localdisk.k8s.crd import (
     API_VERSION,
@@ -304,6 +304,21 @@ class ClusterVolumes:
             return None
 
         await self._until(gone, f"deleting volume {volume_id}", plural=VOLUMES, name=volume_id)
+
+    def by_handle(self, volume_id: str) -> str:
+        """The object name for a volume ID of the per-node shape (`<backend>:<pool>:<handle>`), found by the handle
+        its adopted LocalVolume records; an ID that is already an object name is returned as it is."""
+        if ":" not in volume_id:
+            return volume_id
+        found = [v.name for v in self.volumes.values() if v.handle == volume_id]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise FailedPrecondition(f"volume {volume_id!r} is recorded by more than one LocalVolume: {sorted(found)}")
+        raise FailedPrecondition(
+            f"volume {volume_id!r} has an ID of the per-node shape and no LocalVolume records it; run the node plugin"
+            " of its node with --adopt once (docs/deploy.md, moving from the per-node shape)"
+        )
 
     def volume(self, volume_id: str) -> VolumeObject:
         found = self.volumes.get(volume_id)

@@ -35,6 +35,8 @@ SNAPSHOTS = "localsnapshots"
 NODES = "localnodes"
 NODE_LABEL = f"{GROUP}/node"
 """On every volume and snapshot: the node that holds it, so each node agent watches only its own objects."""
+ADOPTED = f"{GROUP}/adopted"
+"""Annotation on a LocalVolume a node agent made for a volume of the per-node shape: the volume's on-disk ID."""
 FINALIZER = f"{GROUP}/on-disk"
 """Removed by the node agent once nothing of the object is left on the disk."""
 
