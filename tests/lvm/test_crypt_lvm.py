@@ -51,11 +51,10 @@ from localdisk.csi.node import NodeService
 from localdisk.manager import CreateRequest, VolumeManager
 from localdisk.mounts import Mounter
 from localdisk.runner import CommandRunner
-from localdisk.sandbox import UML_MODULES, _load_modules, _uml_version
 from tests.contract import manager_for
 from tests.csi_helpers import Csi, MiB, block_cap, create_request, mount_cap
 from tests.lvm.conftest import LINEAR_VG
-from tests.lvm.helpers import write
+from tests.lvm.helpers import require_dm_crypt, write
 from tests.node_lifecycle import byte_usage, expect, kubelet_paths, release_mounts
 
 pytestmark = [pytest.mark.uml, pytest.mark.anyio, pytest.mark.timeout(600)]
@@ -69,10 +68,7 @@ LUKS_MAGIC = b"LUKS\xba\xbe"
 
 @pytest.fixture(scope="module", autouse=True)
 def dm_crypt() -> None:
-    """The sandbox loads device-mapper and thin modules; dm-crypt and its ciphers are loaded here."""
-    if not Path("/dev/mapper/control").exists():
-        pytest.skip("needs device-mapper (the UML sandbox)")
-    _load_modules(str(UML_MODULES / _uml_version()), ["cbc", "ecb", "xts", "algif_skcipher", "dm-crypt"])
+    require_dm_crypt()
 
 
 @pytest.fixture
