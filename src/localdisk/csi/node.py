@@ -99,7 +99,11 @@ class NodeService(NodeBase):
         self.default_fs: str = config.node.default_fs
         self.pool_fs = {(p.backend, p.name): p.config.fs_type for p in config.pools if p.config.fs_type}
         self.mounter = (mounter or Mounter()).within(self.paths.root)
-        self.crypt = Crypt(self.mounter, pbkdf)
+        settings = config.node
+        self.crypt = Crypt(
+            self.mounter,
+            pbkdf or Pbkdf(iter_time_ms=settings.luks_iter_time_ms, memory_kib=settings.luks_pbkdf_memory_kib),
+        )
         self._guard = KeyedGuard()
 
     async def _device(self, volume_id: str) -> tuple[Volume, str]:
