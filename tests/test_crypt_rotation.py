@@ -18,14 +18,16 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from localdisk import CreateRequest
 from localdisk.crypt import HEADER_BYTES, Crypt, Passphrase, Pbkdf, Rotation, WrongPassphrase, key_pipe
 from localdisk.mounts import Mounter
-from localdisk.runner import CommandRunner
+from localdisk.runner import CommandResult, CommandRunner
 from localdisk.sizes import MiB
 from tests.contract import manager_for
 from tests.loopdisks import loop_disks, needs_loop_devices
@@ -80,10 +82,23 @@ def fill_data_segment(device: str, size: int) -> None:
         os.close(fd)
 
 
+class Spy(CommandRunner):
+    """Records the argv and environment of every command it runs."""
+
+    def __init__(self) -> None:
+        super().__init__(default_timeout=120)
+        self.seen: list[str] = []
+
+    async def run(self, argv: Sequence[str], **kwargs: Any) -> CommandResult:
+        self.seen.append(" ".join(argv) + " " + " ".join(f"{k}={v}" for k, v in (kwargs.get("env") or {}).items()))
+        assert kwargs.get("input") is None, "a passphrase went through stdin"
+        return await super().run(argv, **kwargs)
+
+
 @needs_loop_devices
 @pytest.mark.anyio
 async def test_rotation_rewraps_the_same_key_and_leaves_the_data() -> None:
-    runner = CommandRunner(default_timeout=120)
+    runner = Spy()
     crypt = Crypt(Mounter(runner), FAST)
     size = 48 * MiB
     async with loop_disks(1, size) as (disk,):
@@ -121,6 +136,9 @@ async def test_rotation_rewraps_the_same_key_and_leaves_the_data() -> None:
         assert await crypt.unlocking_slot(disk, OLD) is not None
         assert digest(disk, HEADER_BYTES, size - HEADER_BYTES) == data_before
         assert await volume_key(runner, disk, OLD) == key_before
+    assert any("luksAddKey" in c for c in runner.seen) and any("luksKillSlot" in c for c in runner.seen)
+    for secret in (OLD, NEW):
+        assert not any(secret.reveal().decode() in command for command in runner.seen), "a passphrase in argv/env"
 
 
 def session_alive(session: int) -> bool:
