@@ -254,7 +254,7 @@ def read_generation(path: str) -> int:
             data = f.read()
     except FileNotFoundError:
         return 0
-    line = data[:31]
+    line = data[: data.find(b"\n") + 1]
     assert data == line * 4096 and line.startswith(b"LOCALDISK-GENERATION-"), f"torn file: {data[:64]!r}"
     return int(line[21:29])
 
