@@ -79,8 +79,13 @@ E2E_SHARDS = {
 # The SIGKILL crash loops on real LVM (100 kills per backend) take 20+ minutes of UML on this 2-core machine and did
 # not reach 100 kills within their time budget under load, so they are a session of their own, not part of CI.
 CRASH_SHARDS = {"crash": ["tests/reliability/test_uml_crash.py"]}
-# SIGKILL through LUKS2 format/open/close of an encrypted volume (50 kills, LOCALDISK_CRYPT_KILLS): its own guest.
-CRYPT_CRASH_SHARDS = {"crypt-crash": ["tests/lvm/test_crypt_crash.py"]}
+# SIGKILL through LUKS2 format/open/close of an encrypted volume (50 kills, LOCALDISK_CRYPT_KILLS), and of a real
+# `localdisk serve` through encrypted stage/publish/unpublish/unstage, key rotations and crypto-erasing deletes over
+# its CSI socket (50 kills, LOCALDISK_CRYPT_SERVE_KILLS): one guest each.
+CRYPT_CRASH_SHARDS = {
+    "crypt-crash": ["tests/lvm/test_crypt_crash.py"],
+    "crypt-serve": ["tests/lvm/test_crypt_serve_crash.py"],
+}
 
 
 @nox.session
@@ -101,7 +106,8 @@ def crash(session: nox.Session) -> None:
 
 @nox.session(name="crypt-crash")
 def crypt_crash(session: nox.Session) -> None:
-    """SIGKILL crash loop through LUKS2 format, open and close of an encrypted volume, in a UML guest (not CI)."""
+    """SIGKILL crash loops of encrypted volumes in two UML guests (not CI): LUKS2 format, open and close through
+    the library, and a real `localdisk serve` staging, publishing and rotating keys through its CSI socket."""
     _run_in_sandboxes(session, CRYPT_CRASH_SHARDS)
 
 

@@ -24,7 +24,18 @@ from localdisk import CreateRequest
 from localdisk._proto.csi.v1 import DeleteVolumeRequest, NodeStageVolumeRequest
 from localdisk.backends.partition import LUKS_TYPE
 from localdisk.config import NodeConfig, NodeSettings
-from localdisk.crypt import HEADER_BYTES, LABEL, Crypt, Passphrase, Pbkdf, erase, key_pipe, mapping_name, parse_dump
+from localdisk.crypt import (
+    HEADER_BYTES,
+    LABEL,
+    Crypt,
+    Passphrase,
+    Pbkdf,
+    Rotation,
+    erase,
+    key_pipe,
+    mapping_name,
+    parse_dump,
+)
 from localdisk.csi import validate
 from localdisk.errors import BackendFailure, FailedPrecondition, InvalidArgument
 from localdisk.mounts import Mounter
@@ -176,10 +187,12 @@ async def test_format_guard_rotation_and_crypto_erase_on_a_loop_device() -> None
         assert not await opens_with(runner, disk, OTHER)
 
         write_synced(disk, PATTERN * 1000, HEADER_BYTES)  # stands for the data segment
-        with pytest.raises(FailedPrecondition) as info:
-            await crypt.change_passphrase(disk, Passphrase(OTHER.encode()), Passphrase(SECRET.encode()))
+        with pytest.raises(FailedPrecondition) as info:  # neither the old nor the new one opens it
+            await crypt.change_passphrase(disk, Passphrase(OTHER.encode()), Passphrase(b"third"))
         assert SECRET not in info.value.message and OTHER not in info.value.message
-        await crypt.change_passphrase(disk, Passphrase(SECRET.encode()), Passphrase(OTHER.encode()))
+        assert await crypt.change_passphrase(disk, Passphrase(SECRET.encode()), Passphrase(OTHER.encode())) is (
+            Rotation.REWRAPPED
+        )
         assert await opens_with(runner, disk, OTHER)
         assert not await opens_with(runner, disk, SECRET)
         assert read_direct(disk, HEADER_BYTES, MiB).startswith(PATTERN * 1000), "a rotation does not touch data"

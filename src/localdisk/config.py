@@ -43,6 +43,10 @@ class NodeSettings(BaseModel):
     """How long a volume may stay pending (a create cancelled or killed half-way left it, holding its space) before
     the server removes it in the background. A create in progress in this process is never removed, whatever its
     age; a retry of the create within this time finishes the volume instead."""
+    luks_iter_time_ms: int | None = Field(default=None, ge=1, le=60_000)
+    luks_pbkdf_memory_kib: int | None = Field(default=None, ge=32, le=4 * 1024 * 1024)
+    """How hard the passphrase of an encrypted volume is stretched (argon2id) for the keyslots this node writes: at
+    format and at a key rotation. Default: cryptsetup's (about 2 s, up to 1 GiB and half the RAM)."""
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,17 @@ rules that protect data and keys in one place:
   /proc/*/cmdline) or the environment, and never in a log line or an error message: `Passphrase` hides itself
   from repr/str, and errors are built from cryptsetup's exit status, not from anything that echoes the input.
 * Each volume gets its own random volume key (luksFormat draws it); the passphrase only wraps it in a keyslot, so a
-  passphrase change re-wraps the key (`cryptsetup luksChangeKey`) without touching the data.
+  key rotation (`rotate`) re-wraps the key without touching the data: a keyslot for the new passphrase is added,
+  then the previous passphrase's keyslot is destroyed, two steps of which each leaves a header that at least one of
+  the two passphrases opens, whenever the process is killed (luksChangeKey may rewrite a keyslot in place).
+* A mapping that is already open is handed out only to a caller whose passphrase opens the header (`unlock`).
 * Formatting follows the node's formatting guard (`localdisk.mounts`): a device is formatted only when `blkid -p`
   finds no signature at all; a LUKS header is used only when it is ours (label `localdisk`), never a foreign one.
 * Delete is a crypto-erase: `cryptsetup erase` destroys every keyslot, then the whole header area (the 16 MiB
   before the data segment) is zeroed, so the volume key is gone and the ciphertext that stays on the disk is noise.
+  On a thin LV the header area is discarded instead of zeroed (`erase(discard=True)`): a snapshot or clone shares
+  its header blocks with its origin, and writing zeros there would allocate 16 MiB of new pool blocks (copy on
+  write) only to free them again; a discard unmaps them from this LV alone, and the origin keeps its own.
 * Mappings are opened with `--disable-keyring`, as ceph-csi does: a LUKS2 volume key kept in the kernel keyring
   makes `cryptsetup resize` ask for the passphrase, which NodeExpandVolume does not carry.
 """
@@ -24,10 +30,12 @@ rules that protect data and keys in one place:
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import fcntl
 import hashlib
 import os
+import re
 import stat
 import struct
 import time
@@ -49,10 +57,25 @@ HEADER_BYTES = HEADER_SECTORS * 512
 MAPPING_PREFIX = "localdisk-"
 MAX_PASSPHRASE_BYTES = 512  # cryptsetup's default limit for an interactive passphrase is 512 characters
 _BLKZEROOUT = 0x127F
+_BLKDISCARD = 0x1277
+_UNLOCKED = re.compile(r"^Key slot (\d+) unlocked\.", re.MULTILINE)
+_CREATED = re.compile(r"^Key slot (\d+) created\.", re.MULTILINE)
 
 # cryptsetup(8) exit codes
 _WRONG_PASSPHRASE = 2
 _BUSY = 5
+
+
+class WrongPassphrase(FailedPrecondition):
+    """The passphrase opens no keyslot of the header (cryptsetup exit code 2)."""
+
+
+class Rotation(enum.Enum):
+    """What a key rotation (`Crypt.rotate`) found and did."""
+
+    CURRENT = "current"  # the new passphrase opened the header already, and the previous one does not: nothing done
+    REWRAPPED = "rewrapped"  # the volume key is now wrapped by the new passphrase and no longer by the previous one
+    FINISHED = "finished"  # a rotation cut off between its two steps: the previous passphrase's keyslot is gone now
 
 
 class Passphrase:
@@ -203,9 +226,42 @@ class Crypt:
             raise FailedPrecondition(f"mapping {path} exists but is not a mapping of {device}; it is left as it is")
         return path
 
+    async def unlock(
+        self, volume_id: str, device: str, passphrase: Passphrase, previous: Passphrase | None = None
+    ) -> tuple[str, Rotation | None]:
+        """Open the volume's mapping with `passphrase`; returns /dev/mapper/<name> and what a rotation did (None: no
+        previous passphrase was given, or the header needed none).
+
+        A mapping that is already open is handed out only if `passphrase` opens the header (`WrongPassphrase`, a
+        FailedPrecondition, otherwise), so a caller with a wrong secret never reaches an open volume. `previous`:
+        the passphrase the header had before a rotation; when `passphrase` opens nothing but `previous` does, the
+        volume key is re-wrapped to `passphrase` first (`rotate`), and a rotation cut off half-way (the header has
+        more than one keyslot) is finished. Without `previous` a stage costs one passphrase check, as before.
+        """
+        existing = self.mapping_of(volume_id, device)
+        previous = previous if previous is not None and previous != passphrase else None
+        rotated: Rotation | None = None
+        if previous is not None and (existing is not None or (await self._keyslots(device) or 0) > 1):
+            rotated = await self.rotate(device, passphrase, previous)  # checks `passphrase` too
+        elif existing is not None and await self.unlocking_slot(device, passphrase) is None:
+            raise WrongPassphrase(
+                f"the passphrase from the node-stage secret does not open the LUKS header on {device}; the volume is"
+                " open on this node, and stays so for whoever staged it"
+            )
+        if existing is not None:
+            return existing, rotated
+        try:
+            return await self.open(volume_id, device, passphrase), rotated
+        except WrongPassphrase:
+            if previous is None or rotated is not None:
+                raise
+        rotated = await self.rotate(device, passphrase, previous)
+        return await self.open(volume_id, device, passphrase), rotated
+
     async def open(self, volume_id: str, device: str, passphrase: Passphrase) -> str:
-        """Open the volume's mapping (idempotent); returns /dev/mapper/<name>. A wrong passphrase is
-        `FailedPrecondition`, and nothing is changed."""
+        """Open the volume's mapping; returns /dev/mapper/<name>. A mapping that is open already is returned as it
+        is, without a passphrase check (`unlock` makes one). A wrong passphrase is `WrongPassphrase`, and nothing is
+        changed."""
         existing = self.mapping_of(volume_id, device)
         if existing is not None:
             return existing
@@ -219,7 +275,7 @@ class Crypt:
                 await self.runner.run(argv, pass_fds=[key], timeout=300)
         except CommandFailed as exc:
             if exc.returncode == _WRONG_PASSPHRASE:
-                raise FailedPrecondition(
+                raise WrongPassphrase(
                     f"the passphrase from the node-stage secret does not open the LUKS header on {device}"
                 ) from None
             if exc.returncode == _BUSY and self.mapping_of(volume_id, device) is not None:
@@ -259,35 +315,114 @@ class Crypt:
             raise _failed("resize", name, exc) from None
         return await self.mounter.device_size(self.mapped_path(volume_id))
 
-    async def change_passphrase(self, device: str, old: Passphrase, new: Passphrase) -> None:
-        """Re-wrap the volume key with a new passphrase (a key rotation): the data is not touched."""
+    # -- key rotation ---------------------------------------------------------------------------------------------
+    async def unlocking_slot(self, device: str, passphrase: Passphrase) -> int | None:
+        """The keyslot of the header on `device` that `passphrase` opens, or None if it opens none. Reads only."""
+        argv = ["cryptsetup", "open", "--test-passphrase", "--verbose", "--type", "luks2"]
+        with key_pipe(passphrase) as key:
+            argv += [f"--key-file={fd_file(key)}", "--", device]
+            result = await self.runner.run(argv, pass_fds=[key], timeout=300, check=False)
+        if result.returncode == _WRONG_PASSPHRASE:
+            return None
+        unlocked = _UNLOCKED.search(result.text)
+        if result.returncode != 0 or unlocked is None:
+            raise _failed(
+                "open --test-passphrase", device, CommandFailed(result.argv, result.returncode, result.error_text)
+            )
+        return int(unlocked.group(1))
+
+    async def rotate(self, device: str, new: Passphrase, previous: Passphrase) -> Rotation:
+        """Re-wrap the volume key of the header on `device` from `previous` to `new`, touching no data.
+
+        Two steps, each of which leaves the header whole wherever a kill cuts it off: a keyslot for `new` is added
+        (luksAddKey, authorised by `previous`; LUKS2 writes the new keyslot's area, then its metadata in two copies,
+        so the header lists either the new keyslot or not), then the keyslot `previous` opens is destroyed
+        (luksKillSlot of that slot number, authorised by `new`, never the slot `new` opens). In between, both open.
+        Run again after a kill, it finds where it stopped: `new` opens and `previous` still opens another keyslot,
+        so only the second step is left. `WrongPassphrase` when neither opens; then nothing is changed.
+        """
         if not await self.is_ours(device):
-            raise FailedPrecondition(f"device {device} holds no LUKS2 header of localdisk")
-        # luksChangeKey reads the old passphrase from --key-file and the new one from a key file argument.
-        argv = ["cryptsetup", "luksChangeKey", "--batch-mode", *self.pbkdf.argv()]
+            raise FailedPrecondition(f"device {device} holds no LUKS2 header of localdisk; no key is re-wrapped")
+        new_slot = await self.unlocking_slot(device, new)
+        outcome = Rotation.REWRAPPED
+        if new_slot is None:
+            old_slot = await self.unlocking_slot(device, previous)
+            if old_slot is None:
+                raise WrongPassphrase(
+                    f"neither the passphrase nor the previous passphrase opens the LUKS header on {device}; nothing"
+                    " is changed"
+                )
+            new_slot = await self._add_keyslot(device, previous, new)
+        else:
+            if (await self._keyslots(device) or 0) < 2:
+                return Rotation.CURRENT
+            old_slot = await self.unlocking_slot(device, previous)
+            if old_slot is None or old_slot == new_slot:
+                return Rotation.CURRENT
+            outcome = Rotation.FINISHED
+        if old_slot != new_slot:
+            await self._kill_slot(device, old_slot, new)
+        return outcome
+
+    async def change_passphrase(self, device: str, old: Passphrase, new: Passphrase) -> Rotation:
+        """A key rotation from `old` to `new` (`rotate`); kept for callers of the library."""
+        return await self.rotate(device, new, old)
+
+    async def _add_keyslot(self, device: str, existing: Passphrase, new: Passphrase) -> int:
+        argv = ["cryptsetup", "luksAddKey", "--batch-mode", "--verbose", "--type", "luks2", *self.pbkdf.argv()]
         try:
-            with key_pipe(old) as old_key, key_pipe(new) as new_key:
+            with key_pipe(existing) as old_key, key_pipe(new) as new_key:
                 argv += [f"--key-file={fd_file(old_key)}", "--", device, fd_file(new_key)]
-                await self.runner.run(argv, pass_fds=[old_key, new_key], timeout=600)
+                result = await self.runner.run(argv, pass_fds=[old_key, new_key], timeout=600)
         except CommandFailed as exc:
             if exc.returncode == _WRONG_PASSPHRASE:
-                raise FailedPrecondition(f"the old passphrase does not open the LUKS header on {device}") from None
-            raise _failed("luksChangeKey", device, exc) from None
+                raise WrongPassphrase(f"the previous passphrase no longer opens the LUKS header on {device}") from None
+            raise _failed("luksAddKey", device, exc) from None
+        created = _CREATED.search(result.text)
+        if created is not None:
+            return int(created.group(1))
+        slot = await self.unlocking_slot(device, new)
+        if slot is None:
+            raise BackendFailure(f"cryptsetup luksAddKey on {device} finished, but the new passphrase opens nothing")
+        return slot
+
+    async def _kill_slot(self, device: str, slot: int, remaining: Passphrase) -> None:
+        argv = ["cryptsetup", "luksKillSlot", "--batch-mode", "--type", "luks2"]
+        try:
+            with key_pipe(remaining) as key:
+                argv += [f"--key-file={fd_file(key)}", "--", device, str(slot)]
+                await self.runner.run(argv, pass_fds=[key], timeout=600)
+        except CommandFailed as exc:
+            raise _failed("luksKillSlot", device, exc) from None
 
 
-async def erase(runner: CommandRunner, device: str) -> None:
-    """Crypto-erase `device`: destroy every keyslot (`cryptsetup erase`), then zero the header area, so the volume
+async def erase(runner: CommandRunner, device: str, *, discard: bool = False) -> None:
+    """Crypto-erase `device`: destroy every keyslot (`cryptsetup erase`), then clear the header area, so the volume
     key is gone and the data segment is unreadable. Refused (`Busy`) while the device is in use (an open mapping
-    holds it); a device without a header is zeroed there all the same (a half-done erase, or never formatted)."""
+    holds it); a device without a header is cleared there all the same (a half-done erase, or never formatted).
+
+    The header area is zeroed, or with `discard` (thin LVs) discarded: a thin snapshot or clone shares those blocks
+    with its origin, and a discard unmaps them from `device` alone without allocating new ones, where zeros would be
+    written to 16 MiB of fresh pool blocks. What the discard leaves in the pool's freed blocks is no secret: the
+    keyslots there were overwritten by `cryptsetup erase` first. If the device does not take discards, or a LUKS
+    signature is still found afterwards (pool chunks larger than the header area), the area is zeroed instead."""
     os.close(open_exclusive(device))  # Busy while mounted, mapped or open exclusively: nothing is destroyed
-    if "crypto_LUKS" in ((await Mounter(runner).probe(device)).description or ""):
+    mounter = Mounter(runner)
+    if "crypto_LUKS" in ((await mounter.probe(device)).description or ""):
         result = await runner.run(["cryptsetup", "erase", "--batch-mode", "--", device], check=False)
         if result.returncode not in (0, 1):  # 1: not a LUKS device any more (a half-done erase): zeroed below
             raise _failed("erase", device, CommandFailed(result.argv, result.returncode, result.error_text))
     started = time.monotonic()
-    await anyio.to_thread.run_sync(_zero_head, device, HEADER_BYTES)
+    shown = ["BLKZEROOUT", "--luks-header", device]
+    if discard and await anyio.to_thread.run_sync(_clear_head, device, HEADER_BYTES, _BLKDISCARD):
+        shown = ["BLKDISCARD", "--luks-header", device]
+        if "crypto_LUKS" in ((await mounter.probe(device)).description or ""):
+            shown = ["BLKZEROOUT", "--luks-header", device]
+            await anyio.to_thread.run_sync(_clear_head, device, HEADER_BYTES, _BLKZEROOUT)
+    else:
+        await anyio.to_thread.run_sync(_clear_head, device, HEADER_BYTES, _BLKZEROOUT)
     for observe in runner.observers:
-        observe(["BLKZEROOUT", "--luks-header", device], time.monotonic() - started, True)
+        observe(shown, time.monotonic() - started, True)
 
 
 def parse_dump(text: str) -> int | None:
@@ -334,19 +469,28 @@ def fd_file(fd: int) -> str:
 
 
 def _zero_head(device: str, length: int) -> None:
+    _clear_head(device, length, _BLKZEROOUT)
+
+
+def _clear_head(device: str, length: int, request: int) -> bool:
+    """Zero (BLKZEROOUT) or discard (BLKDISCARD) the first `length` bytes of `device`; False if the device does not
+    take that request (a discard where the device has none)."""
     fd = open_exclusive(device)
     try:
         size = os.lseek(fd, 0, os.SEEK_END)
         length = min(length, size - size % 512)
         if length:
-            fcntl.ioctl(fd, _BLKZEROOUT, struct.pack("=QQ", 0, length))
+            fcntl.ioctl(fd, request, struct.pack("=QQ", 0, length))
         os.fsync(fd)
     except OSError as exc:
         if exc.errno == errno.EBUSY:
             raise Busy(f"{device} is in use; its LUKS header is not erased") from None
-        raise BackendFailure(f"zeroing the LUKS header area of {device} failed: {exc.strerror or exc}") from None
+        if request == _BLKDISCARD and exc.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
+            return False
+        raise BackendFailure(f"clearing the LUKS header area of {device} failed: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
+    return True
 
 
 def _lower_devices(rdev: int) -> list[int]:

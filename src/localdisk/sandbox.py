@@ -4,10 +4,11 @@ The machines that build and test localdisk have no device-mapper, so LVM there c
 a volume. User-Mode Linux runs a whole Linux kernel as an ordinary process: its root file system is the host's own
 (hostfs), so the guest runs the host's Python, virtualenv and checkout unchanged, and what the guest writes under a
 host path is on the host afterwards. `run_sandbox` boots one such guest with one sparse image file per requested
-volume group as its disks, prepares it (proc/sys, device-mapper modules, udev, a private LVM configuration so nothing
-is written to the host's /etc/lvm), creates the requested volume groups and thin pools, runs one command, and brings
-its output and exit status back through files in a private run directory. Everything it made (image files, the run
-directory, the UML processes) is removed afterwards, also after a timeout or a failure.
+volume group as its disks, prepares it (proc/sys, the device-mapper modules of `GUEST_MODULES` that LVM and
+encrypted volumes need, udev, a private LVM configuration so nothing is written to the host's /etc/lvm), creates
+the requested volume groups and thin pools, runs one command, and brings its output and exit status back through
+files in a private run directory. Everything it made (image files, the run directory, the UML processes) is removed
+afterwards, also after a timeout or a failure.
 
 Two processes are deliberately not started through `CommandRunner.run`, which buffers output until exit: the UML
 kernel itself (it runs in a session of its own so a timeout can kill its whole process group) and, inside the guest,
@@ -45,6 +46,11 @@ SIZE = re.compile(r"(\d+)([KMGT]?)(i?B)?", re.IGNORECASE)
 GUEST_TMP = "/run/tmp"  # a tmpfs in the guest: unix sockets work there, and it vanishes with the guest
 FINIT_MODULE = 313  # x86_64 syscall number; UML guests are x86_64 only
 RB_POWER_OFF = 0x4321FEDC
+# What every guest loads at boot, in this order: thin pools and snapshots for LVM, then the cipher modes LUKS2 volumes
+# use (aes-xts-plain64 for data; ecb and cbc, and the AF_ALG socket, for cryptsetup's own keyslot work), then
+# dm-crypt. The guest has no modprobe to load a cipher on demand, and dm-crypt's dependency encrypted-keys fails to
+# initialise without cbc(aes). AES itself is built into Debian's UML kernel.
+GUEST_MODULES = ("dm-thin-pool", "dm-snapshot", "cbc", "ecb", "xts", "algif_skcipher", "dm-crypt")
 
 # Debian's UML 6.1 saves a guest's FPU state in a 2,696-byte XSAVE buffer (x87 .. PKRU) and restores it with
 # PTRACE_SETREGSET, but a host kernel on a CPU with AMX only accepts a full-size buffer (11,008 bytes) and fails every
@@ -625,7 +631,7 @@ async def _prepare_guest(spec: dict[str, Any]) -> None:
             await runner.run(["mount", "-t", fstype, fstype, target])
         os.makedirs(GUEST_TMP, mode=0o1777, exist_ok=True)
         step("mounted")
-        _load_modules(spec["modules"], ["dm-thin-pool", "dm-snapshot"])
+        _load_modules(spec["modules"], GUEST_MODULES)
         step("modules loaded")
         udevd = next(str(p) for p in UDEVD_PATHS if p.exists())
         await runner.run([udevd, "--daemon"])

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from localdisk import ContentSource, CreateRequest, VolumeManager
 from localdisk.backends.lvm import LinearBackend, ThinBackend
 from localdisk.sizes import MiB
+
+
+def require_dm_crypt() -> None:
+    """The sandbox loads dm-crypt at boot (`localdisk.sandbox.GUEST_MODULES`); elsewhere the encrypted suites skip."""
+    import pytest
+
+    if not Path("/dev/mapper/control").exists():
+        pytest.skip("needs device-mapper (the UML sandbox)")
+    assert Path("/sys/module/dm_crypt").is_dir(), "the sandbox booted without dm-crypt"
 
 
 def write(path: str, data: bytes, offset: int = 0) -> None:

@@ -25,8 +25,8 @@ from localdisk.crypt import Crypt, Pbkdf
 from localdisk.manager import CreateRequest
 from localdisk.mounts import Mounter
 from localdisk.runner import CommandRunner
-from localdisk.sandbox import UML_MODULES, _load_modules, _uml_version
 from tests.contract import manager_for
+from tests.lvm.helpers import require_dm_crypt
 
 pytestmark = [pytest.mark.uml, pytest.mark.anyio, pytest.mark.slow]
 KILLS = int(os.environ.get("LOCALDISK_CRYPT_KILLS", "50"))
@@ -35,9 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 async def volume(linear: LinearBackend) -> AsyncIterator[tuple[str, str]]:
-    if not Path("/dev/mapper/control").exists():
-        pytest.skip("needs device-mapper (the UML sandbox)")
-    _load_modules(str(UML_MODULES / _uml_version()), ["cbc", "ecb", "xts", "algif_skcipher", "dm-crypt"])
+    require_dm_crypt()
     manager = manager_for(linear)
     made = await manager.create_volume(
         CreateRequest("pvc-crash", "lvm", linear.pool, required_bytes=32 * 1024 * 1024, encrypted=True)

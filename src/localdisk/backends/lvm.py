@@ -11,7 +11,10 @@ volumes again and nothing is lost with a side database:
 - `localdisk.csi.io/encrypted` marks a volume that holds a LUKS2 container (`localdisk.crypt`): the node opens it
   with the passphrase of its node-stage secret, and deleting it is a crypto-erase. A thick encrypted LV is therefore
   not zeroed in full when created (only its signature areas are): nothing but ciphertext under a new key is seen
-  through its mapping. Clones, restores and snapshots of an encrypted thin volume inherit the tag.
+  through its mapping. Clones, restores and snapshots of an encrypted thin volume inherit the tag, and deleting
+  them is a crypto-erase too: a snapshot is marked pending (no longer found, so nothing is restored from a
+  half-erased one), activated, erased and removed. A thin LV's header area is discarded rather than zeroed (see
+  `localdisk.crypt.erase`): its blocks may be shared with the origin, which copy-on-write keeps as they are.
 - `localdisk.csi.io/pending` marks a volume that exists but is not ready to hand out (a thick LV not yet zeroed, a
   restored volume not yet grown to its size). Pending volumes are not found by name, so a retried CreateVolume
   finishes them instead of returning them half made. A create cancelled half-way removes its own; what a crash
@@ -419,6 +422,7 @@ class _LvmBackend:
 
     kind: str
     _takes_extents = False  # whether a volume's size comes out of the VG's free extents (linear) or a pool (thin)
+    _discard_header = False  # erase a LUKS header area by discarding it (thin) rather than zeroing it (thick)
 
     def __init__(
         self, pool: str, vg: str, lvm: Lvm, runner: CommandRunner, features: Features, view_max_age: float
@@ -610,8 +614,8 @@ class _LvmBackend:
             lv = report.lv(handle)
             if lv is None or not self._ours(lv, VOLUME):
                 return  # gone already, or not ours to remove
-            if ENCRYPTED_TAG in lv.tags and lv.active:
-                await crypt.erase(self.runner, f"/dev/{self.vg}/{handle}")  # Busy while the node has it open
+            if ENCRYPTED_TAG in lv.tags and lv.active:  # Busy while the node has it open
+                await crypt.erase(self.runner, f"/dev/{self.vg}/{handle}", discard=self._discard_header)
             with contextlib.suppress(NotFound):
                 await self.lvm.remove(self.vg, handle)
             self.view.apply(lambda r: without_lv(r, handle, takes_extents=self._takes_extents))
@@ -648,7 +652,7 @@ class _LvmBackend:
             if lv_name in self._ready_tags.running:
                 return False
             if ENCRYPTED_TAG in lv.tags and lv.active:  # as `delete_volume` does
-                await crypt.erase(self.runner, f"/dev/{self.vg}/{lv_name}")
+                await crypt.erase(self.runner, f"/dev/{self.vg}/{lv_name}", discard=self._discard_header)
             with contextlib.suppress(NotFound):
                 await self.lvm.remove(self.vg, lv_name)
             self.view.apply(lambda r: without_lv(r, lv_name, takes_extents=self._takes_extents))
@@ -767,6 +771,7 @@ class ThinBackend(_LvmBackend):
     """Thin LVs in one thin pool, with snapshots and clones, overprovisioned up to a ratio and a use threshold."""
 
     kind = "thin"
+    _discard_header = True  # see `localdisk.crypt.erase`: a clone's header blocks may be its origin's
 
     def __init__(
         self, pool: str, config: ThinPoolConfig, lvm: Lvm, runner: CommandRunner, *, view_max_age: float = 0.0
@@ -898,11 +903,28 @@ class ThinBackend(_LvmBackend):
         if not handle.startswith(PREFIXES[SNAPSHOT]) or not HANDLE.fullmatch(handle):
             return
         async with self._writing() as report:
-            if not self._ours(report.lv(handle), SNAPSHOT):
+            lv = report.lv(handle)
+            if lv is None or not self._ours(lv, SNAPSHOT):
                 return
+            if ENCRYPTED_TAG in lv.tags:
+                await self._erase_snapshot(lv)
             with contextlib.suppress(NotFound):
                 await self.lvm.remove(self.vg, handle)
             self.view.apply(lambda r: without_lv(r, handle, takes_extents=False))
+
+    async def _erase_snapshot(self, lv: LogicalVolume) -> None:
+        """Crypto-erase an encrypted snapshot before it is removed. Its header blocks are its origin's until written:
+        erasing them writes (copy on write) or unmaps blocks of the snapshot alone, and the origin, its clones and
+        restores keep their own headers. Marked pending first, so a deletion cut off after the erase leaves a
+        snapshot nothing is restored from (a restore would find no header and format a blank volume); a repeated
+        DeleteSnapshot finishes it."""
+        if PENDING_TAG not in lv.tags:
+            await self.lvm.change_tags(self.vg, lv.name, add=[PENDING_TAG])
+            self.view.apply(lambda r: with_tags(r, lv.name, add=[PENDING_TAG]))
+        if not lv.active:
+            await self.lvm.activate_lv(self.vg, lv.name, ignore_skip=True)
+            await self.runner.run(["udevadm", "settle", "--timeout=30"], check=False)  # its /dev node
+        await crypt.erase(self.runner, f"/dev/{self.vg}/{lv.name}", discard=True)
 
     async def get_snapshot(self, handle: str) -> Snapshot:
         return self._snapshot(self._get(await self.view.refresh(), handle, SNAPSHOT))

@@ -501,8 +501,10 @@ class Lvm:
         targets = [f"{check_name(vg, 'volume group')}/{check_name(lv)}" for lv in lvs]
         await self._run(["lvchange", *_tag_args("--deltag", [tag]), "--", *targets])
 
-    async def activate_lv(self, vg: str, lv: str) -> None:
-        await self._run(["lvchange", "-a", "y", "--", f"{check_name(vg, 'volume group')}/{check_name(lv)}"])
+    async def activate_lv(self, vg: str, lv: str, *, ignore_skip: bool = False) -> None:
+        """Activate `lv`; `ignore_skip` also activates an LV with the activation-skip flag (a thin snapshot)."""
+        skip = ["-K"] if ignore_skip else []
+        await self._run(["lvchange", "-a", "y", *skip, "--", f"{check_name(vg, 'volume group')}/{check_name(lv)}"])
 
     async def activate_vg(self, vg: str) -> None:
         await self._run(["vgchange", "-a", "y", "--", check_name(vg, "volume group")])

@@ -16,6 +16,7 @@ from localdisk.commands.output import emit_json, friendly_errors, plain, table
 from localdisk.sizes import human, parse_size
 
 if TYPE_CHECKING:
+    from localdisk.crypt import Passphrase
     from localdisk.manager import VolumeManager
     from localdisk.model import Capacity
 
@@ -140,6 +141,89 @@ def volume_delete(ctx: typer.Context, volume_id: str, config: ConfigOption = Non
     """Delete a volume and wipe its data; deleting a missing volume succeeds."""
     run_with_manager(ctx, config, lambda m: m.delete_volume(volume_id))
     typer.echo(f"deleted {volume_id}")
+
+
+@volume_app.command("rekey")
+def volume_rekey(
+    ctx: typer.Context,
+    volume_id: str,
+    old_passphrase_file: Annotated[
+        str, typer.Option(help="File holding the passphrase the volume has now; '-' reads stdin.")
+    ],
+    new_passphrase_file: Annotated[str, typer.Option(help="File holding the new passphrase; '-' reads stdin.")],
+    iter_time: Annotated[
+        int | None, typer.Option(help="Milliseconds of passphrase stretching for the new keyslot (cryptsetup's).")
+    ] = None,
+    pbkdf_memory: Annotated[
+        int | None, typer.Option(help="KiB of memory for argon2 stretching of the new keyslot (cryptsetup's).")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Rotate an encrypted volume's passphrase: its volume key is re-wrapped, the data is not touched.
+
+    Passphrases are read from files (or stdin: with '-' for both, the old one is its first line and the new one the
+    second), never from the command line; one trailing newline is dropped. Crash-safe: a keyslot for the new one is
+    added, then the old one's is destroyed; run it again after an interruption to finish. The volume may be staged.
+    In Kubernetes, update the Secret instead (key `passphrase`, with the old one as `previousPassphrase`): volumes
+    follow at their next stage. This command is for volumes served outside Kubernetes, or before a Secret is set.
+    """
+    from localdisk.crypt import Crypt, Pbkdf, Rotation
+    from localdisk.errors import FailedPrecondition, InvalidArgument
+    from localdisk.mounts import Mounter
+    from localdisk.runner import CommandRunner
+
+    with friendly_errors(_debug(ctx)):
+        old, new = read_passphrases(old_passphrase_file, new_passphrase_file)
+        if old == new:
+            raise InvalidArgument("the old and the new passphrase are the same")
+    pbkdf = Pbkdf(iter_time_ms=iter_time, memory_kib=pbkdf_memory)
+
+    async def rekey(manager: VolumeManager) -> Rotation:
+        volume = await manager.get_volume(volume_id)
+        if not volume.encrypted:
+            raise FailedPrecondition(f"volume {volume.id} is not encrypted")
+        if not volume.device_path:
+            raise FailedPrecondition(f"volume {volume.id} has no device on this node")
+        return await Crypt(Mounter(CommandRunner(default_timeout=600)), pbkdf).rotate(volume.device_path, new, old)
+
+    done = run_with_manager(ctx, config, rekey)
+    typer.echo(
+        {
+            Rotation.REWRAPPED: f"{volume_id}: key re-wrapped; the old passphrase no longer opens it",
+            Rotation.FINISHED: f"{volume_id}: finished an interrupted rotation; the old passphrase no longer opens it",
+            Rotation.CURRENT: f"{volume_id}: already uses the new passphrase; nothing changed",
+        }[done]
+    )
+
+
+def read_passphrases(old_file: str, new_file: str) -> tuple[Passphrase, Passphrase]:
+    """The old and the new passphrase from their files; '-' is stdin (both '-': two lines of it)."""
+    import sys
+
+    from localdisk.crypt import Passphrase
+    from localdisk.errors import InvalidArgument
+
+    stdin_lines: list[bytes] = []
+    if old_file == "-" or new_file == "-":
+        data = sys.stdin.buffer.read(4 * 1024)
+        stdin_lines = data.split(b"\n", 1) if old_file == new_file == "-" else [data]
+
+    def read(path: str, which: str) -> Passphrase:
+        if path == "-":
+            value = stdin_lines.pop(0) if stdin_lines else b""
+        else:
+            try:
+                with open(path, "rb") as f:
+                    value = f.read(4 * 1024)
+            except OSError as exc:
+                raise InvalidArgument(f"cannot read the {which} passphrase file {path}: {exc.strerror}") from None
+        value = value.removesuffix(b"\n").removesuffix(b"\r")
+        try:
+            return Passphrase(value)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"the {which} passphrase: {exc.message}") from None
+
+    return read(old_file, "old"), read(new_file, "new")
 
 
 @snapshot_app.command("create")

@@ -10,6 +10,9 @@ An encrypted volume (`Volume.encrypted`, recorded by its backend, never taken fr
 (`localdisk.crypt`): staging formats it on first use and opens its mapping with the passphrase from the node-stage
 secret (key `passphrase`), and from then on the mapping, /dev/mapper/localdisk-<hash>, is the volume's device for
 mounting, publishing, stats and expansion; unstaging closes it. The passphrase is never logged nor put in a message.
+A repeated stage of a volume that is open already checks its passphrase all the same. The secret may also carry
+`previousPassphrase`: a volume whose header that one opens, and `passphrase` does not, has its key re-wrapped to
+`passphrase` at stage (`Crypt.rotate`), so an administrator rotates by updating the Secret.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from localdisk._proto.csi.v1 import (
     VolumeUsageUnit,
 )
 from localdisk.config import NodeConfig
-from localdisk.crypt import Crypt, Passphrase, Pbkdf
+from localdisk.crypt import Crypt, Passphrase, Pbkdf, Rotation
 from localdisk.csi import convert, validate
 from localdisk.csi.paths import KubeletPaths
 from localdisk.csi.status import rpc
@@ -63,6 +66,7 @@ from localdisk.mounts import Mounter, MountInfo, device_number, mount_flags
 
 Cap = NodeServiceCapabilityRpcType
 PASSPHRASE_KEY = "passphrase"  # noqa: S105 - the key in the node-stage secret, not a value
+PREVIOUS_KEY = "previousPassphrase"  # the key of the passphrase before a rotation (optional)
 log = logging.getLogger(__name__)
 
 
@@ -95,7 +99,11 @@ class NodeService(NodeBase):
         self.default_fs: str = config.node.default_fs
         self.pool_fs = {(p.backend, p.name): p.config.fs_type for p in config.pools if p.config.fs_type}
         self.mounter = (mounter or Mounter()).within(self.paths.root)
-        self.crypt = Crypt(self.mounter, pbkdf)
+        settings = config.node
+        self.crypt = Crypt(
+            self.mounter,
+            pbkdf or Pbkdf(iter_time_ms=settings.luks_iter_time_ms, memory_kib=settings.luks_pbkdf_memory_kib),
+        )
         self._guard = KeyedGuard()
 
     async def _device(self, volume_id: str) -> tuple[Volume, str]:
@@ -147,11 +155,19 @@ class NodeService(NodeBase):
                 f"volume {volume_id} is encrypted and the node-stage secret has no key {PASSPHRASE_KEY!r}"
                 f" (it has {keys or 'other keys'})"
             )
+        return NodeService._secret_value(value, PASSPHRASE_KEY, volume_id)
+
+    @staticmethod
+    def _previous_passphrase(secrets: dict[str, str], volume_id: str) -> Passphrase | None:
+        value = secrets.get(PREVIOUS_KEY)
+        return None if not value else NodeService._secret_value(value, PREVIOUS_KEY, volume_id)
+
+    @staticmethod
+    def _secret_value(value: str, key: str, volume_id: str) -> Passphrase:
         try:
             return Passphrase(value.encode("utf-8", "surrogatepass"))
         except InvalidArgument as exc:
-            message = f"volume {volume_id}: the node-stage secret's {PASSPHRASE_KEY!r}: {exc.message}"
-            raise InvalidArgument(message) from None
+            raise InvalidArgument(f"volume {volume_id}: the node-stage secret's {key!r}: {exc.message}") from None
 
     async def _device_if_known(self, volume_id: str) -> str | None:
         """The volume's device for clean-up work: unknown (None) must never keep a pod's mount from going."""
@@ -189,9 +205,19 @@ class NodeService(NodeBase):
             opened_here = False
             if volume.encrypted:
                 passphrase = self._passphrase(message.secrets, volume.id)
+                previous = self._previous_passphrase(message.secrets, volume.id)
                 opened_here = self.crypt.mapping_of(volume.id, device) is None
                 await self.crypt.ensure_format(device, passphrase)
-                device = await self.crypt.open(volume.id, device, passphrase)
+                device, rotated = await self.crypt.unlock(volume.id, device, passphrase, previous)
+                if rotated in (Rotation.REWRAPPED, Rotation.FINISHED):
+                    log.info(
+                        "volume %s: key rotation: its LUKS2 volume key is now wrapped by the node-stage secret's %r"
+                        " and no longer by its %r (%s); the data was not touched",
+                        volume.id,
+                        PASSPHRASE_KEY,
+                        PREVIOUS_KEY,
+                        "re-wrapped now" if rotated is Rotation.REWRAPPED else "finished a rotation cut off before",
+                    )
             if cap.mount is None:  # raw block: published straight from the device (or mapping), nothing to mount
                 return NodeStageVolumeResponse()
             try:
