@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ctypes
 import errno
-import fcntl
 import hashlib
 import logging
 import math
@@ -43,7 +41,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -61,6 +59,21 @@ from localdisk.backends.gpt import (
     parse_header,
     parse_sfdisk,
     parse_wipefs,
+)
+from localdisk.backends.partkernel import (
+    BLKPG_ADD,
+    BLKPG_DELETE,
+    BLKPG_RESIZE,
+    KernelPartition,
+    kernel_mismatch,
+    kernel_partition,
+    kernel_partitions,
+    kernel_shows,
+    node_name,
+    repair_kernel,
+    tell_kernel,
+    udev_running,
+    views_of,
 )
 from localdisk.blockdev import erase_signatures, open_exclusive, zero_out
 from localdisk.discovery import CLAIMS, HOST, Claims, DiskRules, Roots, summary, survey
@@ -92,8 +105,6 @@ _OURS = re.compile(rf"^(?:{READY_PREFIX}|{PENDING_PREFIX})[a-z2-7]{{{KEY_LENGTH}
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _SYSFS_BLOCK = Path("/sys/class/block")
 _BY_PARTUUID = Path("/dev/disk/by-partuuid")
-_UDEV_CONTROL = Path("/run/udev/control")
-_KERNEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 VIEW_MAX_AGE = 30.0  # seconds a cached table is trusted for changes made outside localdisk
 _SFDISK_WRITE = ["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel"]  # write the table, leave the kernel alone
 LABEL_MARK = "10CA1D15"  # the first 8 hex digits of the disk GUID of every GPT label localdisk writes
@@ -218,46 +229,6 @@ class PartitionPoolConfig(PoolConfig):
         if len(set(disks)) != len(disks):
             raise ValueError("a disk is listed twice")
         return disks
-
-
-@dataclass(frozen=True)
-class KernelPartition:
-    name: str  # kernel name, e.g. loop3p2, nvme0n1p2
-    start: int  # 512-byte units, as sysfs counts
-    size: int
-
-
-def kernel_partitions(device: str) -> dict[int, KernelPartition]:
-    """The partitions the kernel knows on `device` (from sysfs), by number: what the device nodes really map."""
-    found: dict[int, KernelPartition] = {}
-    base = _SYSFS_BLOCK / Path(device).name
-    try:
-        children = list(base.iterdir())
-    except OSError:
-        return found
-    for child in children:
-        try:
-            number = int((child / "partition").read_text())
-            start = int((child / "start").read_text())
-            size = int((child / "size").read_text())
-        except (OSError, ValueError):
-            continue
-        found[number] = KernelPartition(child.name, start, size)
-    return found
-
-
-def kernel_partition(device: str, number: int) -> KernelPartition | None:
-    """Partition `number` of `device` as the kernel knows it, read from its own sysfs entry where it is named as
-    the kernel names partitions (loop0p3, sda3), else found among all of the disk's partitions."""
-    disk = Path(device).name
-    name = f"{disk}p{number}" if disk[-1:].isdigit() else f"{disk}{number}"
-    entry = _SYSFS_BLOCK / disk / name
-    try:
-        if int((entry / "partition").read_text()) == number:
-            return KernelPartition(name, int((entry / "start").read_text()), int((entry / "size").read_text()))
-    except (OSError, ValueError):
-        pass
-    return kernel_partitions(device).get(number)
 
 
 class _Disk:
@@ -611,7 +582,7 @@ class PartitionBackend:
 
         localdisk tells the kernel about each change itself (BLKPG); what that could not do (a crash between the
         table write and the kernel update, a change made while the kernel was out of step) is repaired here, one
-        partition at a time with the same ioctl (`_repair_kernel`). Not `partx --update`: it walks partition numbers
+        partition at a time with the same ioctl (`repair_kernel`). Not `partx --update`: it walks partition numbers
         only up to the count of partitions, so after a gap (1 and 2 deleted, 3 and 7 in use) it never reaches 7 and
         the kernel stays without it. Bounded by the settle timeout.
         """
@@ -619,19 +590,19 @@ class PartitionBackend:
         deadline = anyio.current_time() + timeout
         next_repair = anyio.current_time()
         refused: list[str] = []
-        while (problem := _kernel_mismatch(table)) is not None:
+        while (problem := kernel_mismatch(table)) is not None:
             now = anyio.current_time()
             if now >= deadline:
                 raise BackendFailure(
                     f"the kernel still disagrees with the partition table of {device} after {timeout}s: {problem}"
-                    f" ({'; '.join(refused) or 'no change refused'}; {_views_of(table)}); is a partition held open?"
+                    f" ({'; '.join(refused) or 'no change refused'}; {views_of(table)}); is a partition held open?"
                     " check with lsblk and retry"
                 )
             if now >= next_repair:
-                refused = await anyio.to_thread.run_sync(_repair_kernel, table)
+                refused = await anyio.to_thread.run_sync(repair_kernel, table)
                 next_repair = now + 0.5
             await anyio.sleep(0.05)
-        if _udev_running():
+        if udev_running():
             await self.runner.run(["udevadm", "settle", f"--timeout={max(1, int(timeout))}"], check=False)
 
     async def _settle_one(self, disk: _Disk, table: Table, part: Partition) -> None:
@@ -639,14 +610,14 @@ class PartitionBackend:
         repairs, if it does not soon. The usual check after a change of ours: one partition's sysfs entry."""
         deadline = anyio.current_time() + 1.0
         while True:
-            if _kernel_shows(table, part):
+            if kernel_shows(table, part):
                 break
             if anyio.current_time() >= deadline:
                 await self._settle(table.device, table)
                 break
             await anyio.sleep(0.005)
         disk.remember(table)  # the kernel changed: map its partitions again when next needed
-        if _udev_running():
+        if udev_running():
             timeout = max(1, int(self.config.settle_timeout_seconds))
             await self.runner.run(["udevadm", "settle", f"--timeout={timeout}"], check=False)
 
@@ -661,7 +632,7 @@ class PartitionBackend:
         said. The partition is named in the same write that creates it, so no crash leaves an unnamed partition.
         """
         part = Partition(table.free_number(), start, sectors, str(uuid.uuid4()), name, type_guid)
-        line = f"{_node_name(table.device, part.number)} : start={start}, size={sectors}, name={name}, uuid={part.uuid}"
+        line = f"{node_name(table.device, part.number)} : start={start}, size={sectors}, name={name}, uuid={part.uuid}"
         if type_guid:
             line += f", type={type_guid}"
         append = ["--append", "--wipe", "never", "--wipe-partitions", "never", "--", table.device]
@@ -669,7 +640,7 @@ class PartitionBackend:
         table = table.with_partition(part)
         disk.remember(table)
         try:
-            await _tell_kernel(table, _BLKPG_ADD, part)
+            await tell_kernel(table, BLKPG_ADD, part)
         except OSError:
             await self._settle(table.device, table)  # the kernel is out of step (a stale partition in the way)
         await self._settle_one(disk, table, part)
@@ -691,7 +662,7 @@ class PartitionBackend:
         between the two leaves the kernel behind the table, which `_settle` repairs.
         """
         try:
-            await _tell_kernel(table, _BLKPG_DELETE, part)
+            await tell_kernel(table, BLKPG_DELETE, part)
         except OSError as exc:
             if exc.errno == errno.EBUSY:
                 raise FailedPrecondition(
@@ -917,7 +888,7 @@ class PartitionBackend:
             if sectors <= part.size:
                 # Also the retry of an expand cut between the table write and the kernel's resize: the kernel must
                 # show the size the answer gives (a restart repairs it too, but a retry may come first).
-                if not _kernel_shows(table, part):
+                if not kernel_shows(table, part):
                     await self._settle_one(disk, table, part)
                 return self._volume(disk, table, part)
             disk_end = table.usable_end(ALIGNMENT)
@@ -949,7 +920,7 @@ class PartitionBackend:
             # The retried expand finds the volume big enough and is answered without coming here, and the restart
             # the crash implies runs `_settle` in `open`, which sees the kernel's size differ and resizes it.
             try:
-                await _tell_kernel(table, _BLKPG_RESIZE, grown)
+                await tell_kernel(table, BLKPG_RESIZE, grown)
             except OSError as exc:
                 raise BackendFailure(
                     f"the table of {table.device} now gives partition {part.number} {human(size_bytes)}, but the"
@@ -1011,75 +982,6 @@ class PartitionBackend:
         return []
 
 
-def _kernel_mismatch(table: Table) -> str | None:
-    """Why the kernel's view of `table.device` differs from `table`, or None when it matches."""
-    known = kernel_partitions(table.device)
-    wanted = {p.number: p for p in table.partitions}
-    for number in sorted(set(known) - set(wanted)):
-        return f"the kernel still has partition {number}, which the table no longer holds"
-    for number, part in sorted(wanted.items()):
-        have = known.get(number)
-        if have is None:
-            return f"partition {number} has no kernel device yet"
-        if (have.start, have.size) != table.kernel_place(part):
-            return f"the kernel has partition {number} at another place or size than the table"
-        if not (Path("/dev") / have.name).exists():
-            return f"/dev/{have.name} does not exist yet"
-    return None
-
-
-def _views_of(table: Table) -> str:
-    """The table's partitions and the kernel's, as (start, size) in the kernel's 512-byte units, for an error."""
-    wanted = {p.number: table.kernel_place(p) for p in table.partitions}
-    known = {n: (k.start, k.size) for n, k in sorted(kernel_partitions(table.device).items())}
-    return f"table {dict(sorted(wanted.items()))}, kernel {known}"
-
-
-def _repair_kernel(table: Table) -> list[str]:
-    """One pass of bringing the kernel's partitions of `table.device` in line with `table`, partition by partition:
-    drop what the table no longer holds, resize in place what starts where the table says, move (drop, then add)
-    what starts elsewhere, add what is missing. Returns what the kernel refused (EBUSY: a partition held open, or an
-    add overlapping one not moved yet, which the next pass sees gone), for the caller's next pass or its error."""
-    refused: list[str] = []
-
-    def attempt(what: str, op: int, number: int, part: Partition | None = None) -> None:
-        start, length = (part.start * table.sector_size, part.size * table.sector_size) if part else (0, 0)
-        try:
-            _blkpg(table.device, op, number, start, length)
-        except OSError as exc:
-            refused.append(f"{what} of partition {number} refused: {exc.strerror}")
-
-    wanted = {p.number: p for p in table.partitions}
-    for number, have in sorted(kernel_partitions(table.device).items()):
-        part = wanted.get(number)
-        if part is None:
-            attempt("removal", _BLKPG_DELETE, number)
-        elif (have.start, have.size) != table.kernel_place(part):
-            if have.start == table.kernel_units(part.start):
-                attempt("resize", _BLKPG_RESIZE, number, part)
-            else:
-                attempt("move", _BLKPG_DELETE, number)
-    known = kernel_partitions(table.device)
-    for number, part in sorted(wanted.items()):
-        if number not in known:
-            attempt("addition", _BLKPG_ADD, number, part)
-    return refused
-
-
-def _udev_running() -> bool:
-    return _UDEV_CONTROL.exists()
-
-
-def _kernel_shows(table: Table, part: Partition) -> bool:
-    """Whether the kernel has `part` where and as large as `table` says, with its node."""
-    known = kernel_partition(table.device, part.number)
-    return (
-        known is not None
-        and (known.start, known.size) == table.kernel_place(part)
-        and (Path("/dev") / known.name).exists()
-    )
-
-
 def _claim(node: str) -> int:
     """The partition opened exclusively for wiping: refused for a volume that is mounted or held, before anything
     is destroyed (the claim is then handed to blockdev, which closes it)."""
@@ -1089,50 +991,6 @@ def _claim(node: str) -> int:
         raise FailedPrecondition(
             f"{node} is in use (mounted or held by another device); unpublish and unstage the volume first"
         ) from exc
-
-
-def _node_name(device: str, number: int) -> str:
-    """The node the kernel gives partition `number` of `device`: how an sfdisk script line names its entry."""
-    disk = Path(device).name
-    if not _KERNEL_NAME.match(disk) or not device.startswith("/dev/"):
-        raise BackendFailure(f"unexpected device name {device!r}: localdisk cannot name its partitions for sfdisk")
-    return f"{device}p{number}" if disk[-1].isdigit() else f"{device}{number}"
-
-
-# Telling the kernel about one partition: the BLKPG ioctl (linux/blkpg.h), as partx, resizepart and parted make it.
-_BLKPG = 0x1269  # _IO(0x12, 105)
-_BLKPG_ADD, _BLKPG_DELETE, _BLKPG_RESIZE = 1, 2, 3
-
-
-class _BlkpgPartition(ctypes.Structure):
-    _fields_ = [
-        ("start", ctypes.c_longlong),  # bytes
-        ("length", ctypes.c_longlong),  # bytes
-        ("pno", ctypes.c_int),
-        ("devname", ctypes.c_char * 64),  # unused by the kernel
-        ("volname", ctypes.c_char * 64),  # unused by the kernel
-    ]
-
-
-class _BlkpgArg(ctypes.Structure):
-    _fields_ = [("op", ctypes.c_int), ("flags", ctypes.c_int), ("datalen", ctypes.c_int), ("data", ctypes.c_void_p)]
-
-
-def _blkpg(device: str, op: int, number: int, start: int, length: int) -> None:
-    part = _BlkpgPartition(start=start, length=length, pno=number)
-    arg = _BlkpgArg(op=op, flags=0, datalen=ctypes.sizeof(part), data=ctypes.addressof(part))
-    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        fcntl.ioctl(fd, _BLKPG, arg)
-    finally:
-        os.close(fd)
-
-
-async def _tell_kernel(table: Table, op: int, part: Partition) -> None:
-    """Add, delete or resize the kernel's partition `part.number` of `table.device` as `table` has it; OSError
-    (EBUSY: taken, overlapping or open; ENXIO: no such partition) when the kernel refuses."""
-    start, length = part.start * table.sector_size, part.size * table.sector_size
-    await anyio.to_thread.run_sync(_blkpg, table.device, op, part.number, start, length)
 
 
 def _factory(pool: str, config: PoolConfig, runner: CommandRunner) -> PartitionBackend:
