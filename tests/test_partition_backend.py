@@ -26,9 +26,9 @@ from localdisk.backends.partition import (
     READY_PREFIX,
     PartitionBackend,
     PartitionPoolConfig,
-    kernel_partitions,
     volume_key,
 )
+from localdisk.backends.partkernel import kernel_partitions
 from localdisk.blockdev import open_exclusive
 from localdisk.runner import CommandRunner
 from localdisk.sizes import MiB
