@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ from localdisk.k8s.crd import (
     ADOPTED,
     FINALIZER,
     GROUP,
+    MERGE,
     NODE_LABEL,
     NODES,
     SNAPSHOTS,
@@ -50,7 +52,6 @@ from localdisk.manager import CreateRequest, VolumeManager
 from localdisk.model import ContentSource, SourceKind
 
 log = logging.getLogger(__name__)
-MERGE = "application/merge-patch+json"
 Key = tuple[str, str]  # (plural, object name)
 
 
@@ -321,16 +322,9 @@ class NodeAgent:
         if volume.deleting:
             if FINALIZER in volume.finalizers:
                 handle = volume.handle or await self._handle_by_name(volume)
-                if handle is not None:
-                    try:
-                        await self.manager.delete_volume(handle)
-                    except Busy:
-                        raise
-                    except LocalDiskError as exc:
-                        await self._status(VOLUMES, volume.name, {"phase": "Deleting", "error": error_status(exc)})
-                        return
-                    log.info("volume %s (%s) deleted", volume.name, handle)
-                await self._release(VOLUMES, volume.name, volume.finalizers)
+                await self._remove_from_disk(
+                    VOLUMES, volume.name, volume.finalizers, handle, self.manager.delete_volume
+                )
             return
         if volume.error is not None and volume.observed_generation >= volume.generation:
             return  # answered; tried again when the controller clears the error
@@ -401,16 +395,9 @@ class NodeAgent:
         if snapshot.deleting:
             if FINALIZER in snapshot.finalizers:
                 handle = snapshot.handle or await self._snapshot_by_name(snapshot.csi_name)
-                if handle is not None:
-                    try:
-                        await self.manager.delete_snapshot(handle)
-                    except Busy:
-                        raise
-                    except LocalDiskError as exc:
-                        await self._status(SNAPSHOTS, snapshot.name, {"phase": "Deleting", "error": error_status(exc)})
-                        return
-                    log.info("snapshot %s (%s) deleted", snapshot.name, handle)
-                await self._release(SNAPSHOTS, snapshot.name, snapshot.finalizers)
+                await self._remove_from_disk(
+                    SNAPSHOTS, snapshot.name, snapshot.finalizers, handle, self.manager.delete_snapshot
+                )
             return
         if snapshot.observed_generation >= snapshot.generation and (
             snapshot.error is not None or snapshot.handle is not None
@@ -445,6 +432,27 @@ class NodeAgent:
                 "observedGeneration": snapshot.generation,
             },
         )
+
+    async def _remove_from_disk(
+        self,
+        plural: str,
+        name: str,
+        finalizers: tuple[str, ...],
+        handle: str | None,
+        delete: Callable[[str], Awaitable[None]],
+    ) -> None:
+        """Delete what an object being deleted holds on disk (nothing when it never got a handle), then remove our
+        finalizer; a failure is written into its status and the finalizer stays. `Busy` is raised for a retry."""
+        if handle is not None:
+            try:
+                await delete(handle)
+            except Busy:
+                raise
+            except LocalDiskError as exc:
+                await self._status(plural, name, {"phase": "Deleting", "error": error_status(exc)})
+                return
+            log.info("%s %s (%s) deleted", plural, name, handle)
+        await self._release(plural, name, finalizers)
 
     async def _snapshot_by_name(self, name: str) -> str | None:
         return next((s.id for s in await self.manager.list_snapshots() if s.name == name), None)

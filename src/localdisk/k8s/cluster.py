@@ -25,6 +25,7 @@ from localdisk.k8s.crd import (
     API_VERSION,
     FINALIZER,
     GROUP,
+    MERGE,
     NODE_LABEL,
     NODES,
     SNAPSHOTS,
@@ -40,7 +41,6 @@ from localdisk.k8s.crd import (
 from localdisk.k8s.watch import TRANSIENT, Pacer, list_and_watch
 
 log = logging.getLogger(__name__)
-MERGE = "application/merge-patch+json"
 T = TypeVar("T")
 
 

@@ -38,6 +38,8 @@ NODE_LABEL = f"{GROUP}/node"
 ADOPTED = f"{GROUP}/adopted"
 """Annotation on a LocalVolume a node agent made for a volume of the per-node shape: the volume's on-disk ID."""
 FINALIZER = f"{GROUP}/on-disk"
+MERGE = "application/merge-patch+json"
+"""The patch type every write of these objects uses (kubernetes-asyncio would pick JSON patch for a dict)."""
 """Removed by the node agent once nothing of the object is left on the disk."""
 
 _LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
