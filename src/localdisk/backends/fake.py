@@ -1,19 +1,25 @@
 """An in-memory backend: for examples, CSI-layer tests and library users without root or disks.
 
 It obeys the same contract suite as the real backends (sizes, idempotency, capacity accounting, snapshots and
-clones), so code written against it behaves the same on LVM. Nothing survives the process.
+clones), so code written against it behaves the same on LVM. Nothing survives the process, unless the pool names a
+`state_file`: then its volumes and snapshots are kept there (rewritten whole, atomically, after every change), so a
+restarted server finds them again, the way it would on a disk.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import anyio
 
-from localdisk.errors import InsufficientCapacity, NotFound
-from localdisk.model import Capacity, Features, ObjectRef, Snapshot, Volume, VolumeSpec
+from localdisk.errors import FailedPrecondition, InsufficientCapacity, NotFound
+from localdisk.model import Capacity, ContentSource, Features, ObjectRef, Snapshot, SourceKind, Volume, VolumeSpec
 from localdisk.registry import BackendSpec, PoolConfig
 from localdisk.runner import CommandRunner
 from localdisk.sizes import GiB, MiB
@@ -24,6 +30,8 @@ class FakePoolConfig(PoolConfig):
     """Capacity the pool pretends to have."""
     latency_seconds: float = 0.0
     """Delay added to every change, to make concurrency observable in tests."""
+    state_file: Path | None = None
+    """Where the pool keeps its volumes and snapshots across restarts; in memory only when unset."""
 
 
 class FakeBackend:
@@ -37,7 +45,27 @@ class FakeBackend:
         self._snapshots: dict[str, Snapshot] = {}
 
     async def open(self) -> None:
-        return None
+        path = self.config.state_file
+        if path is None or not path.exists():
+            return
+        try:
+            state = json.loads(path.read_text())
+            self._volumes = {v.ref.handle: v for v in map(_volume, state["volumes"])}
+            self._snapshots = {s.ref.handle: s for s in map(_snapshot, state["snapshots"])}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise FailedPrecondition(f"fake pool {self.pool!r}: cannot read its state file {path}: {exc}") from exc
+
+    def _save(self) -> None:
+        path = self.config.state_file
+        if path is None:
+            return
+        state = {
+            "volumes": [_volume_record(v) for v in self._volumes.values()],
+            "snapshots": [_snapshot_record(s) for s in self._snapshots.values()],
+        }
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(state))
+        os.replace(partial, path)
 
     async def aclose(self) -> None:
         return None
@@ -68,11 +96,13 @@ class FakeBackend:
         volume = Volume(ObjectRef(self.kind, self.pool, handle), spec.name, spec.size_bytes, spec.source)
         self._reserve(spec.size_bytes)  # re-check after the pause: another create may have taken the space
         self._volumes[handle] = volume
+        self._save()
         return volume
 
     async def delete_volume(self, handle: str) -> None:
         await self._pause()
         self._volumes.pop(handle, None)
+        self._save()
 
     async def expand_volume(self, handle: str, size_bytes: int) -> Volume:
         volume = await self.get_volume(handle)
@@ -82,6 +112,7 @@ class FakeBackend:
         await self._pause()
         grown = replace(volume, size_bytes=size_bytes)
         self._volumes[handle] = grown
+        self._save()
         return grown
 
     async def get_volume(self, handle: str) -> Volume:
@@ -111,10 +142,12 @@ class FakeBackend:
             ObjectRef(self.kind, self.pool, handle), name, source.id, source.size_bytes, datetime.now(UTC)
         )
         self._snapshots[handle] = snapshot
+        self._save()
         return snapshot
 
     async def delete_snapshot(self, handle: str) -> None:
         self._snapshots.pop(handle, None)
+        self._save()
 
     async def get_snapshot(self, handle: str) -> Snapshot:
         try:
@@ -127,6 +160,44 @@ class FakeBackend:
 
     async def list_snapshots(self) -> list[Snapshot]:
         return list(self._snapshots.values())
+
+
+def _ref(text: str) -> ObjectRef:
+    backend, pool, handle = text.split(":", 2)
+    return ObjectRef(backend, pool, handle)
+
+
+def _volume_record(volume: Volume) -> dict[str, Any]:
+    source = volume.source
+    return {
+        "ref": str(volume.ref),
+        "name": volume.name,
+        "size_bytes": volume.size_bytes,
+        "source": None if source is None else {"kind": source.kind.value, "id": source.id},
+        "encrypted": volume.encrypted,
+    }
+
+
+def _volume(record: dict[str, Any]) -> Volume:
+    source = record["source"]
+    content = None if source is None else ContentSource(SourceKind(source["kind"]), str(source["id"]))
+    size = int(record["size_bytes"])
+    return Volume(_ref(record["ref"]), str(record["name"]), size, content, encrypted=bool(record["encrypted"]))
+
+
+def _snapshot_record(snapshot: Snapshot) -> dict[str, Any]:
+    return {
+        "ref": str(snapshot.ref),
+        "name": snapshot.name,
+        "source": snapshot.source_volume_id,
+        "size_bytes": snapshot.size_bytes,
+        "created_at": snapshot.created_at.isoformat(),
+    }
+
+
+def _snapshot(record: dict[str, Any]) -> Snapshot:
+    created = datetime.fromisoformat(record["created_at"])
+    return Snapshot(_ref(record["ref"]), str(record["name"]), str(record["source"]), int(record["size_bytes"]), created)
 
 
 def _factory(pool: str, config: PoolConfig, runner: CommandRunner) -> FakeBackend:
