@@ -25,6 +25,7 @@ from grpclib.client import Channel
 from grpclib.const import Status
 
 from localdisk._proto.csi.v1 import ControllerStub, GetCapacityRequest
+from localdisk.availability import Available
 from localdisk.backends.fake import FakeBackend, FakePoolConfig
 from localdisk.errors import FailedPrecondition
 from localdisk.manager import VolumeManager
@@ -175,3 +176,24 @@ async def test_a_pool_that_comes_up_late_is_kept_fresh_in_the_background() -> No
                 await anyio.sleep(0.02)
         tasks.cancel_scope.cancel()
     assert manager.pool_states()[("fake", "late")].up
+
+
+class _Disked(FakeBackend):
+    """A fake pool on one disk, whose state file may be unreadable (the pool then cannot open)."""
+
+    async def disks(self) -> tuple[str, ...]:
+        return ("/dev/disk/by-id/fake-1",)
+
+
+async def test_a_pool_lists_its_disks_only_while_it_is_up(tmp_path: Path) -> None:
+    state = tmp_path / "state.json"
+    state.write_text("not json")
+    pool = Available(_Disked("p", FakePoolConfig(state_file=state)))
+    await pool.open()
+    assert not pool.state.up
+    assert await pool.disks() == ()
+    state.unlink()
+    await pool.open()
+    assert pool.state.up
+    assert await pool.disks() == ("/dev/disk/by-id/fake-1",)
+    assert await Available(FakeBackend("q", FakePoolConfig())).disks() == ()  # a backend that cannot say

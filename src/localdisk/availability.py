@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from localdisk.backend import CachedState, PendingVolumes, VolumeBackend
+from localdisk.backend import CachedState, PendingVolumes, UsesDisks, VolumeBackend
 from localdisk.errors import FailedPrecondition, LocalDiskError
 from localdisk.model import Capacity, Features, PendingVolume, Snapshot, Volume, VolumeSpec
 
@@ -107,6 +107,11 @@ class Available:
         return await inner.reclaim_pending(handle) if isinstance(inner, PendingVolumes) else False
 
     # -- reads that have an answer while down ---------------------------------------------------------------------
+    async def disks(self) -> tuple[str, ...]:
+        """The disks the pool uses, when it is up and its backend can say; none otherwise."""
+        inner = self.inner
+        return await inner.disks() if isinstance(inner, UsesDisks) and self.state.up else ()
+
     async def capacity(self) -> Capacity:
         if not self.state.up:
             return Capacity(total_bytes=0, available_bytes=0, maximum_volume_bytes=0)

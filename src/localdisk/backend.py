@@ -89,6 +89,15 @@ class PendingVolumes(Protocol):
         True if it was removed. `Busy` while a create in this process is working on it."""
 
 
+@runtime_checkable
+class UsesDisks(Protocol):
+    """A backend that can say which of the node's disks it uses (a node's LocalNode object lists them)."""
+
+    async def disks(self) -> tuple[str, ...]:
+        """The device paths of the disks this pool uses now (as its last view saw them; "[unknown]" for a missing
+        LVM PV)."""
+
+
 async def finish_despite_cancellation(cleanup: Callable[[], Awaitable[object]], what: str) -> None:
     """Run `cleanup` to its end, for at most `CANCELLED_CLEANUP_SECONDS`, although the calling task is being
     cancelled; its failure is logged, not raised (the caller re-raises its cancellation).

@@ -492,13 +492,17 @@ class ControlPlane:
     def serve_node(
         self, name: str, pools: dict[str, int], extra: tuple[str, ...] = (), pool_config: str | None = None
     ) -> Path:
-        """`localdisk serve` for node `name` on fake pools of the given sizes (the first is the default), or on the
+        """`localdisk serve` for node `name` on fake pools of the given sizes (the first is the default; what they hold
+        survives a restart), or on the
         pools `pool_config` describes (TOML), with `extra` arguments (`--role=node`, say); returns its socket once it
         is there."""
         config = self.work / f"{name}.toml"
         lines = [f'[node]\nkubelet_dir = "{self.work / name / "kubelet"}"\n']
         for index, (pool, size) in enumerate(pools.items()):
-            lines.append(f"[pools.fake.{pool}]\nsize_bytes = {size}\ndefault = {'true' if index == 0 else 'false'}\n")
+            lines.append(
+                f"[pools.fake.{pool}]\nsize_bytes = {size}\ndefault = {'true' if index == 0 else 'false'}\n"
+                f'state_file = "{self.work / f"{name}-{pool}.json"}"\n'  # kept across restarts, like a disk
+            )
         if pool_config:
             lines.append(pool_config)
         config.write_text("\n".join(lines))

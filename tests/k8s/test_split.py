@@ -412,9 +412,7 @@ def test_node_agent_controller_and_api_server_restarts_in_the_middle_of_operatio
 
     # the controller killed right after a delete began, the node agent killed while it deletes: both converge
     split.remove("late")
-    plane.restart("localdisk-controller", crash=True)
-    for sidecar in ("csi-provisioner", "csi-resizer", "csi-snapshotter"):
-        plane.restart(sidecar)  # they exit when the driver's socket goes; kubelet would start them again
+    _restart_controller(plane)
     plane.restart("localdisk-n2", crash=True)
     wait_for("the LocalVolume to go", lambda: split.local_volume(f"pvc-{uid}") is None or None, 180)
     split.wait_free(dict(POOLS), 90)
@@ -428,6 +426,78 @@ def test_node_agent_controller_and_api_server_restarts_in_the_middle_of_operatio
     split.remove("after")
     wait_for("every LocalVolume to go", lambda: not split.api.get(VOLUMES)["items"] or None, 180)
     split.wait_free(dict(POOLS), 90)
+
+
+def test_a_growth_and_a_snapshot_survive_restarts_of_the_controller_and_the_node_agent(split: Split) -> None:
+    plane = split.plane
+    split.claim("mid", 256 * MiB, mode="Block", node="n1")
+    pv = split.bound("mid")
+    handle = pv["spec"]["csi"]["volumeHandle"]
+
+    # the growth asked for while the node agent is down, the controller killed while it waits for the node
+    plane.process("localdisk-n1").kill()
+    split.api.patch(
+        f"/api/v1/namespaces/{TEST_NAMESPACE}/persistentvolumeclaims/mid",
+        {"spec": {"resources": {"requests": {"storage": str(512 * MiB)}}}},
+    )
+    wait_for(
+        "the controller to ask n1 for 512 MiB",
+        lambda: (split.local_volume(handle) or {}).get("spec", {}).get("requiredBytes") == 512 * MiB or None,
+        120,
+    )
+    _restart_controller(plane)
+
+    # the snapshot asked for while the node agent is still down, the controller killed again while it waits
+    base = f"/apis/snapshot.storage.k8s.io/v1/namespaces/{TEST_NAMESPACE}/volumesnapshots"
+    split.api.create(
+        base,
+        {
+            "apiVersion": "snapshot.storage.k8s.io/v1",
+            "kind": "VolumeSnapshot",
+            "metadata": {"name": "mid-snap"},
+            "spec": {"volumeSnapshotClassName": "localdisk", "source": {"persistentVolumeClaimName": "mid"}},
+        },
+    )
+    snapshots = f"/apis/{GROUP}/{VERSION}/localsnapshots"
+    wait_for("the LocalSnapshot", lambda: split.api.get(snapshots)["items"] or None, 120)
+    _restart_controller(plane)
+
+    # the node agent returns, is killed once more straight away, and returns again: both operations converge
+    plane.restart("localdisk-n1")
+    plane.restart("localdisk-n1", crash=True)
+    wait_for(
+        "the PV to be 512 MiB",
+        lambda: (
+            _bytes(split.api.get(f"/api/v1/persistentvolumes/{pv['metadata']['name']}")["spec"]["capacity"]["storage"])
+            == 512 * MiB
+            or None
+        ),
+        180,
+    )
+    volume = split.local_volume(handle)
+    assert volume is not None and volume["status"]["sizeBytes"] == 512 * MiB
+
+    def ready() -> Obj | None:
+        status = split.api.get(f"{base}/mid-snap").get("status") or {}
+        return status if status.get("readyToUse") else None
+
+    wait_for("the snapshot to be ready", ready, 180)
+    [local] = split.api.get(snapshots)["items"]
+    assert local["status"]["phase"] == "Ready" and local["spec"]["sourceVolume"] == handle
+
+    split.api.delete(f"{base}/mid-snap")
+    wait_for("the LocalSnapshot to go", lambda: not split.api.get(snapshots)["items"] or None, 180)
+    split.remove("mid")
+    wait_for("every LocalVolume to go", lambda: not split.api.get(VOLUMES)["items"] or None, 180)
+    split.wait_free(dict(POOLS), 90)
+
+
+def _restart_controller(plane: ControlPlane) -> None:
+    """Kill the controller and start it again, with the sidecars that exit when its socket goes (kubelet would start
+    them again)."""
+    plane.restart("localdisk-controller", crash=True)
+    for sidecar in ("csi-provisioner", "csi-resizer", "csi-snapshotter"):
+        plane.restart(sidecar)
 
 
 def test_the_objects_of_a_lost_node_are_released_after_the_grace_period_except_retained_ones(split: Split) -> None:
@@ -559,6 +629,17 @@ def test_a_volume_of_the_per_node_shape_is_adopted_and_deleted_through_the_contr
         adopted = wait_for("the adopted LocalVolume", by_handle, 120)
         assert adopted["spec"]["node"] == "n3" and adopted["status"]["phase"] == "Ready"
         assert adopted["metadata"]["annotations"]["localdisk.csi.io/adopted"] == old_id
+
+        # its LocalNode lists the disk the pool uses
+        def pool_disks() -> list[str] | None:
+            try:
+                node = split.api.get(f"/apis/{GROUP}/{VERSION}/localnodes/n3")
+            except ApiError:
+                return None
+            pools = (node.get("status") or {}).get("pools") or []
+            return pools[0].get("disks") if pools else None
+
+        assert wait_for("n3's LocalNode", pool_disks, 60) == [disk]
 
         # the central controller deletes it by the old ID, through its object
         async def delete() -> None:

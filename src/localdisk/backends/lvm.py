@@ -438,6 +438,10 @@ class _LvmBackend:
         self._creating: Counter[str] = Counter()  # LVs of the creates running in this process
         self.view = VgView(lvm, vg, view_max_age)
 
+    async def disks(self) -> tuple[str, ...]:
+        """The VG's PVs, as its last report listed them (`UsesDisks`)."""
+        return (await self.view.get()).pvs
+
     # hooks
     def _belongs(self, lv: LogicalVolume) -> bool:
         raise NotImplementedError

@@ -327,6 +327,10 @@ class PartitionBackend:
             if not self._disks:
                 raise FailedPrecondition(f"{self._owner} has no disk yet: {self._summary}")
 
+    async def disks(self) -> tuple[str, ...]:
+        """The pool's disks, listed and discovered (`UsesDisks`)."""
+        return tuple(disk.configured for disk in self._disks)
+
     async def aclose(self) -> None:
         self._claims.release(self._owner)
 

@@ -522,6 +522,7 @@ class NodeAgent:
                     maximum_volume_bytes=largest,
                     snapshots=backend.features.snapshots,
                     clones=backend.features.clones,
+                    disks=await backend.disks(),
                 )
             )
         return reports

@@ -206,6 +206,7 @@ class PoolReport:
     maximum_volume_bytes: int
     snapshots: bool
     clones: bool
+    disks: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -218,6 +219,7 @@ class PoolReport:
             "maximumVolumeBytes": self.maximum_volume_bytes,
             "snapshots": self.snapshots,
             "clones": self.clones,
+            "disks": list(self.disks),
         }
 
     @classmethod
@@ -232,4 +234,5 @@ class PoolReport:
             maximum_volume_bytes=int(item.get("maximumVolumeBytes") or 0),
             snapshots=bool(item.get("snapshots")),
             clones=bool(item.get("clones")),
+            disks=tuple(str(d) for d in item.get("disks") or ()),
         )
