@@ -179,6 +179,7 @@ class ApiError(Exception):
     def __init__(self, status: int, body: str) -> None:
         super().__init__(f"HTTP {status}: {body[:500]}")
         self.status = status
+        self.body = body
 
 
 class Api:
@@ -251,6 +252,12 @@ PLURALS = {
     "Role": ("apis/rbac.authorization.k8s.io/v1", "roles", True),
     "CustomResourceDefinition": ("apis/apiextensions.k8s.io/v1", "customresourcedefinitions", False),
     "RoleBinding": ("apis/rbac.authorization.k8s.io/v1", "rolebindings", True),
+    "ValidatingAdmissionPolicy": ("apis/admissionregistration.k8s.io/v1", "validatingadmissionpolicies", False),
+    "ValidatingAdmissionPolicyBinding": (
+        "apis/admissionregistration.k8s.io/v1",
+        "validatingadmissionpolicybindings",
+        False,
+    ),
 }
 
 
@@ -461,6 +468,38 @@ class ControlPlane:
             ],
             env,
         )
+
+    def node_agent_kubeconfig(self, node: str) -> Path:
+        """A kubeconfig for the node agent of `node` as a DaemonSet pod would have it: a token of the localdisk-node
+        service account bound to a pod on that node, so the API server knows the node (user extra
+        `authentication.kubernetes.io/node-name`)."""
+        account = {"name": "localdisk-node", "namespace": NAMESPACE}
+        self.admin.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": account})
+        name = f"localdisk-node-{node}"
+        self.admin.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": name, "namespace": NAMESPACE},
+                "spec": {
+                    "serviceAccountName": "localdisk-node",
+                    "nodeName": node,
+                    "automountServiceAccountToken": False,
+                    "containers": [{"name": "localdisk", "image": "localdisk"}],
+                },
+            }
+        )
+        pod = self.admin.get(f"/api/v1/namespaces/{NAMESPACE}/pods/{name}")
+        request = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {
+                "expirationSeconds": 3600,
+                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": name, "uid": pod["metadata"]["uid"]},
+            },
+        }
+        answer = self.admin.create(f"/api/v1/namespaces/{NAMESPACE}/serviceaccounts/localdisk-node/token", request)
+        return self._write_kubeconfig(f"node-{node}", answer["status"]["token"])
 
     def register_node(self, name: str) -> None:
         """The Node and CSINode objects a kubelet and node-driver-registrar would make."""

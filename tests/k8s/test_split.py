@@ -23,10 +23,20 @@ import pytest
 import yaml
 from grpclib.client import Channel
 
-from localdisk._proto.csi.v1 import ControllerStub, DeleteVolumeRequest
+from localdisk._proto.csi.v1 import (
+    ControllerStub,
+    DeleteSnapshotRequest,
+    DeleteVolumeRequest,
+    ListSnapshotsRequest,
+    Topology,
+    TopologyRequirement,
+    VolumeContentSource,
+    VolumeContentSourceSnapshotSource,
+)
 from localdisk.k8s import DRIVER_NAME, TOPOLOGY_KEY
 from localdisk.k8s.crd import FINALIZER, GROUP, NODE_LABEL, VERSION
 from localdisk.sizes import GiB, MiB
+from tests.csi_helpers import create_request
 from tests.k8s import controlplane
 from tests.k8s.controlplane import NAMESPACE, ApiError, ControlPlane, localdisk_command, wait_for
 
@@ -167,7 +177,8 @@ def _start(plane: ControlPlane) -> Split:
             return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
 
         wait_for(f"{crd['metadata']['name']} established", lambda: established() or None, 30)
-    rbac = ("clusterrole.yaml", "clusterrolebinding.yaml", "role.yaml", "rolebinding.yaml", "csidriver.yaml")
+    rbac = ["clusterrole.yaml", "clusterrolebinding.yaml", "role.yaml", "rolebinding.yaml", "csidriver.yaml"]
+    rbac.append("node-agent-policy.yaml")
     for doc in [d for name in rbac for d in deploy(name)]:
         api.apply(doc)
     api.apply(
@@ -183,7 +194,8 @@ def _start(plane: ControlPlane) -> Split:
     )
     for name, size in POOLS.items():
         plane.register_node(name)
-        plane.serve_node(name, {"a": size}, ("--role=node", f"--kubeconfig={plane.node_kubeconfig}"))
+        kubeconfig = plane.node_agent_kubeconfig(name)  # a token bound to a pod on the node, as in the DaemonSet
+        plane.serve_node(name, {"a": size}, ("--role=node", f"--kubeconfig={kubeconfig}"))
     socket_path = plane.work / "controller.sock"
     controller = plane._start(
         "localdisk-controller",
@@ -211,6 +223,7 @@ def _start(plane: ControlPlane) -> Split:
             "--capacity-ownerref-level=-1",
             "--capacity-poll-interval=1s",
             "--timeout=60s",
+            "--retry-interval-max=10s",  # 5 min by default: a test of restarts would mostly wait for the backoff
         ],
         {**_environ(), **sidecar_env},
     )
@@ -223,6 +236,7 @@ def _start(plane: ControlPlane) -> Split:
             "--leader-election=false",
             "--handle-volume-inuse-error=false",  # online expansion: no pod informer (and no rights on pods)
             "--timeout=60s",
+            "--retry-interval-max=10s",  # 5 min by default: a test of restarts would mostly wait for the backoff
         ],
         {**_environ(), **sidecar_env},
     )
@@ -234,6 +248,7 @@ def _start(plane: ControlPlane) -> Split:
             f"--csi-address={socket_path}",
             "--leader-election=false",
             "--timeout=60s",
+            "--retry-interval-max=10s",  # 5 min by default: a test of restarts would mostly wait for the backoff
         ],
         {**_environ(), **sidecar_env},
     )
@@ -261,6 +276,48 @@ def test_the_node_agent_has_no_rights_on_claims_or_volumes(split: Split) -> None
             node.get(path)
         assert refused.value.status == 403
     assert node.get(f"{VOLUMES}?labelSelector=localdisk.csi.io/node%3Dn1")["items"] == []
+
+
+def test_a_node_agent_may_change_only_the_objects_of_its_own_node(split: Split) -> None:
+    """The admission policy of examples/deploy, with the tokens the agents really use (bound to a pod on a node)."""
+    api = split.api
+    for name, node in (("own-n1", "n1"), ("own-n2", "n2")):
+        api.create(
+            VOLUMES,
+            {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "LocalVolume",
+                # a label no agent watches: this test plays the agent itself
+                "metadata": {"name": name, "labels": {NODE_LABEL: "nobody"}},
+                "spec": {"name": name, "node": node, "backend": "fake", "requiredBytes": MiB},
+            },
+        )
+    try:
+        n1 = controlplane.Api(split.plane.url, _token(split.plane.node_agent_kubeconfig("n1")))
+        merge = "application/merge-patch+json"
+        n1.request("PATCH", f"{VOLUMES}/own-n1/status", {"status": {"phase": "Ready"}}, merge)
+
+        def refused(api: controlplane.Api, path: str, body: Obj, method: str = "PATCH") -> str:
+            with pytest.raises(ApiError) as caught:
+                api.request(method, path, body, merge if method == "PATCH" else "application/json")
+            assert caught.value.status == 403, caught.value.body
+            return caught.value.body
+
+        assert "may not change an object of node n2" in refused(n1, f"{VOLUMES}/own-n2/status", {"status": {}})
+        assert "may not change an object of node n2" in refused(
+            n1, f"{VOLUMES}/own-n2", {"metadata": {"finalizers": None, "labels": {"x": "y"}}}
+        )
+        assert "does not change the spec" in refused(n1, f"{VOLUMES}/own-n1", {"spec": {"requiredBytes": 2 * MiB}})
+        other: Obj = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LocalNode", "metadata": {"name": "n2"}}
+        assert "may not change an object of node n2" in refused(
+            n1, f"/apis/{GROUP}/{VERSION}/localnodes", other, method="POST"
+        )
+        # the same service account with a token that names no node (a legacy secret token, say)
+        unbound = controlplane.Api(split.plane.url, _token(split.plane.node_kubeconfig))
+        assert "must be bound to a pod on a node" in refused(unbound, f"{VOLUMES}/own-n1/status", {"status": {}})
+    finally:
+        for name in ("own-n1", "own-n2"):
+            api.delete(f"{VOLUMES}/{name}")
 
 
 def _token(kubeconfig: Path) -> str:
@@ -428,9 +485,9 @@ def test_node_agent_controller_and_api_server_restarts_in_the_middle_of_operatio
     split.wait_free(dict(POOLS), 90)
 
 
-def test_a_growth_and_a_snapshot_survive_restarts_of_the_controller_and_the_node_agent(split: Split) -> None:
+def test_growth_snapshot_restore_and_unsnapshot_survive_restarts_of_controller_and_node_agent(split: Split) -> None:
     plane = split.plane
-    split.claim("mid", 256 * MiB, mode="Block", node="n1")
+    split.claim("mid", 128 * MiB, mode="Block", node="n1")  # n1 holds 1 GiB: 256 + a snapshot of 256 + 256
     pv = split.bound("mid")
     handle = pv["spec"]["csi"]["volumeHandle"]
 
@@ -438,11 +495,11 @@ def test_a_growth_and_a_snapshot_survive_restarts_of_the_controller_and_the_node
     plane.process("localdisk-n1").kill()
     split.api.patch(
         f"/api/v1/namespaces/{TEST_NAMESPACE}/persistentvolumeclaims/mid",
-        {"spec": {"resources": {"requests": {"storage": str(512 * MiB)}}}},
+        {"spec": {"resources": {"requests": {"storage": str(256 * MiB)}}}},
     )
     wait_for(
-        "the controller to ask n1 for 512 MiB",
-        lambda: (split.local_volume(handle) or {}).get("spec", {}).get("requiredBytes") == 512 * MiB or None,
+        "the controller to ask n1 for 256 MiB",
+        lambda: (split.local_volume(handle) or {}).get("spec", {}).get("requiredBytes") == 256 * MiB or None,
         120,
     )
     _restart_controller(plane)
@@ -466,16 +523,16 @@ def test_a_growth_and_a_snapshot_survive_restarts_of_the_controller_and_the_node
     plane.restart("localdisk-n1")
     plane.restart("localdisk-n1", crash=True)
     wait_for(
-        "the PV to be 512 MiB",
+        "the PV to be 256 MiB",
         lambda: (
             _bytes(split.api.get(f"/api/v1/persistentvolumes/{pv['metadata']['name']}")["spec"]["capacity"]["storage"])
-            == 512 * MiB
+            == 256 * MiB
             or None
         ),
         180,
     )
     volume = split.local_volume(handle)
-    assert volume is not None and volume["status"]["sizeBytes"] == 512 * MiB
+    assert volume is not None and volume["status"]["sizeBytes"] == 256 * MiB
 
     def ready() -> Obj | None:
         status = split.api.get(f"{base}/mid-snap").get("status") or {}
@@ -485,8 +542,27 @@ def test_a_growth_and_a_snapshot_survive_restarts_of_the_controller_and_the_node
     [local] = split.api.get(snapshots)["items"]
     assert local["status"]["phase"] == "Ready" and local["spec"]["sourceVolume"] == handle
 
+    # a restore and then the snapshot's deletion, each asked for while the node agent is down and the controller
+    # killed while it waits
+    plane.process("localdisk-n1").kill()
+    split.claim("mid-restored", 256 * MiB, mode="Block", snapshot="mid-snap", node="n1")
+    uid = wait_for("the claim", lambda: split.pvc("mid-restored")["metadata"].get("uid"), 30)
+    wait_for("its LocalVolume", lambda: split.local_volume(f"pvc-{uid}"), 180)
+    _restart_controller(plane)
+    plane.restart("localdisk-n1")
+    restored = split.bound("mid-restored")
+    assert (split.local_volume(restored["spec"]["csi"]["volumeHandle"]) or {})["spec"]["source"]["kind"] == "snapshot"
+    plane.process("localdisk-n1").kill()
     split.api.delete(f"{base}/mid-snap")
+    wait_for(
+        "the LocalSnapshot to be deleting",
+        lambda: all(s["metadata"].get("deletionTimestamp") for s in split.api.get(snapshots)["items"]) or None,
+        180,
+    )
+    _restart_controller(plane)
+    plane.restart("localdisk-n1")
     wait_for("the LocalSnapshot to go", lambda: not split.api.get(snapshots)["items"] or None, 180)
+    split.remove("mid-restored")
     split.remove("mid")
     wait_for("every LocalVolume to go", lambda: not split.api.get(VOLUMES)["items"] or None, 180)
     split.wait_free(dict(POOLS), 90)
@@ -568,7 +644,16 @@ def _gone(api: controlplane.Api, plural: str, name: str) -> bool:
     return not any(i["metadata"]["name"] == name for i in api.get(f"/apis/{GROUP}/{VERSION}/{plural}")["items"])
 
 
-def test_a_volume_of_the_per_node_shape_is_adopted_and_deleted_through_the_controller(split: Split) -> None:
+def _cli_json(*argv: str, config: Path) -> Any:
+    done = subprocess.run(
+        [localdisk_command(), *argv, f"--config={config}", "--json"], check=True, capture_output=True, text=True
+    )
+    return json.loads(done.stdout)
+
+
+def test_volumes_and_snapshots_of_the_per_node_shape_are_adopted_and_deleted_through_the_controller(
+    split: Split,
+) -> None:
     plane = split.plane
     image = plane.work / "n3.img"
     with image.open("wb") as handle:
@@ -580,8 +665,11 @@ def test_a_volume_of_the_per_node_shape_is_adopted_and_deleted_through_the_contr
     config.write_text(
         f'[node]\nkubelet_dir = "{plane.work / "n3" / "kubelet"}"\n'
         f'[pools.partition.default]\ndefault = true\ndisks = ["{disk}"]\nadopt = "never"\n'
+        # a pool with snapshots, kept in a file as a disk would keep it
+        f'[pools.fake.old]\ndefault = true\nsize_bytes = {GiB}\nstate_file = "{plane.work / "n3-fake.json"}"\n'
     )
     agent = None
+    plane.admin.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n3"}})  # no CSINode: no capacity
     adopt_rbac = [d for d in yaml.safe_load_all((DEPLOY / "migration" / "adopt-rbac.yaml").read_text()) if d]
     for doc in adopt_rbac:
         plane.admin.apply(doc)
@@ -604,6 +692,11 @@ def test_a_volume_of_the_per_node_shape_is_adopted_and_deleted_through_the_contr
         )
         old_id = json.loads(made.stdout)["id"]
         assert old_id.startswith("partition:default:")
+        # and a snapshot of the per-node shape, whose VolumeSnapshotContent would carry its on-disk ID
+        source_id = _cli_json("volume", "create", "pvc-old-source", "--size=64Mi", "--backend=fake", config=config)[
+            "id"
+        ]
+        old_snapshot = _cli_json("snapshot", "create", source_id, "snapshot-old", config=config)["id"]
         socket_path = plane.work / "n3.sock"
         agent = plane._start(
             "localdisk-n3",
@@ -612,7 +705,7 @@ def test_a_volume_of_the_per_node_shape_is_adopted_and_deleted_through_the_contr
                 "serve",
                 "--role=node",
                 "--adopt",
-                f"--kubeconfig={plane.node_kubeconfig}",
+                f"--kubeconfig={plane.node_agent_kubeconfig('n3')}",
                 f"--endpoint=unix://{socket_path}",
                 "--node-id=n3",
                 f"--config={config}",
@@ -637,16 +730,50 @@ def test_a_volume_of_the_per_node_shape_is_adopted_and_deleted_through_the_contr
             except ApiError:
                 return None
             pools = (node.get("status") or {}).get("pools") or []
-            return pools[0].get("disks") if pools else None
+            return next((p.get("disks") for p in pools if p["backend"] == "partition"), None)
 
         assert wait_for("n3's LocalNode", pool_disks, 60) == [disk]
 
-        # the central controller deletes it by the old ID, through its object
-        async def delete() -> None:
-            async with Channel(path=str(plane.work / "controller.sock")) as channel:
-                await ControllerStub(channel).delete_volume(DeleteVolumeRequest(volume_id=old_id))
+        def by_handle_of(on_disk: str) -> Obj | None:
+            items = split.api.get(VOLUMES)["items"]
+            return next((v for v in items if (v.get("status") or {}).get("handle") == on_disk), None)
 
-        anyio.run(delete)
+        # the snapshot too, naming the adopted object of its source
+        def snapshot_by_handle() -> Obj | None:
+            items = split.api.get(f"/apis/{GROUP}/{VERSION}/localsnapshots")["items"]
+            return next((s for s in items if (s.get("status") or {}).get("handle") == old_snapshot), None)
+
+        snapshot = wait_for("the adopted LocalSnapshot", snapshot_by_handle, 120)
+        assert snapshot["status"]["phase"] == "Ready" and snapshot["spec"]["node"] == "n3"
+        source_object = wait_for("the adopted source volume", lambda: by_handle_of(source_id), 60)
+        assert snapshot["spec"]["sourceVolume"] == source_object["metadata"]["name"]
+
+        # the central controller restores and deletes by the old IDs, through their objects
+        async def through_the_controller() -> None:
+            async with Channel(path=str(plane.work / "controller.sock")) as channel:
+                controller = ControllerStub(channel)
+                listed = await controller.list_snapshots(ListSnapshotsRequest(snapshot_id=old_snapshot))
+                assert [e.snapshot.snapshot_id for e in listed.entries if e.snapshot] == [old_snapshot]
+                restore = create_request(
+                    "pvc-restored-old",
+                    64 * MiB,
+                    "fake",
+                    "old",
+                    volume_content_source=VolumeContentSource(
+                        snapshot=VolumeContentSourceSnapshotSource(snapshot_id=old_snapshot)
+                    ),
+                    accessibility_requirements=TopologyRequirement(preferred=[Topology(segments={TOPOLOGY_KEY: "n3"})]),
+                )
+                restored = (await controller.create_volume(restore)).volume
+                assert restored is not None and restored.content_source is not None
+                await controller.delete_volume(DeleteVolumeRequest(volume_id=restored.volume_id))
+                await controller.delete_snapshot(DeleteSnapshotRequest(snapshot_id=old_snapshot))
+                await controller.delete_volume(DeleteVolumeRequest(volume_id=source_id))
+                await controller.delete_volume(DeleteVolumeRequest(volume_id=old_id))
+
+        anyio.run(through_the_controller)
+        assert split.local_volume(snapshot["metadata"]["name"]) is None
+        assert _cli_json("snapshot", "list", config=config) == []
         assert split.local_volume(adopted["metadata"]["name"]) is None
         listed = subprocess.run(
             [localdisk_command(), "volume", "list", f"--config={config}", "--json"],
@@ -661,3 +788,4 @@ def test_a_volume_of_the_per_node_shape_is_adopted_and_deleted_through_the_contr
             plane.processes.remove(agent)
         subprocess.run(["losetup", "--detach", disk], check=False)
         plane.admin.delete("/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/localdisk-node-adopt")
+        plane.admin.delete("/api/v1/nodes/n3")

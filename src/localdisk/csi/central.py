@@ -50,7 +50,7 @@ from localdisk.config import NodeConfig
 from localdisk.csi import TOPOLOGY_KEY, convert, validate
 from localdisk.csi.controller import checked_create, page_bounds
 from localdisk.csi.status import rpc
-from localdisk.errors import FailedPrecondition, InsufficientCapacity, InvalidArgument
+from localdisk.errors import InsufficientCapacity, InvalidArgument
 from localdisk.k8s.cluster import ClusterVolumes, VolumeRequest
 from localdisk.k8s.crd import SnapshotObject, VolumeObject
 from localdisk.model import ContentSource, SourceKind
@@ -70,14 +70,6 @@ def _nodes(requirement: TopologyRequirement | None) -> list[str]:
         if node and node not in found:
             found.append(node)
     return found
-
-
-def _snapshot_of_old_shape(snapshot_id: str) -> None:
-    if ":" in snapshot_id:
-        raise FailedPrecondition(
-            f"snapshot {snapshot_id!r} has an ID of the per-node shape (<backend>:<pool>:<handle>); snapshots are not"
-            " adopted into LocalSnapshots: delete it before moving, or restore it with the per-node shape"
-        )
 
 
 class CentralControllerService(ControllerBase):
@@ -134,7 +126,7 @@ class CentralControllerService(ControllerBase):
         source = validate.content_source(message.volume_content_source)
         await self.cluster.ready()
         if source is not None and source.kind is SourceKind.SNAPSHOT:
-            _snapshot_of_old_shape(source.id)
+            source = ContentSource(source.kind, self.cluster.snapshot_by_handle(source.id))
         elif source is not None:
             source = ContentSource(source.kind, self.cluster.by_handle(source.id))
         node = self._place(message, required, source)
@@ -248,13 +240,13 @@ class CentralControllerService(ControllerBase):
         return ControllerExpandVolumeResponse(capacity_bytes=volume.size_bytes, node_expansion_required=not is_block)
 
     @staticmethod
-    def _snapshot(snapshot: SnapshotObject) -> CsiSnapshot:
+    def _snapshot(snapshot: SnapshotObject, snapshot_id: str = "") -> CsiSnapshot:
         created = (
             datetime.fromisoformat(snapshot.creation_time.replace("Z", "+00:00")) if snapshot.creation_time else None
         )
         return CsiSnapshot(
             size_bytes=snapshot.size_bytes,
-            snapshot_id=snapshot.name,
+            snapshot_id=snapshot_id or snapshot.name,
             source_volume_id=snapshot.source_volume,
             creation_time=created,
             ready_to_use=snapshot.phase == "Ready",
@@ -271,20 +263,24 @@ class CentralControllerService(ControllerBase):
     @rpc
     async def delete_snapshot(self, message: DeleteSnapshotRequest) -> DeleteSnapshotResponse:
         validate.require(message.snapshot_id, "snapshot_id")
-        _snapshot_of_old_shape(message.snapshot_id)
-        await self.cluster.delete_snapshot(message.snapshot_id)
+        await self.cluster.ready()
+        await self.cluster.delete_snapshot(self.cluster.snapshot_by_handle(message.snapshot_id))
         return DeleteSnapshotResponse()
 
     @rpc
     async def list_snapshots(self, message: ListSnapshotsRequest) -> ListSnapshotsResponse:
         await self.cluster.ready()
         snapshots = sorted((s for s in self.cluster.snapshots.values() if s.handle), key=lambda s: s.name)
-        if message.snapshot_id:
-            snapshots = [s for s in snapshots if s.name == message.snapshot_id]
+        asked = message.snapshot_id
+        if asked:  # by object name, or by the ID of the per-node shape an adopted snapshot still goes by
+            snapshots = [s for s in snapshots if asked in (s.name, s.handle)]
         if message.source_volume_id:
-            snapshots = [s for s in snapshots if s.source_volume == message.source_volume_id]
+            source = message.source_volume_id
+            names = {source} | {v.name for v in self.cluster.volumes.values() if ":" in source and v.handle == source}
+            snapshots = [s for s in snapshots if s.source_volume in names]
         start, end = page_bounds(len(snapshots), message.max_entries, message.starting_token)
+        found = [self._snapshot(s, asked) for s in snapshots[start:end]]  # under the ID asked for
         return ListSnapshotsResponse(
-            entries=[ListSnapshotsResponseEntry(snapshot=self._snapshot(s)) for s in snapshots[start:end]],
+            entries=[ListSnapshotsResponseEntry(snapshot=f) for f in found],
             next_token=str(end) if end < len(snapshots) else "",
         )

@@ -219,63 +219,82 @@ class NodeAgent:
         except (*TRANSIENT, LocalDiskError) as exc:
             log.warning("adopting this node's volumes failed (%s); restart with --adopt to try again", exc)
             return
-        log.info("adopted %d volume(s) into LocalVolume objects", len(adopted))
+        log.info("adopted %d volume(s) and snapshot(s) into objects", len(adopted))
 
     async def adopt(self) -> list[str]:
-        """Make a LocalVolume, Ready, for every volume on this node's disks that no object points to (by handle or
-        CSI name). Its handle is the volume's on-disk ID, which is also the volume ID of its PV in the per-node
-        shape: the controller finds it by that handle (`ClusterVolumes.by_handle`). Returns the adopted IDs."""
-        known_handles = {v.handle for v in self.volumes.values() if v.handle}
-        known_names = {v.csi_name for v in self.volumes.values()}
+        """Make a Ready object for every volume and snapshot on this node's disks that no object points to (by
+        handle or CSI name): a LocalVolume, then a LocalSnapshot naming the LocalVolume of its source. The handle is
+        the on-disk ID, which is also the ID the per-node shape gave its PV or VolumeSnapshotContent: the controller
+        finds the object by it (`ClusterVolumes.by_handle`, `snapshot_by_handle`). Returns the adopted IDs."""
         adopted = []
+        objects = {v.handle: v.name for v in self.volumes.values() if v.handle}  # on-disk volume ID -> object
+        known_names = {v.csi_name for v in self.volumes.values()}
         for volume in await self.manager.list_volumes():
-            if volume.id in known_handles or volume.name in known_names:
+            if volume.id in objects or volume.name in known_names:
                 continue
-            name = object_name(volume.name)
-            body = {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": "LocalVolume",
-                "metadata": {
-                    "name": name,
-                    "labels": {NODE_LABEL: label_value(self.settings.node)},
-                    "annotations": {ADOPTED: volume.id},
-                    "finalizers": [FINALIZER],
-                },
-                "spec": {
-                    "name": volume.name,
-                    "node": self.settings.node,
-                    "backend": volume.ref.backend,
-                    "pool": volume.ref.pool,
-                    "requiredBytes": volume.size_bytes,
-                    "limitBytes": 0,
-                    "encrypted": volume.encrypted,
-                },
+            spec = {
+                "name": volume.name,
+                "node": self.settings.node,
+                "backend": volume.ref.backend,
+                "pool": volume.ref.pool,
+                "requiredBytes": volume.size_bytes,
+                "limitBytes": 0,
+                "encrypted": volume.encrypted,
             }
-            try:
-                made = await self.custom.create_cluster_custom_object(
-                    GROUP, VERSION, VOLUMES, body, _request_timeout=REQUEST_TIMEOUT
-                )
-            except TRANSIENT as exc:
-                if is_status(exc, 409):
-                    log.warning("volume %s: object %s exists for another volume; not adopted", volume.id, name)
-                    continue
-                raise
-            generation = int(made["metadata"].get("generation") or 1)
-            await self._status(
-                VOLUMES,
-                name,
-                {
-                    "phase": "Ready",
-                    "handle": volume.id,
-                    "pool": volume.ref.pool,
-                    "sizeBytes": volume.size_bytes,
-                    "observedGeneration": generation,
-                    "error": None,
-                },
-            )
-            log.info("adopted volume %s (%s) as LocalVolume %s", volume.id, volume.name, name)
-            adopted.append(volume.id)
+            status = {"phase": "Ready", "handle": volume.id, "pool": volume.ref.pool, "sizeBytes": volume.size_bytes}
+            name = await self._adopt_one(VOLUMES, "LocalVolume", volume.id, spec, status)
+            if name is not None:
+                objects[volume.id] = name
+                adopted.append(volume.id)
+        known_handles = {s.handle for s in self.snapshots.values() if s.handle}
+        known_names = {s.csi_name for s in self.snapshots.values()}
+        for snapshot in await self.manager.list_snapshots():
+            if snapshot.id in known_handles or snapshot.name in known_names:
+                continue
+            # its source's object; the on-disk ID of a source that is gone (a snapshot outlives its volume)
+            source = objects.get(snapshot.source_volume_id, snapshot.source_volume_id)
+            spec = {"name": snapshot.name, "node": self.settings.node, "sourceVolume": source}
+            status = {
+                "phase": "Ready" if snapshot.ready else "Pending",
+                "handle": snapshot.id,
+                "sizeBytes": snapshot.size_bytes,
+                "creationTime": micro_time(snapshot.created_at),
+                "readyToUse": snapshot.ready,
+            }
+            if await self._adopt_one(SNAPSHOTS, "LocalSnapshot", snapshot.id, spec, status) is not None:
+                adopted.append(snapshot.id)
         return adopted
+
+    async def _adopt_one(
+        self, plural: str, kind: str, on_disk: str, spec: dict[str, Any], status: dict[str, Any]
+    ) -> str | None:
+        """Create the object of an on-disk volume or snapshot and write its status; its name, or None when an
+        object of that name exists for something else."""
+        name = object_name(spec["name"])
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": kind,
+            "metadata": {
+                "name": name,
+                "labels": {NODE_LABEL: label_value(self.settings.node)},
+                "annotations": {ADOPTED: on_disk},
+                "finalizers": [FINALIZER],
+            },
+            "spec": spec,
+        }
+        try:
+            made = await self.custom.create_cluster_custom_object(
+                GROUP, VERSION, plural, body, _request_timeout=REQUEST_TIMEOUT
+            )
+        except TRANSIENT as exc:
+            if is_status(exc, 409):
+                log.warning("%s: object %s exists for another one; not adopted", on_disk, name)
+                return None
+            raise
+        generation = int(made["metadata"].get("generation") or 1)
+        await self._status(plural, name, {**status, "observedGeneration": generation, "error": None})
+        log.info("adopted %s (%s) as %s %s", on_disk, spec["name"], kind, name)
+        return name
 
     # -- what the Node service asks ---------------------------------------------------------------------------------
 
@@ -339,7 +358,7 @@ class NodeAgent:
                         pool=volume.pool,
                         required_bytes=volume.required_bytes,
                         limit_bytes=volume.limit_bytes,
-                        source=self._source(volume),
+                        source=await self._source(volume),
                         encrypted=volume.encrypted,
                     )
                 )
@@ -374,22 +393,31 @@ class NodeAgent:
             },
         )
 
-    def _source(self, volume: VolumeObject) -> ContentSource | None:
+    async def _source(self, volume: VolumeObject) -> ContentSource | None:
         if volume.source_kind is None or volume.source_name is None:
             return None
+        parse: Callable[[dict[str, Any]], VolumeObject | SnapshotObject]
         if volume.source_kind == SourceKind.SNAPSHOT.value:
-            snapshot = self.snapshots.get(volume.source_name)
-            handle = snapshot.handle if snapshot is not None and not snapshot.deleting else None
-            kind = SourceKind.SNAPSHOT
+            plural, kind, parse = SNAPSHOTS, SourceKind.SNAPSHOT, SnapshotObject.of
+            found: VolumeObject | SnapshotObject | None = self.snapshots.get(volume.source_name)
         elif volume.source_kind == SourceKind.VOLUME.value:
-            source = self.volumes.get(volume.source_name)
-            handle = source.handle if source is not None and not source.deleting else None
-            kind = SourceKind.VOLUME
+            plural, kind, parse = VOLUMES, SourceKind.VOLUME, VolumeObject.of
+            found = self.volumes.get(volume.source_name)
         else:
             raise InvalidArgument(f"content source kind {volume.source_kind!r} is neither snapshot nor volume")
-        if handle is None:
+        if found is None or found.handle is None:  # the watch may not have brought its status yet: read it
+            try:
+                item = await self.custom.get_cluster_custom_object(
+                    GROUP, VERSION, plural, volume.source_name, _request_timeout=REQUEST_TIMEOUT
+                )
+                found = parse(item)
+            except TRANSIENT as exc:
+                if not is_status(exc, 404):
+                    raise
+        usable = found is not None and found.node == self.settings.node and not found.deleting
+        if found is None or not usable or found.handle is None:
             raise NotFound(f"{volume.source_kind} {volume.source_name!r} is not on node {self.settings.node}")
-        return ContentSource(kind, handle)
+        return ContentSource(kind, found.handle)
 
     async def _reconcile_snapshot(self, snapshot: SnapshotObject) -> None:
         if snapshot.deleting:

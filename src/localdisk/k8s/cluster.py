@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -308,17 +308,11 @@ class ClusterVolumes:
     def by_handle(self, volume_id: str) -> str:
         """The object name for a volume ID of the per-node shape (`<backend>:<pool>:<handle>`), found by the handle
         its adopted LocalVolume records; an ID that is already an object name is returned as it is."""
-        if ":" not in volume_id:
-            return volume_id
-        found = [v.name for v in self.volumes.values() if v.handle == volume_id]
-        if len(found) == 1:
-            return found[0]
-        if found:
-            raise FailedPrecondition(f"volume {volume_id!r} is recorded by more than one LocalVolume: {sorted(found)}")
-        raise FailedPrecondition(
-            f"volume {volume_id!r} has an ID of the per-node shape and no LocalVolume records it; run the node plugin"
-            " of its node with --adopt once (docs/deploy.md, moving from the per-node shape)"
-        )
+        return _by_handle(self.volumes.values(), volume_id, "volume", "LocalVolume")
+
+    def snapshot_by_handle(self, snapshot_id: str) -> str:
+        """`by_handle` for snapshots: the LocalSnapshot that records a snapshot ID of the per-node shape."""
+        return _by_handle(self.snapshots.values(), snapshot_id, "snapshot", "LocalSnapshot")
 
     def volume(self, volume_id: str) -> VolumeObject:
         found = self.volumes.get(volume_id)
@@ -572,3 +566,17 @@ class LostNodeObjects:
         except TRANSIENT as exc:
             if not is_status(exc, 404):
                 raise
+
+
+def _by_handle(objects: Iterable[VolumeObject | SnapshotObject], object_id: str, what: str, kind: str) -> str:
+    if ":" not in object_id:
+        return object_id
+    found = sorted(o.name for o in objects if o.handle == object_id)
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise FailedPrecondition(f"{what} {object_id!r} is recorded by more than one {kind}: {found}")
+    raise FailedPrecondition(
+        f"{what} {object_id!r} has an ID of the per-node shape and no {kind} records it; run the node plugin of its"
+        " node with --adopt once (docs/deploy.md, moving from the per-node shape)"
+    )
