@@ -12,6 +12,10 @@ raising at start-up it answers
 
 while every other pool and the Node service go on. `VolumeManager.retry_unavailable` opens down pools again in the
 background, so a disk attached later comes up without a restart.
+
+A pool can also be *retired*: the node no longer serves it to new volumes (its node labels stopped selecting it,
+`VolumeManager.select`). It reports as down with that reason and capacity 0, and refuses creates, but keeps serving
+the volumes it holds (stage, grow, snapshot, delete), which live on its disks and must not be stranded.
 """
 
 from __future__ import annotations
@@ -44,6 +48,23 @@ class Available:
         self.pool = inner.pool
         self.state = PoolState(up=True, since=time.time())  # not known to be down until an open says so
         self.attempts = 0
+        self.retired: PoolState | None = None  # set while the pool takes no new volumes: why, since when
+
+    def retire(self, reason: str) -> None:
+        """Take no new volumes from now on, for `reason`; the volumes the pool holds stay served."""
+        if self.retired is None:
+            log.warning("%s pool %r takes no new volumes: %s", self.kind, self.pool, reason)
+            self.retired = PoolState(up=False, reason=reason[:MAX_REASON], since=time.time())
+
+    def reinstate(self) -> None:
+        if self.retired is not None:
+            log.info("%s pool %r takes new volumes again", self.kind, self.pool)
+            self.retired = None
+
+    @property
+    def reported(self) -> PoolState:
+        """The state to show (metrics, LocalNode, Events, `localdisk capacity`): retired counts as down."""
+        return self.retired or self.state
 
     @property
     def features(self) -> Features:
@@ -113,7 +134,7 @@ class Available:
         return await inner.disks() if isinstance(inner, UsesDisks) and self.state.up else ()
 
     async def capacity(self) -> Capacity:
-        if not self.state.up:
+        if not self.state.up or self.retired is not None:
             return Capacity(total_bytes=0, available_bytes=0, maximum_volume_bytes=0)
         return await self.inner.capacity()
 
@@ -131,7 +152,14 @@ class Available:
 
     # -- everything else needs the pool -----------------------------------------------------------------------
     async def create_volume(self, spec: VolumeSpec) -> Volume:
-        return await self._need().create_volume(spec)
+        backend = self._need()
+        if self.retired is not None:
+            existing = await backend.find_volume(spec.name)  # a retried create of a volume it already holds
+            if existing is None:
+                raise FailedPrecondition(
+                    f"{self.kind} pool {self.pool!r} takes no new volumes on this node: {self.retired.reason}"
+                )
+        return await backend.create_volume(spec)
 
     async def delete_volume(self, handle: str) -> None:
         await self._need().delete_volume(handle)

@@ -134,8 +134,9 @@ def serve(
         if kubelet_dir:
             cfg = cfg.with_kubelet_dir(kubelet_dir)
         node = node_id or socket.gethostname()
+        every_pool = cfg
         if any(p.config.nodes or p.config.node_labels for p in cfg.pools):
-            labels = _parse_labels(node_labels) if node_labels is not None else _labels_from_cluster(node)
+            labels = _parse_labels(node_labels) if node_labels is not None else _labels_from_cluster(node, kubeconfig)
             cfg = cfg.for_node(node, labels)
             log.info("pools of node %s: %s", node, ", ".join(f"{p.backend}/{p.name}" for p in cfg.pools) or "none")
         metrics = Metrics()
@@ -155,6 +156,7 @@ def serve(
                 report,
                 orphan_delete_after,
                 adopt,
+                every_pool if node_labels is None else None,  # labels given on the command line stay as given
             )
             anyio.run(run_node, *args)
             return
@@ -285,12 +287,12 @@ def _parse_labels(text: str) -> dict[str, str]:
     return labels
 
 
-def _labels_from_cluster(node: str) -> dict[str, str]:
-    """The node's labels from the API in a cluster; outside one there are none (pools that select nodes by label
-    then select none here, with a warning)."""
+def _labels_from_cluster(node: str, kubeconfig: str | None = None) -> dict[str, str]:
+    """The node's labels from the API in a cluster (or the one `kubeconfig` names); outside one there are none
+    (pools that select nodes by label then select none here, with a warning)."""
     from localdisk.k8s import in_cluster
 
-    if not in_cluster():
+    if not kubeconfig and not in_cluster():
         logging.getLogger("localdisk").warning(
             "some pools select nodes by label, but this is not a cluster and --node-labels is not given"
         )
@@ -299,7 +301,7 @@ def _labels_from_cluster(node: str) -> dict[str, str]:
 
     from localdisk.k8s.client import node_labels
 
-    return anyio.run(node_labels, node)
+    return anyio.run(node_labels, node, kubeconfig)
 
 
 def _pool_events(node: str) -> list[Any]:

@@ -78,6 +78,8 @@ class VolumeManager:
         self.pending_reclaimed: Counter[tuple[str, str]] = Counter()  # (backend, pool): leftovers removed
         self._pending_since: dict[str, float] = {}  # volume ID: when `reclaim_pending` first saw it pending
         self._guard = KeyedGuard()
+        self._runner: CommandRunner | None = None  # what `select` builds new pools with (set by from_config)
+        self.pools_may_change = False  # `select` may add pools later: `keep_fresh` then waits for them
 
     @classmethod
     def from_config(cls, config: NodeConfig, runner: CommandRunner | None = None) -> VolumeManager:
@@ -87,28 +89,49 @@ class VolumeManager:
             spec = registry.get(entry.backend)
             backends[(entry.backend, entry.name)] = spec.factory(entry.name, entry.config, runner)
         defaults = {b: p for b in {e.backend for e in config.pools} if (p := config.default_pool(b))}
-        return cls(backends, defaults, pending_grace=config.node.pending_grace_seconds)
+        manager = cls(backends, defaults, pending_grace=config.node.pending_grace_seconds)
+        manager._runner = runner
+        return manager
+
+    async def select(self, config: NodeConfig, why: str) -> None:
+        """Serve the pools of `config` from now on (the pools a node's labels select changed, `why`): a pool new to
+        it is built and opened, one it lacks is retired (no new volumes; its volumes stay served), a retired one it
+        has again is reinstated, and its default pools become the defaults."""
+        wanted = {(entry.backend, entry.name): entry for entry in config.pools}
+        for key, backend in self.backends.items():
+            if key in wanted:
+                backend.reinstate()
+            else:
+                backend.retire(why)
+        for key, entry in wanted.items():
+            if key not in self.backends:
+                made = registry.get(entry.backend).factory(entry.name, entry.config, self._runner or CommandRunner())
+                added = Available(made)
+                await added.open()
+                self.backends = {**self.backends, key: added}  # a new dict: loops over the old one go on unharmed
+                log.info("%s pool %r is served from now on (%s)", entry.backend, entry.name, why)
+        self.defaults = {b: p for b in {e.backend for e in config.pools} if (p := config.default_pool(b))}
 
     async def open(self) -> None:
         """Open every pool. A pool that cannot open does not stop the others: it is down, with its reason
         (`pool_states`), until `retry_unavailable` opens it."""
-        for backend in self.backends.values():
+        for backend in list(self.backends.values()):
             await backend.open()
 
     def pool_states(self) -> dict[tuple[str, str], PoolState]:
-        return {key: backend.state for key, backend in sorted(self.backends.items())}
+        return {key: backend.reported for key, backend in sorted(self.backends.items())}
 
     async def retry_unavailable(self, interval: float = RETRY_INTERVAL) -> None:
         """Open the pools that are down again every `interval` seconds, until cancelled: a disk attached or a VG
         made after start-up comes up without a restart."""
         while True:
             await anyio.sleep(interval)
-            for backend in self.backends.values():
+            for backend in list(self.backends.values()):
                 if not backend.up:
                     await backend.open()
 
     async def aclose(self) -> None:
-        for backend in self.backends.values():
+        for backend in list(self.backends.values()):
             await backend.aclose()
 
     @asynccontextmanager
@@ -270,26 +293,31 @@ class VolumeManager:
         thousand LVs costs a GetCapacity about a second, and the space of creates cancelled half-way stays taken
         until the same name is retried or the server restarts. A failed pass is logged; the next tick tries again.
         """
-        jobs: list[tuple[float, Callable[[], Awaitable[object]], str]] = [
-            (b.refresh_interval, b.refresh_state, f"re-reading the state of {b.kind} pool {b.pool!r}")
-            for b in self.backends.values()
-            if isinstance(b, CachedState) and b.refresh_interval > 0
-        ]
-        if any(isinstance(b.inner, PendingVolumes) for b in self.backends.values()):
-            jobs.append((self.pending_grace / 4, self.reclaim_pending, "reclaiming pending volumes"))
-        if not jobs:
-            return
-        due = [0.0] * len(jobs)
+        due: dict[str, float] = {}  # job -> when it runs next
         while True:
+            jobs = self._fresh_jobs()  # again each round: `select` may have added pools
+            if not jobs and not self.pools_may_change:
+                return
             now = anyio.current_time()
-            for index, (interval, job, what) in enumerate(jobs):
-                if now >= due[index]:
-                    due[index] = now + interval
+            for what, (interval, job) in jobs.items():
+                if now >= due.get(what, 0.0):
+                    due[what] = now + interval
                     try:
                         await job()
                     except Exception as exc:  # a cache stays as it was (reads fall back to reading themselves)
                         log.warning("%s failed: %s", what, exc)
-            await anyio.sleep(max(min(due) - anyio.current_time(), 0.05))
+            next_due = min((due[what] for what in jobs), default=anyio.current_time() + RETRY_INTERVAL)
+            await anyio.sleep(max(next_due - anyio.current_time(), 0.05))
+
+    def _fresh_jobs(self) -> dict[str, tuple[float, Callable[[], Awaitable[object]]]]:
+        jobs: dict[str, tuple[float, Callable[[], Awaitable[object]]]] = {
+            f"re-reading the state of {b.kind} pool {b.pool!r}": (b.refresh_interval, b.refresh_state)
+            for b in self.backends.values()
+            if isinstance(b, CachedState) and b.refresh_interval > 0
+        }
+        if any(isinstance(b.inner, PendingVolumes) for b in self.backends.values()):
+            jobs["reclaiming pending volumes"] = (self.pending_grace / 4, self.reclaim_pending)
+        return jobs
 
     async def reclaim_pending(self) -> int:
         """One pass over the pending volumes of every pool: remove those seen pending for the grace period; the

@@ -22,6 +22,8 @@ import anyio
 import pytest
 import yaml
 from grpclib.client import Channel
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
 
 from localdisk._proto.csi.v1 import (
     ControllerStub,
@@ -789,3 +791,68 @@ def test_volumes_and_snapshots_of_the_per_node_shape_are_adopted_and_deleted_thr
         subprocess.run(["losetup", "--detach", disk], check=False)
         plane.admin.delete("/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/localdisk-node-adopt")
         plane.admin.delete("/api/v1/nodes/n3")
+
+
+def test_pools_follow_the_labels_of_their_node_without_a_restart(split: Split) -> None:
+    plane, api = split.plane, split.api
+    api.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n4"}})  # no CSINode: no capacity objects
+    labelled = (
+        '[pools.fake.fast]\nsize_bytes = 1073741824\n[pools.fake.fast.node_labels]\n"localdisk.test/disk" = "fast"\n'
+    )
+    agent = None
+    try:
+        plane.serve_node("n4", {}, ("--role=node", f"--kubeconfig={plane.node_agent_kubeconfig('n4')}"), labelled)
+        agent = plane.process("localdisk-n4")
+
+        def fast_pool() -> Obj | None:
+            try:
+                node = api.get(f"/apis/{GROUP}/{VERSION}/localnodes/n4")
+            except ApiError:
+                return None
+            pools = (node.get("status") or {}).get("pools")
+            if pools is None:
+                return None
+            return next((p for p in pools if p["pool"] == "fast"), {"absent": True})
+
+        assert wait_for("n4's LocalNode", fast_pool, 60) == {"absent": True}
+
+        async def create(name: str) -> str:
+            async with Channel(path=str(plane.work / "controller.sock")) as channel:
+                request = create_request(
+                    name,
+                    64 * MiB,
+                    "fake",
+                    "fast",
+                    accessibility_requirements=TopologyRequirement(preferred=[Topology(segments={TOPOLOGY_KEY: "n4"})]),
+                )
+                made = (await ControllerStub(channel).create_volume(request)).volume
+                assert made is not None
+                return made.volume_id
+
+        async def delete(volume_id: str) -> None:
+            async with Channel(path=str(plane.work / "controller.sock")) as channel:
+                await ControllerStub(channel).delete_volume(DeleteVolumeRequest(volume_id=volume_id))
+
+        # labelled: the pool opens, without a restart
+        api.patch("/api/v1/nodes/n4", {"metadata": {"labels": {"localdisk.test/disk": "fast"}}})
+        wait_for("the fast pool to be up", lambda: fast_pool() if (fast_pool() or {}).get("up") else None, 60)
+        kept = anyio.run(create, "pvc-fast-kept")
+
+        # unlabelled: it takes no new volumes, reports why, and keeps serving the one it holds
+        api.patch("/api/v1/nodes/n4", {"metadata": {"labels": {"localdisk.test/disk": None}}})
+        retired = wait_for(
+            "the fast pool to be retired", lambda: fast_pool() if (fast_pool() or {}).get("up") is False else None, 60
+        )
+        assert "no longer select" in retired["reason"] and retired["availableBytes"] == 0
+        with pytest.raises(GRPCError) as refused:
+            anyio.run(create, "pvc-fast-new")
+        assert refused.value.status is Status.FAILED_PRECONDITION
+        assert "takes no new volumes" in str(refused.value.message)
+        anyio.run(delete, kept)
+        assert split.local_volume(kept) is None
+        assert plane.process("localdisk-n4") is agent, "the same process all along"
+    finally:
+        if agent is not None:
+            agent.stop()
+            plane.processes.remove(agent)
+        api.delete("/api/v1/nodes/n4")

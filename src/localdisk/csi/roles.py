@@ -44,6 +44,7 @@ from localdisk.csi.wire import GuardedServer
 from localdisk.k8s.agent import AgentSettings, NodeAgent
 from localdisk.k8s.client import connect
 from localdisk.k8s.cluster import ClusterVolumes
+from localdisk.k8s.labels import follow_node_labels, selects_by_node
 from localdisk.k8s.orphans import OrphanReporter, OrphanSettings, object_claims
 from localdisk.k8s.pools import report_pool_states
 from localdisk.k8s.watch import TRANSIENT
@@ -122,9 +123,11 @@ async def run_node(
     orphan_report: bool = True,
     orphan_delete_after: float | None = None,
     adopt: bool = False,
+    every_pool: NodeConfig | None = None,
 ) -> None:
     """`serve --role node`: the Node service and the node agent, on one opened `VolumeManager`; beside them the
-    pool-state Events and the orphan report (volumes no LocalVolume points to)."""
+    pool-state Events, the orphan report (volumes no LocalVolume points to) and, given the whole config with pools
+    for some nodes only (`every_pool`), the pools following the node's labels."""
     api = await connect(kubeconfig)
     async with api:
         agent = NodeAgent(api, manager, AgentSettings(node_id, adopt=adopt))
@@ -140,6 +143,10 @@ async def run_node(
             claims = object_claims(api, node_id)
             await OrphanReporter(api, opened, settings, registry=metrics.registry, claims=claims).run()
 
+        async def pools_by_labels(opened: VolumeManager) -> None:
+            if every_pool is not None and selects_by_node(every_pool):
+                await follow_node_labels(api, opened, every_pool, node_id)
+
         await serve(
             manager,
             node_id,
@@ -147,7 +154,7 @@ async def run_node(
             metrics,
             metrics_address,
             config,
-            background=[node_agent, pool_events, *([orphan_reporter] if orphan_report else [])],
+            background=[node_agent, pool_events, pools_by_labels, *([orphan_reporter] if orphan_report else [])],
             servicers=node_services(agent, node_id, config, metrics),
         )
 
