@@ -204,6 +204,12 @@ def reasons(api: controlplane.Api, name: str) -> set[str]:
     return {e["reason"] for e in listed if e["involvedObject"].get("name") == name}
 
 
+def has_events(api: controlplane.Api, name: str, wanted: set[str], timeout: float = 30.0) -> None:
+    """Wait until localdisk's Events about `name` include every reason of `wanted` (an Event is written after the
+    change it reports)."""
+    wait_for(f"Events {sorted(wanted)} about {name}", lambda: wanted <= reasons(api, name) or None, timeout)
+
+
 def seconds(wire: str) -> float:
     return datetime.strptime(wire, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
 
@@ -286,13 +292,14 @@ def test_node_loss_waits_for_the_grace_period_and_a_returning_node_cancels_it(pl
             assert not claim(api, name)["metadata"].get("deletionTimestamp"), name
         assert capacity_exists(api, "csisc-lost")
         assert time.time() < since + GRACE, "the checks above ran inside the grace period"
-        assert {"NodeLossDetected"} <= reasons(api, "lost")
-        assert {"NodeLossGracePeriod"} <= reasons(api, "data-a")
-        assert {"NodeLostRescheduled"} <= reasons(api, "wait-a")
+        has_events(api, "lost", {"NodeLossDetected"})
+        has_events(api, "data-a", {"NodeLossGracePeriod"})
+        has_events(api, "wait-a", {"NodeLostRescheduled"})
 
         add_node(api, "back")  # the kubelet registered it again
         wait_for("back's mark removed", lambda: NODE_LOST_SINCE not in annotations_of(volume(api, "data-c")), 30)
-        assert {"NodeLossCancelled"} <= reasons(api, "back") and {"NodeLossCancelled"} <= reasons(api, "data-c")
+        has_events(api, "back", {"NodeLossCancelled"})  # the Events follow the mark's removal
+        has_events(api, "data-c", {"NodeLossCancelled"})
 
         # A fail-over in the middle of the grace period: the successor keeps the time written on the PVs.
         controller.stop()
@@ -307,9 +314,9 @@ def test_node_loss_waits_for_the_grace_period_and_a_returning_node_cancels_it(pl
         retained = volume(api, "data-b")
         assert retained is not None and not retained["metadata"].get("deletionTimestamp"), "Retain: the PV stays"
         wait_for("data-b's PV Released", lambda: (volume(api, "data-b") or {})["status"].get("phase") == "Released", 30)
-        assert {"NodeLostVolumeKept"} <= reasons(api, "pv-data-b")
-        assert {"NodeLost"} <= reasons(api, "data-a")
-        assert {"NodeLostCapacityRemoved"} <= reasons(api, "lost")
+        has_events(api, "pv-data-b", {"NodeLostVolumeKept"})
+        has_events(api, "data-a", {"NodeLost"})
+        has_events(api, "lost", {"NodeLostCapacityRemoved"})
         assert "localdisk_node_loss_released_volumes_total 1.0" in controller.metrics()
 
     # untouched: the node that came back, and what is not ours
@@ -332,9 +339,9 @@ def test_dry_run_reports_and_changes_nothing(plane: ControlPlane) -> None:
             'localdisk_node_loss_dry_run_actions_total{action="delete-capacity"}',
         ]
         wait_for("the dry run's report", lambda: all(line in controller.metrics() for line in wanted), 60)
-        assert {"NodeLossDryRun", "NodeLossGracePeriod"} <= reasons(api, "data-d")
-        assert "NodeLossDryRun" in reasons(api, "wait-d")
-        assert "NodeLossDryRun" in reasons(api, "dry")
+        has_events(api, "data-d", {"NodeLossDryRun", "NodeLossGracePeriod"})
+        has_events(api, "wait-d", {"NodeLossDryRun"})
+        has_events(api, "dry", {"NodeLossDryRun"})
     assert not claim(api, "data-d")["metadata"].get("deletionTimestamp")
     assert NODE_LOST_SINCE not in annotations_of(volume(api, "data-d")), "not even the grace period's record"
     assert annotations_of(claim(api, "wait-d"))[SELECTED_NODE] == "dry"
@@ -437,5 +444,5 @@ def test_the_scheduler_chooses_again_for_a_claim_whose_node_was_deleted(plane: C
         api.delete(f"/api/v1/nodes/{first}")
         second = wait_for("a second choice", lambda: (s := selected()) not in (None, first) and s, 60)
         assert {first, second} == {"pick-1", "pick-2"}
-        assert "NodeLostRescheduled" in reasons(api, pending)
+        has_events(api, pending, {"NodeLostRescheduled"})
     api.delete(f"/api/v1/namespaces/{APPS}/pods/app-pick", {"gracePeriodSeconds": 0})
