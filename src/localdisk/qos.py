@@ -110,7 +110,7 @@ def parse_parameters(parameters: Mapping[str, str], *, only_limits: bool = False
         if attr is None:
             if only_limits:
                 raise InvalidArgument(
-                    f"mutable parameter {key[:64]!r} is not known; a VolumeAttributesClass of localdisk may set"
+                    f"mutable_parameters key {key[:64]!r} is not known; a VolumeAttributesClass of localdisk may set"
                     f" {', '.join(PARAMETERS)}"
                 )
             continue
