@@ -6,12 +6,15 @@ parsing, the record, which cgroup gets which line, and the CSI surface (codes, m
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 import pytest
 from grpclib.const import Status
+from typer.testing import CliRunner
 
 from localdisk import qos
 from localdisk._proto.csi.v1 import (
@@ -21,9 +24,10 @@ from localdisk._proto.csi.v1 import (
     DeleteVolumeRequest,
 )
 from localdisk.cgroups import CgroupTree
+from localdisk.cli import app
 from localdisk.config import NodeConfig, NodeSettings, development_default
 from localdisk.errors import FailedPrecondition, InvalidArgument
-from localdisk.manager import VolumeManager
+from localdisk.manager import CreateRequest, VolumeManager
 from localdisk.qos import IoLimits, VolumeQos
 from tests.cgroup_tree import CGROUPFS, SYSTEMD, io_max_line, make_pod
 from tests.csi_helpers import Csi, create_request, csi_for
@@ -223,3 +227,31 @@ def test_state_dir_default_follows_the_kubelet_dir() -> None:
     assert NodeSettings(kubelet_dir="/k").node_state_dir == "/k/plugins/localdisk.csi.io/state"
     assert NodeSettings(state_dir="/s").node_state_dir == "/s"
     assert os.path.isabs(NodeSettings().node_state_dir)
+
+
+def test_volume_show_lists_limits_and_what_each_pod_holds(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'[node]\nstate_dir = "{tmp_path / "state"}"\ncgroup_root = "{tmp_path / "cgroup"}"\n'
+        "[pools.fake.default]\ndefault = true\n"
+    )
+    manager = VolumeManager.from_config(development_default())
+
+    async def made() -> str:
+        async with manager.session():
+            return (await manager.create_volume(CreateRequest(name="pvc-show", backend="fake"))).id
+
+    volume_id = anyio.run(made)
+    pod = make_pod(tmp_path / "cgroup", SYSTEMD, "burstable", UID_A, plain=True)
+    io = VolumeQos(tmp_path / "state", CgroupTree(tmp_path / "cgroup"))
+    io.set_limits(volume_id, IoLimits(write_iops=40))
+    io.publish(volume_id, "/t/a", UID_A, DEV)
+    assert io_max_line(pod, DEV)["wiops"] == "40"
+    result = CliRunner().invoke(app, ["volume", "show", volume_id, "-c", str(config)], obj=manager)
+    assert result.exit_code == 0, result.output
+    assert "writeIOPS=40" in result.stdout
+    assert f"io.max in pod {UID_A}" in result.stdout and "wiops=40" in result.stdout
+    result = CliRunner().invoke(app, ["volume", "show", volume_id, "-c", str(config), "--json"], obj=manager)
+    shown = json.loads(result.stdout)
+    assert shown["io_limits"] == {"writeIOPS": 40}
+    assert shown["io_applied"] == [{"pod": UID_A, "device": "253:7", "io_max": {"wiops": 40}}]

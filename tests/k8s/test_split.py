@@ -599,14 +599,15 @@ def test_a_volume_of_the_per_node_shape_is_adopted_and_deleted_through_the_contr
 
 def test_io_limits_of_a_bound_claim_change_with_its_volume_attributes_class(split: Split) -> None:
     for name, parameters in (("qos-slow", {"writeIOPS": "100"}), ("qos-fast", {"readBytesPerSecond": "50Mi"})):
-        split.api.apply(
+        split.api.create(
+            "/apis/storage.k8s.io/v1/volumeattributesclasses",
             {
                 "apiVersion": "storage.k8s.io/v1",
                 "kind": "VolumeAttributesClass",
                 "metadata": {"name": name},
                 "driverName": DRIVER_NAME,
                 "parameters": parameters,
-            }
+            },
         )
     split.claim("limited", 64 * MiB, mode="Block", attributes="qos-slow")
     pv = split.bound("limited")
