@@ -28,6 +28,7 @@ from localdisk.cli import app
 from localdisk.config import NodeConfig, NodeSettings, development_default
 from localdisk.errors import FailedPrecondition, InvalidArgument
 from localdisk.manager import CreateRequest, VolumeManager
+from localdisk.metrics import Metrics
 from localdisk.qos import IoLimits, VolumeQos
 from tests.cgroup_tree import CGROUPFS, SYSTEMD, io_max_line, make_pod
 from tests.csi_helpers import Csi, create_request, csi_for
@@ -203,8 +204,10 @@ async def test_bad_requests_are_invalid_argument_naming_the_key(csi: Csi) -> Non
     assert "'backend'" in await expect(Status.INVALID_ARGUMENT, csi.controller.create_volume(request))
     modify = ControllerModifyVolumeRequest(volume_id="fake:default:nope", mutable_parameters={"iops": "5"})
     assert "'iops'" in await expect(Status.INVALID_ARGUMENT, csi.controller.controller_modify_volume(modify))
-    modify = ControllerModifyVolumeRequest(volume_id="fake:default:nope", mutable_parameters={})
+    modify = ControllerModifyVolumeRequest(volume_id="", mutable_parameters={"readIOPS": "5"})
     await expect(Status.INVALID_ARGUMENT, csi.controller.controller_modify_volume(modify))
+    modify = ControllerModifyVolumeRequest(volume_id="fake:default:nope", mutable_parameters={})
+    await expect(Status.NOT_FOUND, csi.controller.controller_modify_volume(modify))
     modify = ControllerModifyVolumeRequest(volume_id="fake:default:nope", mutable_parameters={"readIOPS": "5"})
     await expect(Status.NOT_FOUND, csi.controller.controller_modify_volume(modify))
 
@@ -255,3 +258,20 @@ def test_volume_show_lists_limits_and_what_each_pod_holds(tmp_path: Path) -> Non
     shown = json.loads(result.stdout)
     assert shown["io_limits"] == {"writeIOPS": 40}
     assert shown["io_applied"] == [{"pod": UID_A, "device": "253:7", "io_max": {"wiops": 40}}]
+
+
+def test_metrics_show_limits_what_io_max_holds_and_throttled_time(io: VolumeQos, tmp_path: Path) -> None:
+    pod = make_pod(tmp_path / "cgroup", CGROUPFS, "burstable", UID_A, plain=True)
+    io.set_limits("lvm:p:one", IoLimits(read_iops=7, write_bytes_per_second=1024))
+    io.publish("lvm:p:one", "/t/a", UID_A, DEV)
+    (pod / "io.stat").write_text(
+        "253:7 rbytes=1 wbytes=2 rios=3 wios=4 dbytes=0 dios=0 cost.wait=1500000 cost.indelay=500000\n"
+    )
+    metrics = Metrics()
+    metrics.watch_io_limits(io)
+    sample = metrics.registry.get_sample_value
+    assert sample("localdisk_volume_io_limit", {"volume": "lvm:p:one", "kind": "riops"}) == 7
+    assert sample("localdisk_volume_io_limit", {"volume": "lvm:p:one", "kind": "wbps"}) == 1024
+    assert sample("localdisk_volume_io_limit", {"volume": "lvm:p:one", "kind": "rbps"}) is None
+    assert sample("localdisk_volume_io_limit_enforced", {"volume": "lvm:p:one", "pod": UID_A, "kind": "riops"}) == 7
+    assert sample("localdisk_volume_io_throttled_seconds_total", {"volume": "lvm:p:one", "pod": UID_A}) == 2.0

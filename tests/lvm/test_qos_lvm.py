@@ -7,51 +7,45 @@ by ControllerModifyVolume without a remount, two volumes of one pod limited apar
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import anyio
 import pytest
 
 from localdisk._proto.csi.v1 import (
-    ControllerModifyVolumeRequest,
-    NodePublishVolumeRequest,
-    NodeStageVolumeRequest,
     NodeUnpublishVolumeRequest,
     NodeUnstageVolumeRequest,
-    VolumeCapability,
 )
 from localdisk.backends.lvm import LinearBackend
 from localdisk.config import NodeConfig, NodeSettings
 from localdisk.csi.node import NodeService
-from localdisk.mounts import device_number
-from localdisk.qos import POD_UID_KEY
 from localdisk.runner import CommandRunner
-from tests.cgroup_tree import CGROUPFS, SYSTEMD, io_max_line, make_pod, remove
+from tests.cgroup_tree import (
+    CGROUPFS,
+    SYSTEMD,
+    create,
+    device_of,
+    io_max_line,
+    make_pod,
+    modify,
+    near,
+    publish,
+    read_rate,
+    real_tree,
+    write_rate,
+)
 from tests.contract import manager_for
-from tests.csi_helpers import Csi, MiB, block_cap, create_request, csi_for, mount_cap
+from tests.csi_helpers import Csi, MiB, block_cap, csi_for, mount_cap
 from tests.node_lifecycle import kubelet_paths, release_mounts
 
 pytestmark = [pytest.mark.uml, pytest.mark.anyio]
-CGROUP2 = Path("/sys/fs/cgroup")
-SECONDS = 3.0  # each measurement moves about this long at the limit: the throttle's first slice is under 5% of it
-COPIED = re.compile(rb"^(\d+) bytes .* copied, ([\d.]+) s", re.MULTILINE)
 
 
 @pytest.fixture
 def cgroup_root() -> Iterator[Path]:
-    if "io" not in (CGROUP2 / "cgroup.subtree_control").read_text().split():
-        pytest.skip("the sandbox guest has no cgroup2 with the io controller at /sys/fs/cgroup")
-    root = CGROUP2 / f"ldtest-kubelet-{uuid.uuid4().hex[:8]}"
-    root.mkdir()
-    try:
+    with real_tree("the sandbox guest") as root:
         yield root
-    finally:
-        remove(root, CGROUP2)
 
 
 @pytest.fixture
@@ -75,72 +69,6 @@ async def csi(linear: LinearBackend, config: NodeConfig) -> AsyncIterator[Csi]:
         yield channel
 
 
-def dd_in(cgroup: Path, *argv: str) -> float:
-    """Run dd in `cgroup`; the bytes per second it measured."""
-
-    def join() -> None:
-        (cgroup / "cgroup.procs").write_text("0")
-
-    done = subprocess.run(["dd", *argv], capture_output=True, preexec_fn=join, check=True, timeout=120)
-    found = COPIED.search(done.stderr)
-    assert found is not None, done.stderr
-    return int(found.group(1)) / float(found.group(2))
-
-
-async def write_rate(cgroup: Path, path: str, rate: int, *, block: int = 64 * 1024) -> float:
-    count = max(int(rate * SECONDS) // block, 1)
-    argv = ("if=/dev/zero", f"of={path}", f"bs={block}", f"count={count}", "oflag=direct", "conv=notrunc")
-    return await anyio.to_thread.run_sync(lambda: dd_in(cgroup, *argv))
-
-
-async def read_rate(cgroup: Path, path: str, rate: int, *, block: int = 64 * 1024) -> float:
-    count = max(int(rate * SECONDS) // block, 1)
-    argv = (f"if={path}", "of=/dev/null", f"bs={block}", f"count={count}", "iflag=direct")
-    return await anyio.to_thread.run_sync(lambda: dd_in(cgroup, *argv))
-
-
-def near(measured: float, limit: float) -> bool:
-    return abs(measured - limit) <= 0.1 * limit
-
-
-async def publish(csi: Csi, kubelet_root: Path, volume_id: str, name: str, cap: VolumeCapability, pod_uid: str) -> str:
-    paths = kubelet_paths(kubelet_root, name, cap.block is not None, pod=pod_uid)
-    await csi.node.node_stage_volume(
-        NodeStageVolumeRequest(volume_id=volume_id, staging_target_path=paths.staging, volume_capability=cap)
-    )
-    await csi.node.node_publish_volume(
-        NodePublishVolumeRequest(
-            volume_id=volume_id,
-            staging_target_path=paths.staging,
-            target_path=paths.target,
-            volume_capability=cap,
-            volume_context={POD_UID_KEY: pod_uid},
-        )
-    )
-    return paths.target
-
-
-async def create(csi: Csi, linear: LinearBackend, name: str, cap: VolumeCapability, **limits: str) -> str:
-    request = create_request(name, 64 * MiB, linear.kind, linear.pool, volume_capabilities=[cap])
-    request.parameters |= limits
-    response = await csi.controller.create_volume(request)
-    assert response.volume is not None
-    return response.volume.volume_id
-
-
-async def modify(csi: Csi, volume_id: str, **limits: str) -> None:
-    await csi.controller.controller_modify_volume(
-        ControllerModifyVolumeRequest(volume_id=volume_id, mutable_parameters=limits)
-    )
-
-
-async def device_of(csi: Csi, volume_id: str) -> tuple[int, int]:
-    path = (await csi.manager.get_volume(volume_id)).device_path
-    assert path is not None
-    number = device_number(path)
-    return os.major(number), os.minor(number)
-
-
 async def test_bandwidth_limit_holds_and_changes_live(
     csi: Csi, linear: LinearBackend, kubelet_root: Path, cgroup_root: Path, config: NodeConfig
 ) -> None:
@@ -148,18 +76,18 @@ async def test_bandwidth_limit_holds_and_changes_live(
     pod = make_pod(cgroup_root, SYSTEMD, "burstable", pod_uid, plain=False)
     container = pod / "container"
     cap = block_cap()
-    volume_id = await create(csi, linear, "pvc-qos-bw", cap, writeBytesPerSecond="4Mi", readBytesPerSecond="6Mi")
+    volume_id = await create(csi, linear, "pvc-qos-bw", cap, writeBytesPerSecond="2Mi", readBytesPerSecond="3Mi")
     target = await publish(csi, kubelet_root, volume_id, "pvc-qos-bw", cap, pod_uid)
     device = await device_of(csi, volume_id)
-    assert io_max_line(pod, device) == {"rbps": str(6 * MiB), "wbps": str(4 * MiB), "riops": "max", "wiops": "max"}
+    assert io_max_line(pod, device) == {"rbps": str(3 * MiB), "wbps": str(2 * MiB), "riops": "max", "wiops": "max"}
 
-    measured = {"write 4Mi": (await write_rate(container, target, 4 * MiB), 4 * MiB)}
-    measured["read 6Mi"] = (await read_rate(container, target, 6 * MiB), 6 * MiB)
-    await modify(csi, volume_id, writeBytesPerSecond="8Mi")  # raised live: same publication, no remount
-    measured["write 8Mi"] = (await write_rate(container, target, 8 * MiB), 8 * MiB)
-    await modify(csi, volume_id, writeBytesPerSecond="2Mi", readBytesPerSecond="max")  # lowered live
-    measured["write 2Mi"] = (await write_rate(container, target, 2 * MiB), 2 * MiB)
-    assert io_max_line(pod, device) == {"rbps": "max", "wbps": str(2 * MiB), "riops": "max", "wiops": "max"}
+    measured = {"write 2Mi": (await write_rate(container, target, 2 * MiB), 2 * MiB)}
+    measured["read 3Mi"] = (await read_rate(container, target, 3 * MiB), 3 * MiB)
+    await modify(csi, volume_id, writeBytesPerSecond="6Mi")  # raised live: same publication, no remount
+    measured["write 6Mi"] = (await write_rate(container, target, 6 * MiB), 6 * MiB)
+    await modify(csi, volume_id, writeBytesPerSecond="1Mi", readBytesPerSecond="max")  # lowered live
+    measured["write 1Mi"] = (await write_rate(container, target, 1 * MiB), 1 * MiB)
+    assert io_max_line(pod, device) == {"rbps": "max", "wbps": str(1 * MiB), "riops": "max", "wiops": "max"}
     print({k: f"{v / MiB:.2f} MiB/s (limit {n / MiB:.0f})" for k, (v, n) in measured.items()})
     assert all(near(value, limit) for value, limit in measured.values()), measured
 
@@ -167,14 +95,14 @@ async def test_bandwidth_limit_holds_and_changes_live(
     (pod / "io.max").write_text(f"{device[0]}:{device[1]} rbps=max wbps=max riops=max wiops=max")
     assert io_max_line(pod, device) == {}
     assert NodeService(csi.manager, "node-1", config).restore_io_limits() == 1
-    assert io_max_line(pod, device)["wbps"] == str(2 * MiB)
+    assert io_max_line(pod, device)["wbps"] == str(1 * MiB)
 
     await csi.node.node_unpublish_volume(NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=target))
     assert io_max_line(pod, device) == {}
     path = (await csi.manager.get_volume(volume_id)).device_path
     assert path is not None
-    free = await write_rate(container, path, 2 * MiB)  # same cgroup, same device: no limit left
-    assert free > 3 * 2 * MiB, f"{free / MiB:.2f} MiB/s after unpublish"
+    free = await write_rate(container, path, 1 * MiB)  # same cgroup, same device: no limit left
+    assert free > 3 * 1 * MiB, f"{free / MiB:.2f} MiB/s after unpublish"
 
 
 async def test_two_volumes_of_one_pod_iops_and_filesystem(

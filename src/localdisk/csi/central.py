@@ -259,7 +259,10 @@ class CentralControllerService(ControllerBase):
         changes = modified_limits(message)
         await self.cluster.ready()
         name = self.cluster.by_handle(message.volume_id)
-        limits = IoLimits.from_json(self.cluster.volume(name).io_limits).changed(changes)
+        volume = self.cluster.volume(name)
+        if not changes:
+            return ControllerModifyVolumeResponse()
+        limits = IoLimits.from_json(volume.io_limits).changed(changes)
         await self.cluster.modify_volume(name, limits.to_json())
         return ControllerModifyVolumeResponse()
 

@@ -108,9 +108,9 @@ def requested_limits(message: CreateVolumeRequest) -> IoLimits:
 
 
 def modified_limits(message: ControllerModifyVolumeRequest) -> dict[str, int | None]:
-    """The changes a ControllerModifyVolume asks for, checked before anything is looked up."""
+    """The changes a ControllerModifyVolume asks for, checked before anything is looked up. None asked (no
+    mutable_parameters) changes nothing: CSI modifies only what a key names."""
     validate.require(message.volume_id, "volume_id")
-    validate.require(message.mutable_parameters, "mutable_parameters")
     return qos.parse_parameters(message.mutable_parameters, only_limits=True)
 
 
@@ -282,6 +282,8 @@ class ControllerService(ControllerBase):
     async def controller_modify_volume(self, message: ControllerModifyVolumeRequest) -> ControllerModifyVolumeResponse:
         changes = modified_limits(message)
         volume = await self.manager.get_volume(message.volume_id)
+        if not changes:
+            return ControllerModifyVolumeResponse()
         limits = self.io.limits(volume.id).changed(changes)
         for problem in self.io.set_limits(volume.id, limits):
             log.warning("volume %s: I/O limits %s recorded; applying them to a pod: %s", volume.id, limits, problem)
