@@ -143,10 +143,20 @@ def near(measured: float, limit: float) -> bool:
     return abs(measured - limit) <= 0.1 * limit
 
 
-async def publish(csi: Csi, kubelet_root: Path, volume_id: str, name: str, cap: VolumeCapability, pod_uid: str) -> str:
+async def publish(
+    csi: Csi,
+    kubelet_root: Path,
+    volume_id: str,
+    name: str,
+    cap: VolumeCapability,
+    pod_uid: str,
+    secrets: dict[str, str] | None = None,
+) -> str:
     paths = kubelet_paths(kubelet_root, name, cap.block is not None, pod=pod_uid)
     await csi.node.node_stage_volume(
-        NodeStageVolumeRequest(volume_id=volume_id, staging_target_path=paths.staging, volume_capability=cap)
+        NodeStageVolumeRequest(
+            volume_id=volume_id, staging_target_path=paths.staging, volume_capability=cap, secrets=secrets or {}
+        )
     )
     await csi.node.node_publish_volume(
         NodePublishVolumeRequest(

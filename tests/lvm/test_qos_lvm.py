@@ -7,18 +7,27 @@ by ControllerModifyVolume without a remount, two volumes of one pod limited apar
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from grpclib._typing import IServable
+from grpclib.testing import ChannelFor
 
+from localdisk import qos
 from localdisk._proto.csi.v1 import (
+    ControllerStub,
+    IdentityStub,
+    NodeStub,
     NodeUnpublishVolumeRequest,
     NodeUnstageVolumeRequest,
 )
 from localdisk.backends.lvm import LinearBackend
 from localdisk.config import NodeConfig, NodeSettings
+from localdisk.crypt import Pbkdf
+from localdisk.csi.controller import ControllerService
 from localdisk.csi.node import NodeService
 from localdisk.runner import CommandRunner
 from tests.cgroup_tree import (
@@ -37,9 +46,12 @@ from tests.cgroup_tree import (
 )
 from tests.contract import manager_for
 from tests.csi_helpers import Csi, MiB, block_cap, csi_for, mount_cap
+from tests.lvm.helpers import require_dm_crypt
 from tests.node_lifecycle import kubelet_paths, release_mounts
 
 pytestmark = [pytest.mark.uml, pytest.mark.anyio]
+FAST = Pbkdf(kind="argon2id", force_iterations=4, memory_kib=32 * 1024)  # cheap stretching: tests only
+SECRET = "qos test passphrase 5d1e"
 
 
 @pytest.fixture
@@ -130,3 +142,43 @@ async def test_two_volumes_of_one_pod_iops_and_filesystem(
     assert io_max_line(pod, fs_device) == {} and io_max_line(pod, raw_device) == {}
     staging = kubelet_paths(kubelet_root, "pvc-qos-fs", block=False).staging
     await csi.node.node_unstage_volume(NodeUnstageVolumeRequest(volume_id=fs_id, staging_target_path=staging))
+
+
+async def test_an_encrypted_volume_is_limited_on_its_mapping(
+    linear: LinearBackend, kubelet_root: Path, cgroup_root: Path, config: NodeConfig
+) -> None:
+    """The pod's I/O goes to the dm-crypt mapping, not to the LV under it: the io.max line is the mapping's."""
+    require_dm_crypt()
+    manager = manager_for(linear)
+    io = qos.for_node(config.node)
+    servicers: list[IServable] = [
+        ControllerService(manager, "node-1", config, io=io),
+        NodeService(manager, "node-1", config, pbkdf=FAST, io=io),
+    ]
+    for servicer in servicers:
+        servicer.metrics = None  # type: ignore[attr-defined]
+    pod_uid = str(uuid.uuid4())
+    pod = make_pod(cgroup_root, SYSTEMD, "guaranteed", pod_uid, plain=False)
+    cap = block_cap()
+    async with manager.session(), ChannelFor(servicers) as channel:
+        csi = Csi(IdentityStub(channel), ControllerStub(channel), NodeStub(channel), manager)
+        volume_id = await create(csi, linear, "pvc-qos-crypt", cap, writeBytesPerSecond="2Mi", encrypted="true")
+        staging = kubelet_paths(kubelet_root, "pvc-qos-crypt", block=True).staging
+        try:
+            secrets = {"passphrase": SECRET}
+            target = await publish(csi, kubelet_root, volume_id, "pvc-qos-crypt", cap, pod_uid, secrets)
+            lv = await device_of(csi, volume_id)
+            mapping = os.stat(target).st_rdev
+            mapped = (os.major(mapping), os.minor(mapping))
+            assert mapped != lv
+            assert io_max_line(pod, mapped)["wbps"] == str(2 * MiB)
+            assert io_max_line(pod, lv) == {}
+            rate = await write_rate(pod / "container", target, 2 * MiB)
+            print(f"encrypted volume: {rate / MiB:.2f} MiB/s (limit 2, on its mapping)")
+            assert near(rate, 2 * MiB), rate / MiB
+            await csi.node.node_unpublish_volume(NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=target))
+            assert io_max_line(pod, mapped) == {}
+        finally:
+            await csi.node.node_unstage_volume(
+                NodeUnstageVolumeRequest(volume_id=volume_id, staging_target_path=staging)
+            )
