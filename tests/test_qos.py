@@ -275,3 +275,18 @@ def test_metrics_show_limits_what_io_max_holds_and_throttled_time(io: VolumeQos,
     assert sample("localdisk_volume_io_limit", {"volume": "lvm:p:one", "kind": "rbps"}) is None
     assert sample("localdisk_volume_io_limit_enforced", {"volume": "lvm:p:one", "pod": UID_A, "kind": "riops"}) == 7
     assert sample("localdisk_volume_io_throttled_seconds_total", {"volume": "lvm:p:one", "pod": UID_A}) == 2.0
+
+
+def test_an_unreadable_record_is_none_and_left_alone(io: VolumeQos, tmp_path: Path) -> None:
+    make_pod(tmp_path / "cgroup", SYSTEMD, "burstable", UID_A, plain=True)
+    io.set_limits("lvm:p:one", IoLimits(read_iops=9))
+    path = next(io.state_dir.glob("*.json"))
+    for broken in (
+        "{",
+        '{"volume": "lvm:p:one", "limits": {"speed": 1}}',
+        '{"volume": "lvm:p:one", "publications": [{}]}',
+    ):
+        path.write_text(broken)
+        assert io.record("lvm:p:one") == qos.VolumeRecord("lvm:p:one")
+        assert io.records() == []
+    assert path.exists()

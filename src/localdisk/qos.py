@@ -170,20 +170,26 @@ class VolumeQos:
         return self.state_dir / (hashlib.sha256(volume_id.encode()).hexdigest()[:32] + ".json")
 
     def record(self, volume_id: str) -> VolumeRecord:
+        """The volume's record; none (no limits, no publications) when it has no file or an unreadable one."""
+        return self._read(self._path(volume_id)) or VolumeRecord(volume_id)
+
+    @staticmethod
+    def _read(path: Path) -> VolumeRecord | None:
         try:
-            data = json.loads(self._path(volume_id).read_text())
+            data = json.loads(path.read_text())
+            return VolumeRecord(
+                str(data["volume"]),
+                IoLimits.from_json(data.get("limits")),
+                tuple(
+                    Publication(str(p["target"]), str(p["podUID"]), parse_device(str(p["device"])))
+                    for p in data.get("publications", [])
+                ),
+            )
         except FileNotFoundError:
-            return VolumeRecord(volume_id)
-        except (OSError, ValueError) as exc:
-            log.warning("volume %s: its I/O limit record is unreadable (%s); treated as none", volume_id, exc)
-            return VolumeRecord(volume_id)
-        return VolumeRecord(
-            volume_id,
-            IoLimits.from_json(data.get("limits")),
-            tuple(
-                Publication(p["target"], p["podUID"], parse_device(p["device"])) for p in data.get("publications", [])
-            ),
-        )
+            return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, InvalidArgument) as exc:
+            log.warning("%s: unreadable I/O limit record (%s); treated as none", path, exc)
+            return None
 
     def _write(self, record: VolumeRecord) -> None:
         path = self._path(record.volume_id)
@@ -212,15 +218,7 @@ class VolumeQos:
             raise
 
     def records(self) -> list[VolumeRecord]:
-        found = []
-        for path in sorted(self.state_dir.glob("*.json")):
-            try:
-                volume_id = json.loads(path.read_text())["volume"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.warning("%s: unreadable I/O limit record (%s); left alone", path, exc)
-                continue
-            found.append(self.record(volume_id))
-        return found
+        return [found for path in sorted(self.state_dir.glob("*.json")) if (found := self._read(path)) is not None]
 
     def limits(self, volume_id: str) -> IoLimits:
         return self.record(volume_id).limits
