@@ -47,6 +47,15 @@ class NodeSettings(BaseModel):
     luks_pbkdf_memory_kib: int | None = Field(default=None, ge=32, le=4 * 1024 * 1024)
     """How hard the passphrase of an encrypted volume is stretched (argon2id) for the keyslots this node writes: at
     format and at a key rotation. Default: cryptsetup's (about 2 s, up to 1 GiB and half the RAM)."""
+    cgroup_root: str = "/sys/fs/cgroup"
+    """The cgroup v2 hierarchy holding the kubelet's pod cgroups, where I/O limits are written (`localdisk.cgroups`)."""
+    state_dir: str | None = None
+    """Where the node keeps its record of volumes' I/O limits and publications (`localdisk.qos`); default
+    `<kubelet_dir>/plugins/localdisk.csi.io/state`, a host path that survives restarts of the node plugin."""
+
+    @property
+    def node_state_dir(self) -> str:
+        return self.state_dir or f"{self.kubelet_dir.rstrip('/')}/plugins/localdisk.csi.io/state"
 
 
 @dataclass(frozen=True)

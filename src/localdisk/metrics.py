@@ -20,6 +20,7 @@ from localdisk.discovery import Discovers
 from localdisk.errors import LocalDiskError
 from localdisk.manager import VolumeManager
 from localdisk.model import Capacity
+from localdisk.qos import IO_MAX, VolumeQos
 
 log = logging.getLogger(__name__)
 PREFIX = "localdisk"
@@ -67,6 +68,9 @@ class Metrics:
 
     def watch_pools(self, manager: VolumeManager, loop: asyncio.AbstractEventLoop) -> None:
         self.registry.register(PoolCollector(manager, loop))
+
+    def watch_io_limits(self, io: VolumeQos) -> None:
+        self.registry.register(IoLimitCollector(io))
 
     def serve(self, address: str) -> None:
         host, _, port = address.rpartition(":")
@@ -155,3 +159,44 @@ class PoolCollector(Collector):
             backend = self.manager.backends[key]
             out.append((key, await backend.capacity(), [v.size_bytes for v in await backend.list_volumes()]))
         return out
+
+
+class IoLimitCollector(Collector):
+    """The I/O limits of each volume (`localdisk.qos`), and per publication what io.max holds and the throttled time
+    io.stat reports where the kernel keeps one (iocost's cost.wait and cost.indelay). Read from files at scrape time."""
+
+    def __init__(self, io: VolumeQos) -> None:
+        self.io = io
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        limit = GaugeMetricFamily(
+            f"{PREFIX}_volume_io_limit",
+            "I/O limit of a volume, by kind (rbps, wbps: bytes/s; riops, wiops: I/Os/s); no sample: no limit",
+            labels=["volume", "kind"],
+        )
+        enforced = GaugeMetricFamily(
+            f"{PREFIX}_volume_io_limit_enforced",
+            "The limit io.max holds for the volume's device in the cgroup of a pod using it, by kind",
+            labels=["volume", "pod", "kind"],
+        )
+        throttled = CounterMetricFamily(
+            f"{PREFIX}_volume_io_throttled_seconds",
+            "Time the volume's I/O in a pod's cgroup waited for the kernel's throttling (io.stat, where reported)",
+            labels=["volume", "pod"],
+        )
+        try:
+            records = self.io.records()
+        except OSError as exc:
+            log.warning("I/O limit metrics unavailable: %s", exc)
+            records = []
+        for record in records:
+            for attr, kind in IO_MAX.items():
+                value = getattr(record.limits, attr)
+                if value is not None:
+                    limit.add_metric([record.volume_id, kind], value)
+            for applied in self.io.applied(record):
+                for kind, value in applied.io_max.items():
+                    enforced.add_metric([record.volume_id, applied.pod_uid, kind], value)
+                if applied.throttled_usec is not None:
+                    throttled.add_metric([record.volume_id, applied.pod_uid], applied.throttled_usec / 1e6)
+        yield from (limit, enforced, throttled)

@@ -529,14 +529,18 @@ class ControlPlane:
         )
 
     def serve_node(
-        self, name: str, pools: dict[str, int], extra: tuple[str, ...] = (), pool_config: str | None = None
+        self,
+        name: str,
+        pools: dict[str, int],
+        extra: tuple[str, ...] = (),
+        pool_config: str | None = None,
+        node_settings: str = "",
     ) -> Path:
         """`localdisk serve` for node `name` on fake pools of the given sizes (the first is the default; what they hold
-        survives a restart), or on the
-        pools `pool_config` describes (TOML), with `extra` arguments (`--role=node`, say); returns its socket once it
-        is there."""
+        survives a restart), or on the pools `pool_config` describes (TOML), with `extra` arguments (`--role=node`,
+        say) and more `[node]` settings (TOML lines); returns its socket once it is there."""
         config = self.work / f"{name}.toml"
-        lines = [f'[node]\nkubelet_dir = "{self.work / name / "kubelet"}"\n']
+        lines = [f'[node]\nkubelet_dir = "{self.work / name / "kubelet"}"\n{node_settings}']
         for index, (pool, size) in enumerate(pools.items()):
             lines.append(
                 f"[pools.fake.{pool}]\nsize_bytes = {size}\ndefault = {'true' if index == 0 else 'false'}\n"

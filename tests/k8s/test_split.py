@@ -93,9 +93,17 @@ class Split:
         wait_for(f"capacities {expected}", lambda: self.free() == expected or None, timeout)
 
     def claim(
-        self, name: str, size: int, mode: str = "Filesystem", *, snapshot: str | None = None, node: str | None = None
+        self,
+        name: str,
+        size: int,
+        mode: str = "Filesystem",
+        *,
+        snapshot: str | None = None,
+        node: str | None = None,
+        attributes: str | None = None,
     ) -> None:
-        """A claim of `size` bytes (restored from VolumeSnapshot `snapshot`) and a pod using it (on `node`)."""
+        """A claim of `size` bytes (restored from VolumeSnapshot `snapshot`, of VolumeAttributesClass `attributes`)
+        and a pod using it (on `node`)."""
         base = f"/api/v1/namespaces/{TEST_NAMESPACE}"
         spec: Obj = {
             "accessModes": ["ReadWriteOnce"],
@@ -103,6 +111,8 @@ class Split:
             "storageClassName": CLASS,
             "resources": {"requests": {"storage": str(size)}},
         }
+        if attributes:
+            spec["volumeAttributesClassName"] = attributes
         if snapshot:
             spec["dataSource"] = {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": snapshot}
         self.api.create(f"{base}/persistentvolumeclaims", {"metadata": {"name": name}, "spec": spec})
@@ -196,8 +206,13 @@ def _start(plane: ControlPlane) -> Split:
     )
     for name, size in POOLS.items():
         plane.register_node(name)
+        cgroups = plane.work / name / "cgroup"  # a fake kubelet cgroup tree: the I/O limits of test_io_limits_...
+        cgroups.mkdir(parents=True)
+        (cgroups / "cgroup.controllers").write_text("cpu io memory\n")
+        node_settings = f'cgroup_root = "{cgroups}"\n'
         kubeconfig = plane.node_agent_kubeconfig(name)  # a token bound to a pod on the node, as in the DaemonSet
-        plane.serve_node(name, {"a": size}, ("--role=node", f"--kubeconfig={kubeconfig}"))
+        args = ("--role=node", f"--kubeconfig={kubeconfig}")
+        plane.serve_node(name, {"a": size}, args, node_settings=node_settings)
     socket_path = plane.work / "controller.sock"
     controller = plane._start(
         "localdisk-controller",
@@ -856,3 +871,51 @@ def test_pools_follow_the_labels_of_their_node_without_a_restart(split: Split) -
             agent.stop()
             plane.processes.remove(agent)
         api.delete("/api/v1/nodes/n4")
+
+
+def test_io_limits_of_a_bound_claim_change_with_its_volume_attributes_class(split: Split) -> None:
+    for name, parameters in (("qos-slow", {"writeIOPS": "100"}), ("qos-fast", {"readBytesPerSecond": "50Mi"})):
+        split.api.create(
+            "/apis/storage.k8s.io/v1/volumeattributesclasses",
+            {
+                "apiVersion": "storage.k8s.io/v1",
+                "kind": "VolumeAttributesClass",
+                "metadata": {"name": name},
+                "driverName": DRIVER_NAME,
+                "parameters": parameters,
+            },
+        )
+    split.claim("limited", 64 * MiB, mode="Block", attributes="qos-slow")
+    pv = split.bound("limited")
+    handle = pv["spec"]["csi"]["volumeHandle"]
+
+    def limits(expected: Obj) -> Obj | None:
+        found = split.local_volume(handle) or {}
+        return found if found.get("status", {}).get("ioLimits") == expected else None
+
+    volume = wait_for("the node to apply the class's limits", lambda: limits({"writeIOPS": 100}), 120)
+    assert volume["spec"]["ioLimits"] == {"writeIOPS": 100}
+
+    split.api.patch(
+        f"/api/v1/namespaces/{TEST_NAMESPACE}/persistentvolumeclaims/limited",
+        {"spec": {"volumeAttributesClassName": "qos-fast"}},
+    )
+    # A class's keys change only what they name (CSI: nothing is changed for an absent key).
+    wait_for(
+        "the new class's limits on the node", lambda: limits({"writeIOPS": 100, "readBytesPerSecond": 50 * MiB}), 180
+    )
+    wait_for(
+        "the claim to report the new class",
+        lambda: split.pvc("limited").get("status", {}).get("currentVolumeAttributesClassName") == "qos-fast" or None,
+        120,
+    )
+    node = volume["spec"]["node"]
+    state = split.plane.work / node / "kubelet/plugins/localdisk.csi.io/state"
+    records = [json.loads(p.read_text()) for p in state.glob("*.json")]
+    assert [r["limits"] for r in records if r["volume"] == volume["status"]["handle"]] == [
+        {"writeIOPS": 100, "readBytesPerSecond": 50 * MiB}
+    ]
+
+    split.remove("limited")
+    wait_for("the LocalVolume to go", lambda: split.local_volume(handle) is None or None, 180)
+    assert not any(json.loads(p.read_text())["volume"] == volume["status"]["handle"] for p in state.glob("*.json"))

@@ -7,7 +7,7 @@ does one thing and closes them. Tests inject a `VolumeManager` through the Click
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import anyio
 import typer
@@ -104,8 +104,9 @@ def volume_list(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOp
 def volume_show(ctx: typer.Context, volume_id: str, config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Show one volume."""
     volume = run_with_manager(ctx, config, lambda m: m.get_volume(volume_id))
+    limits, applied = _io_limits(ctx, config, volume.id)
     if as_json:
-        emit_json(volume)
+        emit_json({**plain(volume), "io_limits": limits, "io_applied": applied})
         return
     rows = [
         ("id", volume.id),
@@ -114,8 +115,28 @@ def volume_show(ctx: typer.Context, volume_id: str, config: ConfigOption = None,
         ("device", volume.device_path or "-"),
         ("source", f"{volume.source.kind.value} {volume.source.id}" if volume.source else "-"),
         ("condition", volume.abnormal or "ok"),
+        ("io limits", ", ".join(f"{k}={v}" for k, v in limits.items()) or "none"),
+        *(
+            (f"io.max in pod {a['pod']}", " ".join(f"{k}={v}" for k, v in a["io_max"].items()) or "none")
+            for a in applied
+        ),
     ]
     typer.echo(table(("FIELD", "VALUE"), rows))
+
+
+def _io_limits(ctx: typer.Context, config: str | None, volume_id: str) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """The volume's I/O limits as this node records them, and what io.max holds in each pod that has it published."""
+    from localdisk import qos
+    from localdisk.config import development_default, load
+
+    with friendly_errors(_debug(ctx)):
+        io = qos.for_node((load(config) if config else development_default()).node)
+        record = io.record(volume_id)
+        applied = [
+            {"pod": a.pod_uid, "device": f"{a.device[0]}:{a.device[1]}", "io_max": a.io_max} for a in io.applied(record)
+        ]
+        return record.limits.to_json(), applied
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 @volume_app.command("expand")

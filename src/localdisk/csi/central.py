@@ -20,6 +20,8 @@ from localdisk._proto.csi.v1 import (
     ControllerGetCapabilitiesResponse,
     ControllerGetVolumeRequest,
     ControllerGetVolumeResponse,
+    ControllerModifyVolumeRequest,
+    ControllerModifyVolumeResponse,
     ControllerServiceCapability,
     ControllerServiceCapabilityRpc,
     ControllerServiceCapabilityRpcType,
@@ -48,12 +50,13 @@ from localdisk._proto.csi.v1 import Snapshot as CsiSnapshot
 from localdisk._proto.csi.v1 import Volume as CsiVolume
 from localdisk.config import NodeConfig
 from localdisk.csi import TOPOLOGY_KEY, convert, validate
-from localdisk.csi.controller import checked_create, page_bounds
+from localdisk.csi.controller import checked_create, modified_limits, page_bounds, requested_limits
 from localdisk.csi.status import rpc
 from localdisk.errors import InsufficientCapacity, InvalidArgument
 from localdisk.k8s.cluster import ClusterVolumes, VolumeRequest
 from localdisk.k8s.crd import SnapshotObject, VolumeObject
 from localdisk.model import ContentSource, SourceKind
+from localdisk.qos import IoLimits
 
 Cap = ControllerServiceCapabilityRpcType
 log = logging.getLogger(__name__)
@@ -141,6 +144,7 @@ class CentralControllerService(ControllerBase):
                 encrypted=validate.encrypted(message.parameters),
                 source_kind=source.kind.value if source else None,
                 source_name=source.id if source else None,
+                io_limits=requested_limits(message).to_json(),
             )
         )
         return CreateVolumeResponse(volume=self._volume(volume))
@@ -214,6 +218,7 @@ class CentralControllerService(ControllerBase):
             Cap.CREATE_DELETE_SNAPSHOT,
             Cap.LIST_SNAPSHOTS,
             Cap.CLONE_VOLUME,
+            Cap.MODIFY_VOLUME,
         ]
         return ControllerGetCapabilitiesResponse(
             capabilities=[ControllerServiceCapability(rpc=ControllerServiceCapabilityRpc(type=c)) for c in caps]
@@ -238,6 +243,20 @@ class CentralControllerService(ControllerBase):
         volume = await self.cluster.expand_volume(self.cluster.by_handle(message.volume_id), required, limit)
         is_block = message.volume_capability is not None and message.volume_capability.block is not None
         return ControllerExpandVolumeResponse(capacity_bytes=volume.size_bytes, node_expansion_required=not is_block)
+
+    @rpc
+    async def controller_modify_volume(self, message: ControllerModifyVolumeRequest) -> ControllerModifyVolumeResponse:
+        """New I/O limits: recorded in the LocalVolume's spec, applied by its node agent (to the volume's record on
+        the node and to the pods using it), answered once the agent reports them applied in the status."""
+        changes = modified_limits(message)
+        await self.cluster.ready()
+        name = self.cluster.by_handle(message.volume_id)
+        volume = self.cluster.volume(name)
+        if not changes:
+            return ControllerModifyVolumeResponse()
+        limits = IoLimits.from_json(volume.io_limits).changed(changes)
+        await self.cluster.modify_volume(name, limits.to_json())
+        return ControllerModifyVolumeResponse()
 
     @staticmethod
     def _snapshot(snapshot: SnapshotObject, snapshot_id: str = "") -> CsiSnapshot:

@@ -7,6 +7,7 @@ import logging
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
+from localdisk import qos
 from localdisk._proto.csi.v1 import (
     ControllerBase,
     ControllerExpandVolumeRequest,
@@ -16,6 +17,8 @@ from localdisk._proto.csi.v1 import (
     ControllerGetVolumeRequest,
     ControllerGetVolumeResponse,
     ControllerGetVolumeResponseVolumeStatus,
+    ControllerModifyVolumeRequest,
+    ControllerModifyVolumeResponse,
     ControllerServiceCapability,
     ControllerServiceCapabilityRpc,
     ControllerServiceCapabilityRpcType,
@@ -50,6 +53,7 @@ from localdisk.errors import InsufficientCapacity, InvalidArgument, NotFound, Ou
 from localdisk.manager import CreateRequest, VolumeManager
 from localdisk.model import Volume
 from localdisk.mounts import MIN_FS_BYTES
+from localdisk.qos import IoLimits, VolumeQos
 
 Cap = ControllerServiceCapabilityRpcType
 log = logging.getLogger(__name__)
@@ -91,13 +95,23 @@ def checked_create(message: CreateVolumeRequest, config: NodeConfig) -> tuple[in
     validate.check_name(message.name)
     validate.check_capabilities(message.volume_capabilities)
     validate.check_parameters(message.parameters)
-    if message.mutable_parameters:
-        raise InvalidArgument(
-            "mutable_parameters (VolumeAttributesClass) are not supported by localdisk; create the claim"
-            " without a volumeAttributesClassName"
-        )
+    requested_limits(message)
     required, limit = validate.capacity(message.capacity_range)
     return at_least_filesystem_minimum(message, config, required, limit), limit
+
+
+def requested_limits(message: CreateVolumeRequest) -> IoLimits:
+    """The I/O limits a CreateVolume asks for: the StorageClass parameters', then the VolumeAttributesClass's
+    (`mutable_parameters`, which may hold nothing else) over them."""
+    changes = qos.parse_parameters(message.mutable_parameters, only_limits=True)
+    return qos.limits_of(message.parameters).changed(changes)
+
+
+def modified_limits(message: ControllerModifyVolumeRequest) -> dict[str, int | None]:
+    """The changes a ControllerModifyVolume asks for, checked before anything is looked up. None asked (no
+    mutable_parameters) changes nothing: CSI modifies only what a key names."""
+    validate.require(message.volume_id, "volume_id")
+    return qos.parse_parameters(message.mutable_parameters, only_limits=True)
 
 
 def page_bounds(total: int, max_entries: int, starting_token: str) -> tuple[int, int]:
@@ -112,10 +126,13 @@ def _condition(volume: Volume) -> VolumeCondition:
 
 
 class ControllerService(ControllerBase):
-    def __init__(self, manager: VolumeManager, node_id: str, config: NodeConfig | None = None) -> None:
+    def __init__(
+        self, manager: VolumeManager, node_id: str, config: NodeConfig | None = None, io: VolumeQos | None = None
+    ) -> None:
         self.manager = manager
         self.node_id = node_id
         self.config = config or NodeConfig()
+        self.io = io or qos.for_node(self.config.node)
 
     def _on_this_node(self, requirement: TopologyRequirement | None) -> bool:
         if requirement is None or not requirement.requisite:
@@ -127,11 +144,13 @@ class ControllerService(ControllerBase):
         required, limit = checked_create(message, self.config)
         encrypted = validate.encrypted(message.parameters)
         source = validate.content_source(message.volume_content_source)
+        limits = requested_limits(message)
         if not self._on_this_node(message.accessibility_requirements):
             raise InsufficientCapacity(
                 f"this node ({self.node_id}) is not in the requisite topology; volumes here are reachable only"
                 f" from {TOPOLOGY_KEY}={self.node_id}"
             )
+        self.io.check(limits)  # never a volume whose limits this node cannot enforce
         volume = await self.manager.create_volume(
             CreateRequest(
                 name=message.name,
@@ -143,12 +162,14 @@ class ControllerService(ControllerBase):
                 encrypted=encrypted,
             )
         )
+        self.io.set_limits(volume.id, limits)
         return CreateVolumeResponse(volume=convert.volume(volume, self.node_id))
 
     @rpc
     async def delete_volume(self, message: DeleteVolumeRequest) -> DeleteVolumeResponse:
         validate.require(message.volume_id, "volume_id")
         await self.manager.delete_volume(message.volume_id)
+        self.io.forget(message.volume_id)
         return DeleteVolumeResponse()
 
     @rpc
@@ -225,6 +246,7 @@ class ControllerService(ControllerBase):
             Cap.GET_VOLUME,
             Cap.VOLUME_CONDITION,
             Cap.SINGLE_NODE_MULTI_WRITER,
+            Cap.MODIFY_VOLUME,
         ]
         backends = self.manager.backends.values()
         if any(b.features.snapshots for b in backends):
@@ -255,6 +277,18 @@ class ControllerService(ControllerBase):
         volume = await self.manager.expand_volume(message.volume_id, required, limit)
         is_block = message.volume_capability is not None and message.volume_capability.block is not None
         return ControllerExpandVolumeResponse(capacity_bytes=volume.size_bytes, node_expansion_required=not is_block)
+
+    @rpc
+    async def controller_modify_volume(self, message: ControllerModifyVolumeRequest) -> ControllerModifyVolumeResponse:
+        changes = modified_limits(message)
+        volume = await self.manager.get_volume(message.volume_id)
+        if not changes:
+            return ControllerModifyVolumeResponse()
+        limits = self.io.limits(volume.id).changed(changes)
+        for problem in self.io.set_limits(volume.id, limits):
+            log.warning("volume %s: I/O limits %s recorded; applying them to a pod: %s", volume.id, limits, problem)
+        log.info("volume %s: I/O limits now %s", volume.id, limits)
+        return ControllerModifyVolumeResponse()
 
     @rpc
     async def create_snapshot(self, message: CreateSnapshotRequest) -> CreateSnapshotResponse:

@@ -17,10 +17,14 @@ A repeated stage of a volume that is open already checks its passphrase all the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from collections.abc import Iterator
 
 import anyio
 
+from localdisk import qos
 from localdisk._proto.csi.v1 import (
     NodeBase,
     NodeExpandVolumeRequest,
@@ -63,6 +67,7 @@ from localdisk.errors import (
 from localdisk.manager import KeyedGuard, VolumeManager
 from localdisk.model import Volume
 from localdisk.mounts import Mounter, MountInfo, device_number, mount_flags
+from localdisk.qos import VolumeQos
 
 Cap = NodeServiceCapabilityRpcType
 PASSPHRASE_KEY = "passphrase"  # noqa: S105 - the key in the node-stage secret, not a value
@@ -91,8 +96,10 @@ class NodeService(NodeBase):
         config: NodeConfig | None = None,
         mounter: Mounter | None = None,
         pbkdf: Pbkdf | None = None,
+        io: VolumeQos | None = None,
     ) -> None:
         config = config or NodeConfig()
+        self.io = io or qos.for_node(config.node)
         self.manager = manager
         self.node_id = node_id
         self.paths = KubeletPaths(config.node.kubelet_dir)
@@ -260,13 +267,15 @@ class NodeService(NodeBase):
             )
         readonly = message.readonly or _reader_only(cap)
         single_writer = cap.access_mode is not None and cap.access_mode.mode == validate.Mode.SINGLE_NODE_SINGLE_WRITER
+        pod_uid = message.volume_context.get(qos.POD_UID_KEY) or None
         with self._guard.hold(message.volume_id):
             volume, device = await self._device(message.volume_id)
             device = self._opened(volume, device)
             if cap.mount is None:
                 if single_writer:
                     self._refuse_second_writer(volume.id, target, self.mounter.block_binds(device))
-                await self.mounter.publish_block(device, target, readonly)
+                with self._limited(volume.id, target, pod_uid, device):
+                    await self.mounter.publish_block(device, target, readonly)
                 return NodePublishVolumeResponse()
             staged = self.mounter.mount_at(staging)
             if staged is not None and not self.mounter.mounted_from(staged, device_number(device)):
@@ -276,8 +285,28 @@ class NodeService(NodeBase):
             wanted = cap.mount.fs_type
             if staged is not None and wanted and staged.fs_type != wanted:
                 raise FailedPrecondition(f"volume {volume.id} is staged as {staged.fs_type}, not {wanted}")
-            await self.mounter.publish_filesystem(staging, target, readonly, cap.mount.mount_flags)
+            with self._limited(volume.id, target, pod_uid, device):
+                await self.mounter.publish_filesystem(staging, target, readonly, cap.mount.mount_flags)
         return NodePublishVolumeResponse()
+
+    @contextlib.contextmanager
+    def _limited(self, volume_id: str, target: str, pod_uid: str | None, device: str) -> Iterator[None]:
+        """Apply the volume's I/O limits to the pod's cgroup for `device` (what the pod's I/O goes to: the mapping
+        of an encrypted volume) before the publication, and take them back if it fails (`localdisk.qos`)."""
+        number = device_number(device)
+        self.io.publish(volume_id, target, pod_uid, (os.major(number), os.minor(number)))
+        try:
+            yield
+        except BaseException:
+            self.io.unpublish(volume_id, target)
+            raise
+
+    def restore_io_limits(self) -> int:
+        """At start: re-apply the I/O limits of the publications recorded before a restart, forget the gone."""
+        problem = self.io.cgroups.problem()
+        if problem is not None:
+            log.warning("I/O limits of volumes cannot be enforced on this node: %s", problem)
+        return self.io.restore(lambda target: self.mounter.mount_at(target) is not None)
 
     async def _refuse_foreign_mount(self, volume_id: str, path: str) -> None:
         """Unstage and unpublish touch only what is the given volume's: the mount at `path` must be its device
@@ -333,6 +362,7 @@ class NodeService(NodeBase):
         with self._guard.hold(message.volume_id):
             await self._refuse_foreign_mount(message.volume_id, target)
             await self.mounter.unpublish(target, await self._device_if_known(message.volume_id))
+            self.io.unpublish(message.volume_id, target)
         return NodeUnpublishVolumeResponse()
 
     # -- stats and expansion ----------------------------------------------------------------------------------

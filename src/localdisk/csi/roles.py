@@ -21,6 +21,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.utils import graceful_exit
 
+from localdisk import qos
 from localdisk._proto.csi.v1 import (
     NodeExpandVolumeRequest,
     NodeExpandVolumeResponse,
@@ -107,7 +108,7 @@ def node_services(agent: NodeAgent, node_id: str, config: NodeConfig, metrics: M
     return _with_metrics(
         # Always ready: kubelet needs the Node service (unpublish, unstage) most when the API server is away, and a
         # restart would not bring the API back. The agent's watches retry with backoff meanwhile.
-        [IdentityService(controller=False), AgentNodeService(agent, agent.manager, node_id, config)],
+        [IdentityService(controller=False), AgentNodeService(agent, agent.manager, node_id, config, io=agent.io)],
         metrics,
     )
 
@@ -130,7 +131,7 @@ async def run_node(
     for some nodes only (`every_pool`), the pools following the node's labels."""
     api = await connect(kubeconfig)
     async with api:
-        agent = NodeAgent(api, manager, AgentSettings(node_id, adopt=adopt))
+        agent = NodeAgent(api, manager, AgentSettings(node_id, adopt=adopt), io=qos.for_node(config.node))
 
         async def node_agent(_: VolumeManager) -> None:
             await agent.run()

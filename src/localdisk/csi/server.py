@@ -14,6 +14,7 @@ import anyio
 from grpclib._typing import IServable
 from grpclib.utils import graceful_exit
 
+from localdisk import qos
 from localdisk.config import NodeConfig
 from localdisk.csi.controller import ControllerService
 from localdisk.csi.identity import IdentityService
@@ -52,10 +53,11 @@ def remove_stale_socket(path: Path) -> None:
 def services(
     manager: VolumeManager, node_id: str, metrics: Metrics | None = None, config: NodeConfig | None = None
 ) -> list[IServable]:
+    io = qos.for_node((config or NodeConfig()).node)  # one record of I/O limits for both services
     servicers: list[IServable] = [
         IdentityService(),
-        ControllerService(manager, node_id, config),
-        NodeService(manager, node_id, config),
+        ControllerService(manager, node_id, config, io=io),
+        NodeService(manager, node_id, config, io=io),
     ]
     for servicer in servicers:
         servicer.metrics = metrics  # type: ignore[attr-defined]
@@ -81,8 +83,15 @@ async def serve(
     path = socket_path(endpoint)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_socket(path)
-    server = GuardedServer(servicers if servicers is not None else services(manager, node_id, metrics, config))
+    servicers = servicers if servicers is not None else services(manager, node_id, metrics, config)
+    server = GuardedServer(servicers)
     async with manager.session():
+        for servicer in servicers:
+            if isinstance(servicer, NodeService):
+                restored = servicer.restore_io_limits()
+                log.info("re-applied the I/O limits of %d publication(s)", restored)
+                if metrics is not None:
+                    metrics.watch_io_limits(servicer.io)
         if metrics is not None and metrics_address:
             metrics.watch_pools(manager, asyncio.get_running_loop())
             metrics.serve(metrics_address)

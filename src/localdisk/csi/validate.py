@@ -10,6 +10,7 @@ from localdisk._proto.csi.v1 import (
 )
 from localdisk.errors import InvalidArgument
 from localdisk.model import ContentSource, SourceKind
+from localdisk.qos import PARAMETERS as IO_LIMIT_PARAMETERS
 
 Mode = VolumeCapabilityAccessModeMode
 SINGLE_NODE_MODES = {
@@ -20,7 +21,7 @@ SINGLE_NODE_MODES = {
 }
 FILESYSTEMS = ("ext4", "xfs", "btrfs")
 MAX_NAME_BYTES = 128  # CSI names and IDs
-KNOWN_PARAMETERS = {"backend", "pool", "encrypted"}
+KNOWN_PARAMETERS = {"backend", "pool", "encrypted", *IO_LIMIT_PARAMETERS}
 PASSTHROUGH_PREFIXES = ("csi.storage.k8s.io/",)  # metadata the external-provisioner may add
 
 

@@ -50,6 +50,7 @@ from localdisk.k8s.crd import (
 from localdisk.k8s.watch import TRANSIENT, Pacer, list_and_watch
 from localdisk.manager import CreateRequest, VolumeManager
 from localdisk.model import ContentSource, SourceKind
+from localdisk.qos import PARAMETERS, IoLimits, VolumeQos
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (plural, object name)
@@ -73,11 +74,13 @@ class AgentSettings:
 
 
 class NodeAgent:
-    def __init__(self, api: Any, manager: VolumeManager, settings: AgentSettings) -> None:
+    def __init__(self, api: Any, manager: VolumeManager, settings: AgentSettings, io: VolumeQos | None = None) -> None:
         self.custom: Any = client.CustomObjectsApi(api)
         self.core: Any = client.CoreV1Api(api)
         self.manager = manager
         self.settings = settings
+        self.io = io
+        """Where the I/O limits of this node's volumes are recorded and applied (the Node service shares it)."""
         self.volumes: dict[str, VolumeObject] = {}
         self.snapshots: dict[str, SnapshotObject] = {}
         self.synced = anyio.Event()
@@ -341,15 +344,17 @@ class NodeAgent:
         if volume.deleting:
             if FINALIZER in volume.finalizers:
                 handle = volume.handle or await self._handle_by_name(volume)
-                await self._remove_from_disk(
-                    VOLUMES, volume.name, volume.finalizers, handle, self.manager.delete_volume
-                )
+                await self._remove_from_disk(VOLUMES, volume.name, volume.finalizers, handle, self._delete_volume)
             return
         if volume.error is not None and volume.observed_generation >= volume.generation:
             return  # answered; tried again when the controller clears the error
         if volume.handle is not None and volume.observed_generation >= volume.generation:
+            await self._keep_io_limits(volume, volume.handle)
             return
         try:
+            limits = IoLimits.from_json(volume.io_limits)
+            if self.io is not None:
+                self.io.check(limits)  # a volume whose limits this node cannot enforce is not made
             if volume.handle is None:
                 created = await self.manager.create_volume(
                     CreateRequest(
@@ -366,6 +371,7 @@ class NodeAgent:
             else:
                 created = await self.manager.expand_volume(volume.handle, volume.required_bytes, volume.limit_bytes)
                 log.info("volume %s (%s) is %d bytes", volume.name, created.id, created.size_bytes)
+            self._set_io_limits(volume, created.id, limits)
         except Busy:
             raise
         except LocalDiskError as exc:
@@ -390,8 +396,39 @@ class NodeAgent:
                 "sizeBytes": created.size_bytes,
                 "error": None,
                 "observedGeneration": volume.generation,
+                **({"ioLimits": _limits_patch(limits)} if self.io is not None else {}),
             },
         )
+
+    async def _delete_volume(self, handle: str) -> None:
+        await self.manager.delete_volume(handle)
+        if self.io is not None:
+            self.io.forget(handle)
+
+    def _set_io_limits(self, volume: VolumeObject, handle: str, limits: IoLimits) -> None:
+        """Record the volume's limits on this node and apply them to the pods using it; a pod the limits could not
+        reach (its cgroup gone) is logged, the record holds."""
+        if self.io is None:
+            return
+        if self.io.limits(handle) == limits:
+            return
+        for problem in self.io.set_limits(handle, limits):
+            log.warning("volume %s: I/O limits %s recorded; applying them to a pod: %s", volume.name, limits, problem)
+        log.info("volume %s (%s): I/O limits %s", volume.name, handle, limits)
+
+    async def _keep_io_limits(self, volume: VolumeObject, handle: str) -> None:
+        """A settled volume: the record on this node follows its spec (a state directory lost or restored from an
+        older copy), and its status says what is applied."""
+        if self.io is None:
+            return
+        limits = IoLimits.from_json(volume.io_limits)
+        try:
+            self._set_io_limits(volume, handle, limits)
+        except LocalDiskError as exc:
+            log.warning("volume %s: I/O limits %s: %s", volume.name, limits, exc.message)
+            return
+        if volume.applied_io_limits != limits.to_json():
+            await self._status(VOLUMES, volume.name, {"ioLimits": _limits_patch(limits)})
 
     async def _source(self, volume: VolumeObject) -> ContentSource | None:
         if volume.source_kind is None or volume.source_name is None:
@@ -594,3 +631,8 @@ class NodeAgent:
             log.info("Node %s not readable (%s); its LocalNode has no owner", self.settings.node, exc)
             return None
         return {"apiVersion": "v1", "kind": "Node", "name": found.metadata.name, "uid": found.metadata.uid}
+
+
+def _limits_patch(limits: IoLimits) -> dict[str, int | None]:
+    """status.ioLimits as a merge patch: every known key, null for no limit (a merge patch keeps absent keys)."""
+    return {key: limits.to_json().get(key) for key in PARAMETERS}

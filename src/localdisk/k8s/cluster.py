@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -66,6 +66,7 @@ class VolumeRequest:
     encrypted: bool = False
     source_kind: str | None = None
     source_name: str | None = None
+    io_limits: dict[str, int] = field(default_factory=dict)  # `localdisk.qos` parameter names: readIOPS, ...
 
 
 @dataclass(frozen=True)
@@ -282,6 +283,8 @@ class ClusterVolumes:
             spec["pool"] = request.pool
         if request.source_kind and request.source_name:
             spec["source"] = {"kind": request.source_kind, "name": request.source_name}
+        if request.io_limits:
+            spec["ioLimits"] = dict(request.io_limits)
         return {
             "apiVersion": API_VERSION,
             "kind": "LocalVolume",
@@ -349,6 +352,43 @@ class ClusterVolumes:
         since = str(patched["metadata"].get("resourceVersion", ""))
         done = await self._until(answered, f"growing volume {volume_id}", plural=VOLUMES, name=volume_id, since=since)
         if done.error is not None and done.size_bytes < required:
+            raise error_from_status(done.error, f"node {done.node}")
+        return done
+
+    async def modify_volume(self, volume_id: str, limits: dict[str, int]) -> VolumeObject:
+        """Record new I/O limits in the volume's spec and wait until its node agent has applied them (status)."""
+        await self.ready()
+        volume = self.volume(volume_id)
+        if volume.io_limits == limits and volume.applied_io_limits == limits:
+            return volume
+        if volume.error is not None:
+            await self._retry(VOLUMES, volume_id)
+        gone = {key: None for key in volume.io_limits if key not in limits}  # a merge patch removes with null
+        patched = await self.custom.patch_cluster_custom_object(
+            GROUP,
+            VERSION,
+            VOLUMES,
+            volume_id,
+            {"spec": {"ioLimits": {**gone, **limits}}},
+            _content_type=MERGE,
+            _request_timeout=REQUEST_TIMEOUT,
+        )
+        generation = int(patched["metadata"].get("generation") or 0)
+
+        def answered() -> VolumeObject | None:
+            found = self.volumes.get(volume_id)
+            if found is None:
+                raise NotFound(f"volume {volume_id!r} was deleted while its I/O limits changed")
+            if found.observed_generation >= generation and (
+                found.error is not None or found.applied_io_limits == limits
+            ):
+                return found
+            return None
+
+        since = str(patched["metadata"].get("resourceVersion", ""))
+        what = f"changing the I/O limits of volume {volume_id}"
+        done = await self._until(answered, what, plural=VOLUMES, name=volume_id, since=since)
+        if done.error is not None and done.applied_io_limits != limits:
             raise error_from_status(done.error, f"node {done.node}")
         return done
 

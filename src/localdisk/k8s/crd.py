@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from localdisk import errors
@@ -120,6 +120,10 @@ class VolumeObject:
     error: dict[str, Any] | None
     resource_version: str
     finalizers: tuple[str, ...]
+    io_limits: dict[str, int] = field(default_factory=dict)
+    """spec.ioLimits: the I/O limits asked for (`localdisk.qos` parameter names: readIOPS, ...)."""
+    applied_io_limits: dict[str, int] | None = None
+    """status.ioLimits: the limits the node agent has recorded and applied (None before it has answered)."""
 
     @classmethod
     def of(cls, obj: dict[str, Any]) -> VolumeObject:
@@ -145,12 +149,20 @@ class VolumeObject:
             error=status.get("error") or None,
             resource_version=str(meta.get("resourceVersion", "")),
             finalizers=tuple(meta.get("finalizers") or ()),
+            io_limits=_limits(spec.get("ioLimits")) or {},
+            applied_io_limits=_limits(status.get("ioLimits")),
         )
 
     @property
     def settled(self) -> bool:
         """The node has answered the current spec: with the volume (ready) or with an error."""
         return self.observed_generation >= self.generation and (self.error is not None or self.phase == "Ready")
+
+
+def _limits(value: Any) -> dict[str, int] | None:
+    if not isinstance(value, dict):
+        return None
+    return {str(k): int(v) for k, v in value.items() if v is not None}
 
 
 @dataclass(frozen=True)
