@@ -144,6 +144,8 @@ def test_namespaced_objects_are_in_the_localdisk_namespace() -> None:
         "ClusterRoleBinding",
         "StorageClass",
         "CustomResourceDefinition",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
         *CRD_KINDS,
     }
     for filename, obj in all_objects():

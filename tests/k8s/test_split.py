@@ -190,7 +190,7 @@ def _start(plane: ControlPlane) -> Split:
 
         wait_for(f"{crd['metadata']['name']} established", lambda: established() or None, 30)
     rbac = ["clusterrole.yaml", "clusterrolebinding.yaml", "role.yaml", "rolebinding.yaml", "csidriver.yaml"]
-    rbac.append("node-agent-policy.yaml")
+    rbac += ["admissionpolicy.yaml", "admissionpolicybinding.yaml"]
     for doc in [d for name in rbac for d in deploy(name)]:
         api.apply(doc)
     api.apply(
