@@ -7,6 +7,7 @@ the pool that hold the volume, and the backend's own on-disk identifier (an LV n
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
@@ -127,3 +128,4 @@ class VolumeSpec:
     source: ContentSource | None = None
     source_handle: str | None = None  # the handle of the source, in this same backend and pool
     encrypted: bool = False  # record the volume as encrypted (LUKS2, formatted by the node on first stage)
+    parameters: Mapping[str, str] = field(default_factory=dict)  # backend-specific StorageClass parameters (layout)

@@ -53,17 +53,31 @@ import re
 import time
 import weakref
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Annotated
 
 import anyio
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from localdisk import crypt
 from localdisk.backend import finish_despite_cancellation
-from localdisk.backends.lvmcmd import LogicalVolume, Lvm, VgReport, check_name
+from localdisk.backends.lvmcmd import LogicalVolume, Lvm, VgReport, check_name, check_tags
+from localdisk.backends.lvmlayout import (
+    LAYOUT_PARAMETERS,
+    MAX_MIRRORS,
+    MAX_STRIPES,
+    Layout,
+    available,
+    check_fits,
+    check_layout,
+    eligible,
+    max_volume,
+    parse_layout,
+    plan,
+    pv_space,
+)
 from localdisk.backends.lvmshell import ShellExecutor
 from localdisk.backends.lvmview import (
     LINEAR_ACTIVE,
@@ -246,8 +260,37 @@ class LinearPoolConfig(PoolConfig):
     """Free space in the VG that volumes never take (for snapshots an administrator takes by hand, say)."""
     view_max_age_seconds: Annotated[float, Field(ge=0)] = VIEW_MAX_AGE
     """How long GetCapacity and ListVolumes may answer from the cached VG report (0: read LVM on every call)."""
+    stripes: Annotated[int, Field(ge=1, le=MAX_STRIPES)] = 1
+    """Default layout of the pool's volumes (StorageClass parameter `stripes` overrides): striped over this many PVs."""
+    stripe_size_bytes: Annotated[int, Field(ge=0)] = 0
+    """Default stripe size (`stripeSize`); 0: LVM's (64 KiB)."""
+    mirrors: Annotated[int, Field(ge=1, le=MAX_MIRRORS)] = 1
+    """Default number of copies (`mirrors`): 2 or more makes raid1 volumes (raid10 with stripes)."""
+    pv_tags: tuple[str, ...] = ()
+    """Default PV tags (`pvTags`): volumes go only on PVs carrying one of them (`pvchange --addtag hdd /dev/sdb`)."""
 
     _check_vg = field_validator("volume_group")(_lvm_name)
+
+    @field_validator("pv_tags")
+    @classmethod
+    def _check_tags(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        try:
+            return tuple(check_tags(value))
+        except InvalidArgument as exc:
+            raise ValueError(exc.message) from None
+
+    @model_validator(mode="after")
+    def _check_layout(self) -> LinearPoolConfig:
+        try:
+            check_layout(self.layout)
+        except InvalidArgument as exc:
+            raise ValueError(exc.message) from None
+        return self
+
+    @property
+    def layout(self) -> Layout:
+        """The layout a volume gets when its StorageClass sets none."""
+        return Layout(self.stripes, self.stripe_size_bytes if self.stripes > 1 else 0, self.mirrors, self.pv_tags)
 
 
 class ThinPoolConfig(PoolConfig):
@@ -296,6 +339,41 @@ class _LvmBackend:
 
     def _check_room(self, report: VgReport, size: int) -> None:
         raise NotImplementedError
+
+    async def capacity(self) -> Capacity:
+        raise NotImplementedError
+
+    def _check_create(self, report: VgReport, spec: VolumeSpec) -> None:
+        """Refuse a create that does not fit (`InsufficientCapacity`) or cannot be made here (`InvalidArgument`)."""
+        self._check_room(report, spec.size_bytes)
+
+    def _rounded(self, spec: VolumeSpec) -> int:
+        """The size LVM gives the volume `spec` asks for."""
+        return align_up(spec.size_bytes, self.extent)
+
+    async def _extend(self, report: VgReport, lv: LogicalVolume, size: int) -> int:
+        """Grow `lv` to `size` bytes (under the pool's lock); its new size."""
+        self._check_room(report, size - lv.size)
+        await self.lvm.extend(self.vg, lv.name, size)
+        grown = replace(lv, size=align_up(size, self.extent))
+        self.view.apply(lambda r: with_lv(r, grown, takes_extents=self._takes_extents))
+        return grown.size
+
+    # StorageClass parameters (`TakesParameters`): layouts are the thick pool's; a thin pool takes none
+    @property
+    def parameters(self) -> frozenset[str]:
+        return LAYOUT_PARAMETERS
+
+    def check_parameters(self, parameters: Mapping[str, str]) -> None:
+        if parameters:
+            raise InvalidArgument(
+                f"{self.kind} pool {self.pool!r} takes no layout parameters ({', '.join(sorted(parameters))}): a thin"
+                " volume is laid out as its thin pool's data LV is (stripe or mirror the pool when you make it)"
+            )
+
+    async def capacity_for(self, parameters: Mapping[str, str]) -> Capacity:
+        self.check_parameters(parameters)
+        return await self.capacity()
 
     async def _create(self, report: VgReport, lv: str, spec: VolumeSpec) -> bool:
         """Create the LV for `spec`; True if it was created pending and needs `_grow` and `_zero`."""
@@ -414,7 +492,7 @@ class _LvmBackend:
         async with self._writing() as report:
             existing = report.lv(lv_name)
             if existing is None:
-                self._check_room(report, spec.size_bytes)
+                self._check_create(report, spec)
                 try:
                     pending = await self._create(report, lv_name, spec)
                 except AlreadyExists:
@@ -424,7 +502,7 @@ class _LvmBackend:
                     if existing is None:
                         raise
             if existing is None:
-                size = align_up(spec.size_bytes, self.extent)
+                size = self._rounded(spec)
             else:
                 self._claim(existing, VOLUME, spec.name)
                 if PENDING_TAG not in existing.tags:
@@ -432,7 +510,7 @@ class _LvmBackend:
                 wanted = (spec.source.kind.value, spec.source_handle) if spec.source and spec.source_handle else None
                 if source_of(existing.tags) != wanted:
                     raise AlreadyExists(f"volume {spec.name!r} is being created with another content source")
-                pending, size = True, max(existing.size, align_up(spec.size_bytes, self.extent))
+                pending, size = True, max(existing.size, self._rounded(spec))
             made = report.lv(lv_name) if existing is None and self.view.report is not None else existing
             encrypted = ENCRYPTED_TAG in made.tags if made is not None else spec.encrypted
             if pending:
@@ -465,9 +543,15 @@ class _LvmBackend:
                 return  # gone already, or not ours to remove
             if ENCRYPTED_TAG in lv.tags and lv.active:  # Busy while the node has it open
                 await crypt.erase(self.runner, f"/dev/{self.vg}/{handle}", discard=self._discard_header)
-            with contextlib.suppress(NotFound):
-                await self.lvm.remove(self.vg, handle)
-            self.view.apply(lambda r: without_lv(r, handle, takes_extents=self._takes_extents))
+            await self._remove(lv)
+
+    async def _remove(self, lv: LogicalVolume) -> None:
+        with contextlib.suppress(NotFound):
+            await self.lvm.remove(self.vg, lv.name)
+        if lv.layout in ("", "linear") or not self._takes_extents:
+            self.view.apply(lambda r: without_lv(r, lv.name, takes_extents=self._takes_extents))
+        else:
+            self.view.invalidate()  # a striped, mirrored or cached LV gave back more than its size, on several PVs
 
     # pending leftovers
     async def pending_volumes(self) -> list[PendingVolume]:
@@ -502,9 +586,7 @@ class _LvmBackend:
                 return False
             if ENCRYPTED_TAG in lv.tags and lv.active:  # as `delete_volume` does
                 await crypt.erase(self.runner, f"/dev/{self.vg}/{lv_name}", discard=self._discard_header)
-            with contextlib.suppress(NotFound):
-                await self.lvm.remove(self.vg, lv_name)
-            self.view.apply(lambda r: without_lv(r, lv_name, takes_extents=self._takes_extents))
+            await self._remove(lv)
             return True
 
     async def expand_volume(self, handle: str, size_bytes: int) -> Volume:
@@ -513,11 +595,8 @@ class _LvmBackend:
             volume = self._volume(report, lv)
             if size_bytes <= lv.size:
                 return volume
-            self._check_room(report, size_bytes - lv.size)
-            await self.lvm.extend(self.vg, handle, size_bytes)
-            grown = replace(lv, size=align_up(size_bytes, self.extent))
-            self.view.apply(lambda r: with_lv(r, grown, takes_extents=self._takes_extents))
-        return replace(volume, size_bytes=align_up(size_bytes, self.extent))
+            size = await self._extend(report, lv, size_bytes)
+        return replace(volume, size_bytes=size)
 
     def _get(self, report: VgReport, handle: str, kind: str) -> LogicalVolume:
         lv = report.lv(handle) if HANDLE.fullmatch(handle) else None
@@ -571,11 +650,25 @@ class LinearBackend(_LvmBackend):
         self.config = config
 
     def _belongs(self, lv: LogicalVolume) -> bool:
-        return not lv.pool and not lv.is_thin and not lv.is_thin_pool and not lv.hidden
+        # A cached volume names its cache in pool_lv; a thin LV its thin pool.
+        return (not lv.pool or lv.cached) and not lv.is_thin and not lv.is_thin_pool and not lv.hidden
 
     async def _activate(self, report: VgReport) -> None:
         if any(self._ours(lv, VOLUME) and not lv.active for lv in report.lvs.values()):
             await self.lvm.activate_vg(self.vg)
+
+    def _abnormal(self, report: VgReport, lv: LogicalVolume) -> str | None:
+        if lv.partial:
+            missing = [pv.name for pv in report.physical if pv.missing] or ["one"]
+            layout = Layout.from_tag(lv.tags)
+            if lv.layout.startswith("raid") or (layout is not None and layout.raid):
+                return (
+                    f"mirror {self.vg}/{lv.name} is degraded: a PV it uses is missing ({', '.join(missing)}); it"
+                    f" serves from its remaining copies; repair it with `localdisk lvm repair {self.vg} {lv.name}"
+                    " <new PV>`"
+                )
+            return f"logical volume {self.vg}/{lv.name} lost a PV ({', '.join(missing)}): part of its data is gone"
+        return super()._abnormal(report, lv)
 
     def _free(self, report: VgReport) -> int:
         return max(report.vg.free - self.config.spare_bytes, 0) // self.extent * self.extent
@@ -589,15 +682,73 @@ class LinearBackend(_LvmBackend):
                 + f"; {human(size)} requested"
             )
 
+    # layouts: `localdisk.backends.lvmlayout` plans them from each PV's free space
+    def check_parameters(self, parameters: Mapping[str, str]) -> None:
+        parse_layout(parameters, self.config.layout)
+
+    def _layout(self, spec: VolumeSpec) -> Layout:
+        return parse_layout(spec.parameters, self.config.layout)
+
+    def _rounded(self, spec: VolumeSpec) -> int:
+        return self._layout(spec).rounded(spec.size_bytes, self.extent)
+
+    def _plan(self, report: VgReport, layout: Layout, size: int) -> list[str]:
+        """The PVs for a new volume (`lvmlayout.plan`), within the VG's free space less the pool's spare."""
+        where = f"volume group {self.vg}"
+        pvs = plan(layout, pv_space(report.physical), size, self.extent, where)
+        if layout.footprint(size, self.extent) > self._free(report):
+            self._check_room(report, layout.footprint(size, self.extent))
+        return pvs
+
+    def _check_create(self, report: VgReport, spec: VolumeSpec) -> None:
+        layout = self._layout(spec)
+        if layout.plain and not layout.pv_tags:
+            self._check_room(report, spec.size_bytes)
+        else:
+            self._plan(report, layout, spec.size_bytes)
+
     async def _create(self, report: VgReport, lv: str, spec: VolumeSpec) -> bool:
         # The tags go into the same lvcreate: a crash can then never leave an LV of ours without them (it would
         # hold space nobody can see or delete). The pending tag keeps it from being handed out before it is zeroed.
         # No wipe here: `_finish` zeroes all of it, and LVM's wipe would only repeat the first 4 KiB of that.
+        layout = self._layout(spec)
+        simple = layout.plain and not layout.pv_tags
         tags = [*identity_tags(VOLUME, spec.name, encrypted=spec.encrypted), PENDING_TAG]
-        await self.lvm.create_linear(self.vg, lv, spec.size_bytes, tags, wipe=False)
-        made = new_lv(lv, align_up(spec.size_bytes, self.extent), tags, attr=LINEAR_ACTIVE)
-        self.view.apply(lambda r: with_lv(r, made, takes_extents=True))
+        tags += [] if simple else [layout.tag()]
+        pvs = [] if simple else self._plan(report, layout, spec.size_bytes)
+        await self.lvm.create_linear(
+            self.vg,
+            lv,
+            spec.size_bytes,
+            tags,
+            wipe=False,
+            stripes=layout.stripes,
+            stripe_size=layout.stripe_size,
+            mirrors=layout.mirrors,
+            pvs=pvs,
+        )
+        if simple:
+            made = new_lv(lv, align_up(spec.size_bytes, self.extent), tags, attr=LINEAR_ACTIVE)
+            self.view.apply(lambda r: with_lv(r, made, takes_extents=True))
+        else:
+            self.view.invalidate()  # it took space on particular PVs (several times its size, for a mirror)
         return True
+
+    async def _extend(self, report: VgReport, lv: LogicalVolume, size: int) -> int:
+        layout = Layout.from_tag(lv.tags)
+        if layout is None:
+            return await super()._extend(report, lv, size)
+        # LVM keeps a striped or RAID LV's stripes and copies when it grows it; the PVs it may take are the tagged
+        # ones. Whether the legs' PVs have room is LVM's to say (InsufficientCapacity), the plan only prechecks
+        # that some layout of that growth fits at all.
+        grown = layout.rounded(size, self.extent)
+        self._check_room(report, layout.footprint(grown - lv.size, self.extent))
+        eligible_pvs = [pv.name for pv in eligible(pv_space(report.physical), layout)] if layout.pv_tags else []
+        if layout.pv_tags and not eligible_pvs:
+            raise InsufficientCapacity(f"volume group {self.vg} has no PV tagged {' or '.join(layout.pv_tags)} left")
+        await self.lvm.extend(self.vg, lv.name, grown, eligible_pvs)
+        self.view.invalidate()
+        return grown
 
     async def _zero(self, lv: str, encrypted: bool) -> None:
         # An encrypted volume is seen only through its mapping: under a fresh volume key, old extents read as noise,
@@ -611,9 +762,29 @@ class LinearBackend(_LvmBackend):
 
     async def capacity(self) -> Capacity:
         report = await self._report()
+        if not self.config.layout.plain or self.config.layout.pv_tags:
+            return await self.capacity_for({})
         free = self._free(report)
         details = {"vg_size": report.vg.size, "vg_free": report.vg.free, "spare_bytes": self.config.spare_bytes}
         return Capacity(report.vg.size, free, free, details | {"extent_size": report.vg.extent_size})
+
+    async def capacity_for(self, parameters: Mapping[str, str]) -> Capacity:
+        """What volumes of the layout `parameters` ask for can get, from each PV's free space: in total, filling the
+        PVs one largest volume after another, and in one volume. 0 if the VG cannot make that layout at all."""
+        layout = parse_layout(parameters, self.config.layout)
+        report = await self._report()
+        pvs = pv_space(report.physical)
+        budget = self._free(report) * layout.stripes // layout.legs  # the pool's spare is kept whatever the layout
+        total = sum(pv.size for pv in eligible(pvs, layout)) * layout.stripes // layout.legs
+        details = {"vg_size": report.vg.size, "vg_free": report.vg.free, "spare_bytes": self.config.spare_bytes}
+        details |= {"extent_size": report.vg.extent_size, "legs": layout.legs}
+        details["eligible_pvs"] = len(eligible(pvs, layout))
+        try:
+            check_fits(layout, pvs, self.extent, f"volume group {self.vg}")
+        except InvalidArgument:
+            return Capacity(total, 0, 0, details)
+        room = min(available(layout, pvs, self.extent), budget // self.extent * self.extent)
+        return Capacity(total, room, min(max_volume(layout, pvs, self.extent), room), details)
 
 
 class ThinBackend(_LvmBackend):
