@@ -62,6 +62,7 @@ class Volume:
     source: ContentSource | None = None
     device_path: str | None = None
     abnormal: str | None = None  # why the volume is unhealthy, or None when it is fine
+    degraded: str | None = None  # still serving, but needs care (a mirror that lost a copy); unlike `abnormal`, usable
     encrypted: bool = False  # a LUKS2 container per volume (recorded with the volume by its backend)
 
     @property

@@ -19,7 +19,7 @@ from localdisk.backends.lvmlayout import Layout
 from localdisk.errors import InsufficientCapacity, InvalidArgument
 from localdisk.runner import CommandRunner
 from localdisk.sizes import MiB
-from tests.contract import BackendContract, manager_for
+from tests.contract import manager_for
 from tests.lvm.conftest import reset_vg
 from tests.lvm.helpers import device_size, pattern, read, write
 
@@ -75,25 +75,6 @@ async def segments(runner: CommandRunner, lv: str) -> list[str]:
         ["lvs", "--noheadings", "-a", "-o", "lv_name,segtype,stripes,devices", "--", f"{RAID_VG}"], check=True
     )
     return [" ".join(line.split()) for line in result.stdout.decode().splitlines() if lv in line]
-
-
-# -- the contract, for every layout ------------------------------------------------------------------------------------
-LAYOUTS: dict[str, dict[str, object]] = {
-    "striped": {"stripes": 3, "stripe_size_bytes": 128 * 1024},
-    "raid1": {"mirrors": 2},
-    "raid10": {"stripes": 2, "mirrors": 2},
-    "ssd-only": {"pv_tags": ["ssd"]},
-}
-
-
-class TestLayoutContract(BackendContract):
-    @pytest.fixture(params=sorted(LAYOUTS))
-    async def backend(
-        self, request: pytest.FixtureRequest, runner: CommandRunner, lvm: Lvm, clean_raid: None
-    ) -> AsyncIterator[LinearBackend]:
-        backend = await open_pool(runner, lvm, **LAYOUTS[request.param])
-        yield backend
-        await backend.aclose()
 
 
 # -- what each layout takes, to the byte ------------------------------------------------------------------------------

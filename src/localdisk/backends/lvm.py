@@ -46,12 +46,13 @@ unless given `view_max_age`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -59,6 +60,8 @@ from localdisk import crypt
 from localdisk.backends.lvmbase import (
     ENCRYPTED_TAG,
     HANDLE,
+    KIND_TAG,
+    OWNER_TAG,
     PENDING_TAG,
     PREFIXES,
     SNAPSHOT,
@@ -70,8 +73,18 @@ from localdisk.backends.lvmbase import (
     name_tags,
     source_of,
 )
+from localdisk.backends.lvmcache import (
+    CACHE_OF_TAG,
+    CACHE_PARAMETERS,
+    DEFAULT_SHARE,
+    CacheSpec,
+    cache_name,
+    cache_tags,
+    parse_cache,
+)
 from localdisk.backends.lvmcmd import LogicalVolume, Lvm, VgReport, check_name, check_tags
 from localdisk.backends.lvmlayout import (
+    LAYOUT_PARAMETERS,
     MAX_MIRRORS,
     MAX_STRIPES,
     Layout,
@@ -100,17 +113,21 @@ from localdisk.errors import (
     FailedPrecondition,
     InsufficientCapacity,
     InvalidArgument,
+    LocalDiskError,
     NotFound,
 )
 from localdisk.model import (
     Capacity,
     Features,
     Snapshot,
+    Volume,
     VolumeSpec,
 )
 from localdisk.registry import BackendSpec, PoolConfig
 from localdisk.runner import CommandRunner
 from localdisk.sizes import align_up, human
+
+log = logging.getLogger(__name__)
 
 __all__ = [  # the identity helpers live in lvmbase; tools and tests reach them here, next to the backends
     "ENCRYPTED_TAG",
@@ -235,6 +252,33 @@ class LinearPoolConfig(PoolConfig):
             raise ValueError(exc.message) from None
         return self
 
+    cache_pv_tags: tuple[str, ...] = ()
+    """The fast PVs (by tag) that hold SSD caches of volumes that ask for one (`cache` parameter)."""
+    cache: Literal["writethrough", "writeback", "writecache"] | None = None
+    """Default cache of the pool's volumes (StorageClass `cache` overrides; `none` for none)."""
+    cache_size: str = f"{DEFAULT_SHARE}%"
+    """Default cache size (`cacheSize`): bytes like 256Mi, or a share of the volume like 10%."""
+    cache_on_expand: Literal["grow", "keep"] = "grow"
+    """When a cached volume grows: its cache grows too (a share keeps its share) or keeps its size."""
+
+    @field_validator("cache_pv_tags")
+    @classmethod
+    def _check_cache_tags(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        try:
+            return tuple(check_tags(value))
+        except InvalidArgument as exc:
+            raise ValueError(exc.message) from None
+
+    @model_validator(mode="after")
+    def _check_cache(self) -> LinearPoolConfig:
+        try:
+            parse_cache({}, self.cache, self.cache_size)
+        except InvalidArgument as exc:
+            raise ValueError(exc.message) from None
+        if self.cache and not self.cache_pv_tags:
+            raise ValueError("a default cache needs cache_pv_tags: the tags of the fast PVs that hold caches")
+        return self
+
     @property
     def layout(self) -> Layout:
         """The layout a volume gets when its StorageClass sets none."""
@@ -278,17 +322,45 @@ class LinearBackend(LvmBackend):
             await self.lvm.activate_vg(self.vg)
 
     def _abnormal(self, report: VgReport, lv: LogicalVolume) -> str | None:
-        if lv.partial:
-            missing = [pv.name for pv in report.physical if pv.missing] or ["one"]
-            layout = Layout.from_tag(lv.tags)
-            if lv.layout.startswith("raid") or (layout is not None and layout.raid):
-                return (
-                    f"mirror {self.vg}/{lv.name} is degraded: a PV it uses is missing ({', '.join(missing)}); it"
-                    f" serves from its remaining copies; repair it with `localdisk lvm repair {self.vg} {lv.name}"
-                    " <new PV>`"
+        if lv.partial and self._cache_lost(report, lv):
+            cache = CacheSpec.from_tags(lv.tags)
+            whole = cache is not None and cache.mode == "writethrough"
+            return (
+                f"the cache of volume {self.vg}/{lv.name} is on a missing PV ({self._missing(report)}); "
+                + (
+                    "in writethrough mode its data is whole on the volume's own PVs:"
+                    if whole
+                    else "writes it held and had not yet copied back are lost:"
                 )
-            return f"logical volume {self.vg}/{lv.name} lost a PV ({', '.join(missing)}): part of its data is gone"
+                + f" drop the cache with `localdisk lvm repair lvm:{self.pool}:{lv.name}`"
+            )
+        if lv.partial and not self._mirrored(lv):
+            return f"logical volume {self.vg}/{lv.name} lost a PV ({self._missing(report)}): part of its data is gone"
         return super()._abnormal(report, lv)
+
+    def _degraded(self, report: VgReport, lv: LogicalVolume) -> str | None:
+        if lv.partial and self._mirrored(lv):
+            return (
+                f"mirror {self.vg}/{lv.name} is degraded: a PV it uses is missing ({self._missing(report)}); it"
+                f" serves from its remaining copies; repair it with `localdisk lvm repair {self.vg} {lv.name}"
+                " <new PV>`"
+            )
+        return None
+
+    def _cache_lost(self, report: VgReport, lv: LogicalVolume) -> bool:
+        """A cached volume whose missing PVs are all cache PVs (VG metadata keeps a lost PV's tags)."""
+        missing = [pv for pv in report.physical if pv.missing]
+        fast = set(self.config.cache_pv_tags)
+        return lv.cached and bool(missing) and all(pv.tags & fast for pv in missing)
+
+    @staticmethod
+    def _mirrored(lv: LogicalVolume) -> bool:
+        layout = Layout.from_tag(lv.tags)
+        return lv.layout.startswith("raid") or (layout is not None and layout.raid)
+
+    @staticmethod
+    def _missing(report: VgReport) -> str:
+        return ", ".join(pv.name for pv in report.physical if pv.missing) or "unknown"
 
     def _free(self, report: VgReport) -> int:
         return max(report.vg.free - self.config.spare_bytes, 0) // self.extent * self.extent
@@ -303,8 +375,24 @@ class LinearBackend(LvmBackend):
             )
 
     # layouts: `localdisk.backends.lvmlayout` plans them from each PV's free space
+    @property
+    def parameters(self) -> frozenset[str]:
+        return LAYOUT_PARAMETERS | CACHE_PARAMETERS
+
     def check_parameters(self, parameters: Mapping[str, str]) -> None:
         parse_layout(parameters, self.config.layout)
+        self._cache(parameters)
+
+    def _cache(self, parameters: Mapping[str, str]) -> CacheSpec | None:
+        cache = parse_cache(parameters, self.config.cache, self.config.cache_size)
+        if cache is not None and not self.config.cache_pv_tags:
+            raise InvalidArgument(
+                f"lvm pool {self.pool!r} has no fast PVs for caches; set pools.lvm.{self.pool}.cache_pv_tags"
+            )
+        return cache
+
+    def _cache_layout(self) -> Layout:
+        return Layout(pv_tags=self.config.cache_pv_tags)
 
     def _layout(self, spec: VolumeSpec) -> Layout:
         return parse_layout(spec.parameters, self.config.layout)
@@ -326,6 +414,10 @@ class LinearBackend(LvmBackend):
             self._check_room(report, spec.size_bytes)
         else:
             self._plan(report, layout, spec.size_bytes)
+        cache = self._cache(spec.parameters)
+        if cache is not None:
+            size = cache.bytes_for(layout.rounded(spec.size_bytes, self.extent), self.extent)
+            plan(self._cache_layout(), pv_space(report.physical), size, self.extent, f"the cache PVs of {self.vg}")
 
     async def _create(self, report: VgReport, lv: str, spec: VolumeSpec) -> bool:
         # The tags go into the same lvcreate: a crash can then never leave an LV of ours without them (it would
@@ -335,6 +427,8 @@ class LinearBackend(LvmBackend):
         simple = layout.plain and not layout.pv_tags
         tags = [*identity_tags(VOLUME, spec.name, encrypted=spec.encrypted), PENDING_TAG]
         tags += [] if simple else [layout.tag()]
+        cache = self._cache(spec.parameters)
+        tags += [cache.tag()] if cache is not None else []
         pvs = [] if simple else self._plan(report, layout, spec.size_bytes)
         await self.lvm.create_linear(
             self.vg,
@@ -355,6 +449,64 @@ class LinearBackend(LvmBackend):
         return True
 
     async def _extend(self, report: VgReport, lv: LogicalVolume, size: int) -> int:
+        cache = CacheSpec.from_tags(lv.tags)
+        if cache is None:
+            return await self._extend_origin(report, lv, size)
+        # A cache is taken off (flushed) while its volume grows, grown with it as configured, and put back.
+        if lv.cached:
+            await self.lvm.detach_cache(self.vg, lv.name, keep=True)
+            report = await self.view.refresh()
+            lv = report.lvs[lv.name]
+        grown = await self._extend_origin(report, lv, size)
+        await self._attach_cache(lv.name, cache, grown)
+        return grown
+
+    async def _before_ready(self, lv: str, spec: VolumeSpec) -> None:
+        cache = self._cache(spec.parameters)
+        if cache is not None:
+            async with self._writing():
+                await self._attach_cache(lv, cache, self._rounded(spec))
+
+    async def _attach_cache(self, lv_name: str, cache: CacheSpec, volume_size: int) -> None:
+        """Make (or grow) volume `lv_name`'s cache LV on the fast PVs and attach it, unless it is attached already.
+        Under the pool's lock; every step can be repeated after a crash."""
+        report = await self.view.refresh()
+        lv = report.lv(lv_name)
+        if lv is None:
+            raise Busy(f"volume {self.vg}/{lv_name} was deleted while its cache was being attached; retry")
+        if lv.cached:
+            return
+        name, wanted = cache_name(lv_name), cache.bytes_for(volume_size, self.extent)
+        existing = report.lv(name)
+        if existing is None:
+            pvs = plan(
+                self._cache_layout(), pv_space(report.physical), wanted, self.extent, f"the cache PVs of {self.vg}"
+            )
+            tags = cache_tags(lv_name, OWNER_TAG, KIND_TAG)
+            await self.lvm.create_linear(self.vg, name, wanted, tags, wipe=False, pvs=pvs, active=False)
+        else:
+            if existing.active:  # dm-writecache takes only an inactive cache LV (an activated VG activated it)
+                await self.lvm.deactivate_lv(self.vg, name)
+            if existing.size < wanted and self.config.cache_on_expand == "grow":
+                pvs = [pv.name for pv in eligible(pv_space(report.physical), self._cache_layout())]
+                await self.lvm.extend(self.vg, name, wanted, pvs)
+        await self.lvm.attach_cache(self.vg, lv_name, name, cache.mode)
+        self.view.invalidate()
+
+    async def _remove(self, report: VgReport, lv: LogicalVolume) -> None:
+        if lv.cached:
+            try:  # flushed and taken off first, so the HDD volume is whole when it goes (and a failure is seen here)
+                await self.lvm.detach_cache(self.vg, lv.name, keep=False)
+            except LocalDiskError as exc:  # a cache SSD gone: lvremove below still removes both
+                log.warning("removing volume %s/%s: its cache could not be flushed: %s", self.vg, lv.name, exc)
+        await super()._remove(report, lv)
+        leftover = report.lv(cache_name(lv.name))
+        if leftover is not None and OWNER_TAG in leftover.tags and CACHE_OF_TAG + lv.name in leftover.tags:
+            with contextlib.suppress(NotFound):  # a cache LV a crash left unattached
+                await self.lvm.remove(self.vg, leftover.name)
+            self.view.invalidate()
+
+    async def _extend_origin(self, report: VgReport, lv: LogicalVolume, size: int) -> int:
         layout = Layout.from_tag(lv.tags)
         if layout is None:
             return await super()._extend(report, lv, size)
@@ -369,6 +521,33 @@ class LinearBackend(LvmBackend):
         await self.lvm.extend(self.vg, lv.name, grown, eligible_pvs)
         self.view.invalidate()
         return grown
+
+    async def repair_volume(self, handle: str, devices: list[str]) -> Volume:
+        """Rebuild the copies a degraded mirror lost on `devices` (PVs of this VG: `vgextend` a new disk first),
+        resynced from the copies it kept, or drop a cache whose PV is gone (`lvconvert --uncache`). Then drop the
+        missing PVs from the VG if nothing else uses them (LVM refuses every change to a VG with missing PVs, so until
+        then the pool makes no new volumes)."""
+        async with self._writing():
+            report = await self.view.refresh()
+            lv = self._get(report, handle, VOLUME)
+            if self._cache_lost(report, lv):
+                await self.lvm.detach_cache(self.vg, handle, keep=False)
+            elif not self._mirrored(lv):
+                raise InvalidArgument(f"volume {self.vg}/{handle} is not a mirror; there is no copy to rebuild from")
+            elif lv.partial:
+                known = {pv.name for pv in report.physical if not pv.missing}
+                strangers = [device for device in devices if device not in known]
+                if strangers or not devices:
+                    raise InvalidArgument(
+                        f"give PVs of volume group {self.vg} to rebuild on ({', '.join(sorted(known))});"
+                        f" add a new disk with `vgextend {self.vg} <disk>` first"
+                        + (f" ({', '.join(strangers)} is not one)" if strangers else "")
+                    )
+                await self.lvm.repair(self.vg, handle, devices)
+            with contextlib.suppress(LocalDiskError):  # other LVs still on the missing PV: the administrator decides
+                await self.lvm.remove_missing(self.vg)
+            report = await self.view.refresh()
+            return self._volume(report, self._get(report, handle, VOLUME))
 
     async def _zero(self, lv: str, encrypted: bool) -> None:
         # An encrypted volume is seen only through its mapping: under a fresh volume key, old extents read as noise,
@@ -386,7 +565,22 @@ class LinearBackend(LvmBackend):
             return await self.capacity_for({})
         free = self._free(report)
         details = {"vg_size": report.vg.size, "vg_free": report.vg.free, "spare_bytes": self.config.spare_bytes}
-        return Capacity(report.vg.size, free, free, details | {"extent_size": report.vg.extent_size})
+        details |= {"extent_size": report.vg.extent_size, **self._health(report)}
+        return Capacity(report.vg.size, free, free, details)
+
+    def _health(self, report: VgReport) -> dict[str, int]:
+        """Pool figures for metrics (`localdisk_pool_detail`): degraded and cached volumes, and the caches' hits,
+        misses and dirty blocks summed over the pool's volumes."""
+        ours = [lv for lv in report.lvs.values() if self._ours(lv, VOLUME)]
+        figures = {
+            "degraded_volumes": sum(1 for lv in ours if lv.partial and self._mirrored(lv)),
+            "failed_volumes": sum(1 for lv in ours if lv.partial and not self._mirrored(lv)),
+            "cached_volumes": sum(1 for lv in ours if lv.cached),
+        }
+        for lv in ours:
+            for key, value in lv.cache_stats:
+                figures[key] = figures.get(key, 0) + value
+        return figures
 
     async def capacity_for(self, parameters: Mapping[str, str]) -> Capacity:
         """What volumes of the layout `parameters` ask for can get, from each PV's free space: in total, filling the
@@ -397,7 +591,7 @@ class LinearBackend(LvmBackend):
         budget = self._free(report) * layout.stripes // layout.legs  # the pool's spare is kept whatever the layout
         total = sum(pv.size for pv in eligible(pvs, layout)) * layout.stripes // layout.legs
         details = {"vg_size": report.vg.size, "vg_free": report.vg.free, "spare_bytes": self.config.spare_bytes}
-        details |= {"extent_size": report.vg.extent_size, "legs": layout.legs}
+        details |= {"extent_size": report.vg.extent_size, "legs": layout.legs, **self._health(report)}
         details["eligible_pvs"] = len(eligible(pvs, layout))
         try:
             check_fits(layout, pvs, self.extent, f"volume group {self.vg}")

@@ -180,8 +180,15 @@ class LvmBackend:
     async def _zero(self, lv: str, encrypted: bool) -> None:
         """Finish a pending LV's content (outside the pool's lock: it takes time, not space)."""
 
+    async def _before_ready(self, lv: str, spec: VolumeSpec) -> None:
+        """The last step before a pending LV is handed out (attaching its cache); repeatable."""
+
     def _abnormal(self, report: VgReport, lv: LogicalVolume) -> str | None:
         return None if lv.active else f"logical volume {self.vg}/{lv.name} is not active"
+
+    def _degraded(self, report: VgReport, lv: LogicalVolume) -> str | None:
+        """Why a volume that still serves needs care (a mirror short of a copy), or None."""
+        return None
 
     # lifecycle
     async def open(self) -> None:
@@ -253,6 +260,7 @@ class LvmBackend:
             device_path=f"/dev/{self.vg}/{lv.name}",
             abnormal=self._abnormal(report, lv),
             encrypted=ENCRYPTED_TAG in lv.tags,
+            degraded=self._degraded(report, lv),
         )
 
     def _claim(self, lv: LogicalVolume, kind: str, name: str) -> None:
@@ -317,6 +325,7 @@ class LvmBackend:
             # while the zeroing holds the device open exclusively. Each step can be repeated, so a crash anywhere
             # here leaves a pending LV that the retried create finishes.
             await self._zero(lv_name, encrypted)
+            await self._before_ready(lv_name, spec)
             await self._ready_tags.drop(lv_name)
             self.view.apply(lambda r: with_tags(r, lv_name, delete=[PENDING_TAG]))
         source = (spec.source.kind.value, spec.source_handle) if spec.source and spec.source_handle else None
@@ -338,9 +347,9 @@ class LvmBackend:
                 return  # gone already, or not ours to remove
             if ENCRYPTED_TAG in lv.tags and lv.active:  # Busy while the node has it open
                 await crypt.erase(self.runner, f"/dev/{self.vg}/{handle}", discard=self._discard_header)
-            await self._remove(lv)
+            await self._remove(report, lv)
 
-    async def _remove(self, lv: LogicalVolume) -> None:
+    async def _remove(self, report: VgReport, lv: LogicalVolume) -> None:
         with contextlib.suppress(NotFound):
             await self.lvm.remove(self.vg, lv.name)
         if lv.layout in ("", "linear") or not self._takes_extents:
@@ -381,7 +390,7 @@ class LvmBackend:
                 return False
             if ENCRYPTED_TAG in lv.tags and lv.active:  # as `delete_volume` does
                 await crypt.erase(self.runner, f"/dev/{self.vg}/{lv_name}", discard=self._discard_header)
-            await self._remove(lv)
+            await self._remove(report, lv)
             return True
 
     async def expand_volume(self, handle: str, size_bytes: int) -> Volume:

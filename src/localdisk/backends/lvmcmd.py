@@ -35,6 +35,14 @@ from localdisk.runner import CommandResult, CommandRunner
 
 REPORT_OPTIONS = ("--reportformat", "json", "--units", "b", "--nosuffix")
 VG_FIELDS = ("vg_name", "vg_uuid", "vg_size", "vg_free", "vg_extent_size")
+CACHE_FIELDS = (  # a cached volume's counters: dm-cache hits, misses and dirty blocks; dm-writecache's dirty blocks
+    "cache_read_hits",
+    "cache_read_misses",
+    "cache_write_hits",
+    "cache_write_misses",
+    "cache_dirty_blocks",
+    "writecache_writeback_blocks",
+)
 LV_FIELDS = (
     "lv_name",
     "lv_uuid",
@@ -50,9 +58,10 @@ LV_FIELDS = (
     "lv_layout",
     "lv_health_status",
     "sync_percent",
+    *CACHE_FIELDS,
 )
 PV_FIELDS = ("pv_name", "pv_size", "pv_free", "pv_tags", "pv_attr")
-# fullreport always prints its five subreports; the three we do not read are kept down to one short column each.
+# fullreport always prints its five subreports; the two we do not read are kept down to one short column each.
 FULLREPORT_ARGS = (
     "fullreport",
     *REPORT_OPTIONS,
@@ -158,6 +167,7 @@ class LogicalVolume:
     layout: str = ""  # LVM's lv_layout: "linear", "striped", "raid,raid1", "cache", ...
     health: str = ""  # LVM's lv_health_status: "" when fine, "partial", "refresh needed", "mismatches exist"
     sync_percent: float | None = None  # a mirror's copy in sync, in percent
+    cache_stats: tuple[tuple[str, int], ...] = ()  # a cached volume's `CACHE_FIELDS` that LVM reported
 
     def _attr(self, index: int) -> str:
         return self.attr[index] if len(self.attr) > index else "-"
@@ -277,6 +287,9 @@ def parse_lv(row: Mapping[str, Any]) -> LogicalVolume:
         layout=str(row.get("lv_layout", "")),
         health=str(row.get("lv_health_status", "")),
         sync_percent=_percent(row.get("sync_percent")),
+        cache_stats=tuple(
+            (key, int(str(row[key]))) for key in CACHE_FIELDS if str(row.get(key, "")).lstrip("-").isdigit()
+        ),
     )
 
 
@@ -539,15 +552,17 @@ class Lvm:
         stripe_size: int = 0,
         mirrors: int = 1,
         pvs: Sequence[str] = (),
+        active: bool = True,
     ) -> None:
         """A thick LV: linear, or striped over `stripes` PVs, or raid1 with `mirrors` copies, or raid10 (both), on
         the PVs `pvs` (every PV of the VG if empty). `wipe` clears old signatures and its first 4 KiB (`-W y -Z y`);
         either way the choice is explicit, because an LVM left to decide asks "Wipe it? [y/n]" and, with no
-        terminal, fails."""
-        choice = "y" if wipe else "n"
+        terminal, fails. An inactive LV (`active` False: a cache LV before it is attached) is neither wiped nor
+        zeroed: LVM can do neither without activating it."""
+        choice = "y" if wipe and active else "n"
         await self._run(
             [
-                *("lvcreate", "-y", "-W", choice, "-Z", choice, "-a", "y", "-L", _size(size)),
+                *("lvcreate", "-y", "-W", choice, "-Z", choice, "-a", "y" if active else "n", "-L", _size(size)),
                 *layout_args(stripes, stripe_size, mirrors),
                 *("-n", check_lv_name(lv), *_tag_args("--addtag", tags)),
                 *("--", check_name(vg, "volume group"), *check_devices(pvs)),
@@ -613,6 +628,18 @@ class Lvm:
         """Activate `lv`; `ignore_skip` also activates an LV with the activation-skip flag (a thin snapshot)."""
         skip = ["-K"] if ignore_skip else []
         await self._run(["lvchange", "-a", "y", *skip, "--", f"{check_name(vg, 'volume group')}/{check_name(lv)}"])
+
+    async def deactivate_lv(self, vg: str, lv: str) -> None:
+        await self._run(["lvchange", "-a", "n", "--", f"{check_name(vg, 'volume group')}/{check_name(lv)}"])
+
+    async def repair(self, vg: str, lv: str, pvs: Sequence[str]) -> None:
+        """Replace the images of RAID LV `lv` on missing PVs with new ones on `pvs` (resynced from the others)."""
+        target = f"{check_name(vg, 'volume group')}/{check_name(lv)}"
+        await self._run(["lvconvert", "-y", "--repair", "--", target, *check_devices(pvs)])
+
+    async def remove_missing(self, vg: str) -> None:
+        """Drop missing PVs that no LV uses any more from `vg` (never forced: an LV still on one keeps it)."""
+        await self._run(["vgreduce", "--removemissing", "--", check_name(vg, "volume group")])
 
     async def activate_vg(self, vg: str) -> None:
         await self._run(["vgchange", "-a", "y", "--", check_name(vg, "volume group")])
