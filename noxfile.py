@@ -59,6 +59,7 @@ def discovery_crash(session: nox.Session) -> None:
 # each guest on one CPU, so two guests at once finish in about half the time of one.
 E2E_SANDBOX = ["--vg", "ldtest-lin:512M", "--vg", "ldtest-thin:768M", "--thin", "ldtest-thin/pool:256M"]
 E2E_SANDBOX += ["--timeout", "3600"]  # the crash shard needs ~20-30 min on a loaded host
+E2E_SANDBOX += ["--vg", "ldtest-raid:128Mx3@hdd,64M@ssd"]  # layouts and caches: three "HDD" PVs and an "SSD" PV, tagged
 E2E_SHARDS = {
     "linear": [
         "tests/lvm/test_linear.py",
@@ -74,7 +75,15 @@ E2E_SHARDS = {
         "tests/reliability/test_uml_thin.py",
         "tests/reliability/test_uml_hostile.py::test_controller_rpcs_on_lvm[thin]",
         "tests/lvm/test_node_lvm.py::TestThinNode",
+        "tests/lvm/test_layout.py",  # striped, mirrored, tag-restricted: about 1 min
+        "tests/lvm/test_layout_loss.py",  # a mirror and a writethrough cache lose a disk: about 1.5 min
     ],
+}
+# The contract for every layout (4 x 20 tests) and the caches in each mode take 15+ minutes of UML under load: a
+# session of their own, not part of CI.
+LAYOUT_SHARDS = {
+    "layout-contract": ["tests/lvm/test_layout_contract.py"],
+    "layout-cache": ["tests/lvm/test_layout_cache.py"],
 }
 # The SIGKILL crash loops on real LVM (100 kills per backend) take 20+ minutes of UML on this 2-core machine and did
 # not reach 100 kills within their time budget under load, so they are a session of their own, not part of CI.
@@ -102,6 +111,12 @@ def e2e(session: nox.Session) -> None:
 def crash(session: nox.Session) -> None:
     """The SIGKILL crash loops for lvm and thin, in a User-Mode Linux guest (long: not part of CI)."""
     _run_in_sandboxes(session, CRASH_SHARDS)
+
+
+@nox.session
+def layout(session: nox.Session) -> None:
+    """The backend contract for every LVM layout and the SSD caches in each mode, in two UML guests (not CI)."""
+    _run_in_sandboxes(session, LAYOUT_SHARDS)
 
 
 @nox.session(name="crypt-crash")
