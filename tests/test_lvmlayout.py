@@ -6,6 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from localdisk import CreateRequest
+from localdisk.backends.fake import FakeBackend, FakePoolConfig
+from localdisk.backends.lvmcache import CacheSpec, parse_cache
 from localdisk.backends.lvmcmd import layout_args
 from localdisk.backends.lvmlayout import (
     Layout,
@@ -17,6 +20,8 @@ from localdisk.backends.lvmlayout import (
     plan,
 )
 from localdisk.errors import InsufficientCapacity, InvalidArgument
+from localdisk.sandbox import VolumeGroupRequest
+from tests.contract import manager_for
 
 MiB = 1024 * 1024
 EXTENT = 4 * MiB
@@ -141,3 +146,43 @@ def test_the_largest_volume_always_fits_its_plan_and_one_extent_more_never_does(
     assert available(layout, space, EXTENT) >= biggest
     with pytest.raises(InsufficientCapacity):
         plan(layout, space, biggest + EXTENT * stripes, EXTENT, "vg")
+
+
+def test_cache_parameters() -> None:
+    assert parse_cache({}, None, "10%") is None
+    assert parse_cache({"cache": "writeback", "cacheSize": "256Mi"}, None, "10%") == CacheSpec("writeback", 256 * MiB)
+    assert parse_cache({"cache": "none"}, "writethrough", "10%") is None
+    assert parse_cache({}, "writecache", "25%") == CacheSpec("writecache", percent=25)
+    spec = CacheSpec("writethrough", percent=10)
+    assert spec.bytes_for(400 * MiB, EXTENT) == 40 * MiB
+    assert spec.bytes_for(10 * MiB, EXTENT) == 8 * MiB  # at least MIN_CACHE
+    assert CacheSpec.from_tags([spec.tag()]) == spec
+    assert CacheSpec.from_tags([CacheSpec("writeback", 4096).tag()]) == CacheSpec("writeback", 4096)
+    for bad in (
+        {"cache": "fast"},
+        {"cache": "writeback", "cacheSize": "0"},
+        {"cache": "writeback", "cacheSize": "101%"},
+    ):
+        with pytest.raises(InvalidArgument):
+            parse_cache(bad, None, "10%")
+
+
+def test_the_sandbox_makes_vgs_of_several_tagged_pvs() -> None:
+    assert VolumeGroupRequest.parse("vg:512M") == VolumeGroupRequest("vg", 512 * MiB)
+    many = VolumeGroupRequest.parse("vg:128Mx3@hdd,64M@ssd+fast")
+    assert many.size_bytes == 448 * MiB
+    assert many.pvs == ((128 * MiB, ("hdd",)),) * 3 + ((64 * MiB, ("ssd", "fast")),)
+    assert VolumeGroupRequest.parse("vg:64Mx2").pvs == ((64 * MiB, ()),) * 2
+    for bad in ("vg:64Mx0", "vg:64Mx99", "vg:64M@bad tag", "vg"):
+        with pytest.raises(InvalidArgument):
+            VolumeGroupRequest.parse(bad)
+
+
+@pytest.mark.anyio
+async def test_backend_parameters_go_only_to_a_backend_that_takes_them() -> None:
+    manager = manager_for(FakeBackend("p", FakePoolConfig()))
+    with pytest.raises(InvalidArgument, match="are for LVM pools"):
+        await manager.create_volume(CreateRequest("v", "fake", "p", MiB, parameters={"stripes": "2"}))
+    with pytest.raises(InvalidArgument, match="are for LVM pools"):
+        await manager.capacity("fake", "p", {"mirrors": "2"})
+    assert (await manager.capacity("fake", "p", {})).available_bytes > 0
