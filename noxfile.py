@@ -119,6 +119,12 @@ def layout(session: nox.Session) -> None:
     _run_in_sandboxes(session, LAYOUT_SHARDS)
 
 
+@nox.session(name="layout-crash")
+def layout_crash(session: nox.Session) -> None:
+    """SIGKILL crash loop through mirrored volumes with SSD caches (50 kills, LOCALDISK_LAYOUT_KILLS), not CI."""
+    _run_in_sandboxes(session, {"layout-crash": ["tests/reliability/test_uml_layout_crash.py"]})
+
+
 @nox.session(name="crypt-crash")
 def crypt_crash(session: nox.Session) -> None:
     """SIGKILL crash loops of encrypted volumes in two UML guests (not CI): LUKS2 format, open and close through
@@ -216,13 +222,14 @@ def bench(session: nox.Session) -> None:
     """The performance suite (bench/); not a test. Counts: BENCH_* variables, see bench/.
 
     LVM in the UML sandbox, then partitions on host loop devices (root), then PVC-to-Bound through a real control
-    plane, per-node shape against the split shape (bench/splitbench.py). BENCH_ONLY=lvm|partition|split runs one part.
+    plane, per-node shape against the split shape (bench/splitbench.py), and the throughput of LVM layouts and caches
+    (bench/layoutbench.py). BENCH_ONLY=lvm|partition|split|layout runs one part.
     Posargs: the LVM, partition and split JSON outputs (default bench-results.json, bench-partition.json,
     bench-split.json).
     """
     only = os.environ.get("BENCH_ONLY", "")
-    if only not in ("", "lvm", "partition", "split"):
-        session.error(f"BENCH_ONLY must be lvm, partition or split, not {only!r}")
+    if only not in ("", "lvm", "partition", "split", "layout"):
+        session.error(f"BENCH_ONLY must be lvm, partition, split or layout, not {only!r}")
     session.install("-e", ".[test]")
     lvm_out = session.posargs[0] if session.posargs else "bench-results.json"
     part_out = session.posargs[1] if len(session.posargs) > 1 else "bench-partition.json"
@@ -233,6 +240,10 @@ def bench(session: nox.Session) -> None:
         session.run("python", "bench/partbench.py", part_out)
     if only in ("", "split"):
         session.run("python", "bench/splitbench.py", split_out)
+    if only in ("", "layout"):
+        layout_out = session.posargs[3] if len(session.posargs) > 3 else "bench-layout.json"
+        sandbox = ["--vg", "ldbench-layout:256Mx4@hdd,128M@ssd", "--timeout", "3600", "--"]
+        session.run("localdisk", "sandbox", "run", *sandbox, "python", "bench/layoutbench.py", layout_out)
 
 
 def _lvm_bench(session: nox.Session, out: str) -> None:
