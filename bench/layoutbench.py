@@ -25,7 +25,6 @@ from localdisk.backends.lvmcmd import Lvm
 from localdisk.runner import CommandRunner
 from localdisk.sizes import MiB
 
-
 VG = "ldbench-layout"
 SIZE = int(os.environ.get("BENCH_LAYOUT_MIB", "64")) * MiB
 RANDOM_READS = int(os.environ.get("BENCH_RANDOM_READS", "2000"))
