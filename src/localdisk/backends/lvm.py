@@ -584,8 +584,10 @@ class LinearBackend(LvmBackend):
 
     async def capacity_for(self, parameters: Mapping[str, str]) -> Capacity:
         """What volumes of the layout `parameters` ask for can get, from each PV's free space: in total, filling the
-        PVs one largest volume after another, and in one volume. 0 if the VG cannot make that layout at all."""
+        PVs one largest volume after another, and in one volume. 0 if the VG cannot make that layout at all. With a
+        cache, also bounded by the room on the cache PVs (a share of 10% of 6 GiB free makes at most 60 GiB)."""
         layout = parse_layout(parameters, self.config.layout)
+        cache = self._cache(parameters)
         report = await self._report()
         pvs = pv_space(report.physical)
         budget = self._free(report) * layout.stripes // layout.legs  # the pool's spare is kept whatever the layout
@@ -598,7 +600,16 @@ class LinearBackend(LvmBackend):
         except InvalidArgument:
             return Capacity(total, 0, 0, details)
         room = min(available(layout, pvs, self.extent), budget // self.extent * self.extent)
-        return Capacity(total, room, min(max_volume(layout, pvs, self.extent), room), details)
+        largest = min(max_volume(layout, pvs, self.extent), room)
+        if cache is not None:
+            cache_room = max_volume(self._cache_layout(), pvs, self.extent)
+            details["cache_room_bytes"] = cache_room
+            if cache.percent:
+                fits = cache_room * 100 // cache.percent // self.extent * self.extent
+                room, largest = min(room, fits), min(largest, fits)
+            elif cache_room < cache.bytes_for(self.extent, self.extent):
+                room = largest = 0
+        return Capacity(total, room, largest, details)
 
 
 class ThinBackend(LvmBackend):
