@@ -342,8 +342,8 @@ class LinearBackend(LvmBackend):
         if lv.partial and self._mirrored(lv):
             return (
                 f"mirror {self.vg}/{lv.name} is degraded: a PV it uses is missing ({self._missing(report)}); it"
-                f" serves from its remaining copies; repair it with `localdisk lvm repair {self.vg} {lv.name}"
-                " <new PV>`"
+                f" serves from its remaining copies; rebuild the copy on another PV with"
+                f" `localdisk lvm repair lvm:{self.pool}:{lv.name} <PV>`"
             )
         return None
 
