@@ -27,6 +27,7 @@ from tests.reliability.views import LvmView
 
 pytestmark = [pytest.mark.uml, pytest.mark.anyio]
 KILLS = int(os.environ.get("LOCALDISK_LAYOUT_KILLS", "50"))
+SECONDS = float(os.environ.get("LOCALDISK_LAYOUT_SECONDS", "3000"))
 PARAMETERS = {"backend": "lvm", "pool": "dense", "mirrors": "2", "cache": "writethrough", "cacheSize": "8Mi"}
 
 
@@ -46,7 +47,7 @@ async def test_mirrored_cached_volumes_survive_sigkill(tmp_path: Path) -> None:
     supervisor = Supervisor(Server(config, tmp_path, fork=True), seed, startup_kill_probability=0.1)
     settings = Settings(
         kills=KILLS,
-        max_seconds=3000,
+        max_seconds=SECONDS,
         seed=seed,
         kill_probability=0.9,
         first_guess_seconds=4.0,
