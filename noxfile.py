@@ -59,6 +59,7 @@ def discovery_crash(session: nox.Session) -> None:
 # each guest on one CPU, so two guests at once finish in about half the time of one.
 E2E_SANDBOX = ["--vg", "ldtest-lin:512M", "--vg", "ldtest-thin:768M", "--thin", "ldtest-thin/pool:256M"]
 E2E_SANDBOX += ["--timeout", "3600"]  # the crash shard needs ~20-30 min on a loaded host
+E2E_SANDBOX += ["--vg", "ldtest-raid:128Mx3@hdd,64M@ssd"]  # layouts and caches: three "HDD" PVs and an "SSD" PV, tagged
 E2E_SHARDS = {
     "linear": [
         "tests/lvm/test_linear.py",
@@ -75,7 +76,15 @@ E2E_SHARDS = {
         "tests/reliability/test_uml_thin.py",
         "tests/reliability/test_uml_hostile.py::test_controller_rpcs_on_lvm[thin]",
         "tests/lvm/test_node_lvm.py::TestThinNode",
+        "tests/lvm/test_layout.py",  # striped, mirrored, tag-restricted: about 1 min
+        "tests/lvm/test_layout_loss.py",  # a mirror and a writethrough cache lose a disk: about 1.5 min
     ],
+}
+# The contract for every layout (4 x 20 tests) and the caches in each mode take 15+ minutes of UML under load: a
+# session of their own, not part of CI.
+LAYOUT_SHARDS = {
+    "layout-contract": ["tests/lvm/test_layout_contract.py"],
+    "layout-cache": ["tests/lvm/test_layout_cache.py"],
 }
 # The SIGKILL crash loops on real LVM (100 kills per backend) take 20+ minutes of UML on this 2-core machine and did
 # not reach 100 kills within their time budget under load, so they are a session of their own, not part of CI.
@@ -103,6 +112,18 @@ def e2e(session: nox.Session) -> None:
 def crash(session: nox.Session) -> None:
     """The SIGKILL crash loops for lvm and thin, in a User-Mode Linux guest (long: not part of CI)."""
     _run_in_sandboxes(session, CRASH_SHARDS)
+
+
+@nox.session
+def layout(session: nox.Session) -> None:
+    """The backend contract for every LVM layout and the SSD caches in each mode, in two UML guests (not CI)."""
+    _run_in_sandboxes(session, LAYOUT_SHARDS)
+
+
+@nox.session(name="layout-crash")
+def layout_crash(session: nox.Session) -> None:
+    """SIGKILL crash loop through mirrored volumes with SSD caches (50 kills, LOCALDISK_LAYOUT_KILLS), not CI."""
+    _run_in_sandboxes(session, {"layout-crash": ["tests/reliability/test_uml_layout_crash.py"]})
 
 
 @nox.session(name="crypt-crash")
@@ -202,13 +223,14 @@ def bench(session: nox.Session) -> None:
     """The performance suite (bench/); not a test. Counts: BENCH_* variables, see bench/.
 
     LVM in the UML sandbox, then partitions on host loop devices (root), then PVC-to-Bound through a real control
-    plane, per-node shape against the split shape (bench/splitbench.py). BENCH_ONLY=lvm|partition|split runs one part.
+    plane, per-node shape against the split shape (bench/splitbench.py), and the throughput of LVM layouts and caches
+    (bench/layoutbench.py). BENCH_ONLY=lvm|partition|split|layout runs one part.
     Posargs: the LVM, partition and split JSON outputs (default bench-results.json, bench-partition.json,
     bench-split.json).
     """
     only = os.environ.get("BENCH_ONLY", "")
-    if only not in ("", "lvm", "partition", "split"):
-        session.error(f"BENCH_ONLY must be lvm, partition or split, not {only!r}")
+    if only not in ("", "lvm", "partition", "split", "layout"):
+        session.error(f"BENCH_ONLY must be lvm, partition, split or layout, not {only!r}")
     session.install("-e", ".[test]")
     lvm_out = session.posargs[0] if session.posargs else "bench-results.json"
     part_out = session.posargs[1] if len(session.posargs) > 1 else "bench-partition.json"
@@ -219,6 +241,10 @@ def bench(session: nox.Session) -> None:
         session.run("python", "bench/partbench.py", part_out)
     if only in ("", "split"):
         session.run("python", "bench/splitbench.py", split_out)
+    if only in ("", "layout"):
+        layout_out = session.posargs[3] if len(session.posargs) > 3 else "bench-layout.json"
+        sandbox = ["--vg", "ldbench-layout:256Mx4@hdd,128M@ssd", "--timeout", "3600", "--"]
+        session.run("localdisk", "sandbox", "run", *sandbox, "python", "bench/layoutbench.py", layout_out)
 
 
 def _lvm_bench(session: nox.Session, out: str) -> None:

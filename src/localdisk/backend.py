@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol, runtime_checkable
 
 import anyio
@@ -17,6 +17,8 @@ import anyio
 from localdisk.model import Capacity, Features, PendingVolume, Snapshot, Volume, VolumeSpec
 
 log = logging.getLogger(__name__)
+# StorageClass parameters that belong to a backend rather than to the core (`TakesParameters`): the LVM layouts.
+BACKEND_PARAMETERS = frozenset({"stripes", "stripeSize", "mirrors", "pvTags", "cache", "cacheSize"})
 CANCELLED_CLEANUP_SECONDS = 10.0  # how long a cancelled create may spend removing what it left pending
 
 
@@ -56,6 +58,23 @@ class VolumeBackend(Protocol):
     async def find_snapshot(self, name: str) -> Snapshot | None: ...
 
     async def list_snapshots(self) -> list[Snapshot]: ...
+
+
+@runtime_checkable
+class TakesParameters(Protocol):
+    """A backend with StorageClass parameters of its own (the LVM backends' layouts: stripes, mirrors, PV tags,
+    caches). The core passes them through in `VolumeSpec.parameters`; a backend without this protocol is given none.
+    """
+
+    @property
+    def parameters(self) -> frozenset[str]:
+        """The StorageClass parameters it reads."""
+
+    def check_parameters(self, parameters: Mapping[str, str]) -> None:
+        """`InvalidArgument` for values that are no valid request for this pool."""
+
+    async def capacity_for(self, parameters: Mapping[str, str]) -> Capacity:
+        """What volumes made with these parameters can get (GetCapacity of a StorageClass that sets them)."""
 
 
 @runtime_checkable

@@ -340,6 +340,10 @@ from localdisk.sandbox import sandbox_app  # noqa: E402 - light: typer and the s
 
 app.add_typer(sandbox_app, name="sandbox")
 
+from localdisk.commands.lvmrepair import lvm_app  # noqa: E402 - light: typer; the LVM code loads when it runs
+
+app.add_typer(lvm_app, name="lvm")
+
 
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

@@ -12,13 +12,13 @@ import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 
 from localdisk import registry
 from localdisk.availability import Available, PoolState
-from localdisk.backend import CachedState, PendingVolumes, VolumeBackend
+from localdisk.backend import CachedState, PendingVolumes, TakesParameters, VolumeBackend
 from localdisk.config import PENDING_GRACE, NodeConfig
 from localdisk.errors import AlreadyExists, Busy, InvalidArgument, NotFound, OutOfRange, Unsupported
 from localdisk.model import Capacity, ContentSource, ObjectRef, Snapshot, SourceKind, Volume, VolumeSpec
@@ -59,6 +59,7 @@ class CreateRequest:
     limit_bytes: int = 0
     source: ContentSource | None = None
     encrypted: bool = False
+    parameters: Mapping[str, str] = field(default_factory=dict)  # the backend's own (`BACKEND_PARAMETERS`)
 
 
 class VolumeManager:
@@ -189,6 +190,8 @@ class VolumeManager:
         if not request.name:
             raise InvalidArgument("name is required")
         backend = self.backend(request.backend, request.pool)
+        if request.parameters:
+            self._check_parameters(backend, request.parameters)
         features = backend.features
         size = resolve_size(
             request.required_bytes,
@@ -205,7 +208,7 @@ class VolumeManager:
             if request.source is not None:
                 source_handle, size = await self._check_source(backend, request.source, size, request.limit_bytes)
             return await backend.create_volume(
-                VolumeSpec(request.name, size, request.source, source_handle, request.encrypted)
+                VolumeSpec(request.name, size, request.source, source_handle, request.encrypted, request.parameters)
             )
 
     @staticmethod
@@ -371,8 +374,34 @@ class VolumeManager:
         self._pending_since = since
         return removed
 
-    async def capacity(self, backend: str, pool: str | None = None) -> Capacity:
-        return await self.backend(backend, pool).capacity()
+    async def capacity(
+        self, backend: str, pool: str | None = None, parameters: Mapping[str, str] | None = None
+    ) -> Capacity:
+        """What the pool can give; with backend `parameters` (a layout), what volumes made with them can get."""
+        found = self.backend(backend, pool)
+        if not parameters:
+            return await found.capacity()
+        inner = self._check_parameters(found, parameters)
+        if isinstance(found, Available) and not found.up:
+            return Capacity(total_bytes=0, available_bytes=0, maximum_volume_bytes=0)
+        return await inner.capacity_for(parameters)
+
+    @staticmethod
+    def _check_parameters(backend: VolumeBackend, parameters: Mapping[str, str]) -> TakesParameters:
+        """The backend that takes these StorageClass parameters; `InvalidArgument` if it takes none of them."""
+        inner = backend.inner if isinstance(backend, Available) else backend
+        if not isinstance(inner, TakesParameters):
+            raise InvalidArgument(
+                f"parameters {sorted(parameters)} are for LVM pools; backend {backend.kind!r} takes none of them"
+            )
+        unknown = sorted(set(parameters) - inner.parameters)
+        if unknown:
+            raise InvalidArgument(
+                f"{backend.kind} pool {backend.pool!r} does not take parameters {unknown};"
+                f" it takes {sorted(inner.parameters)}"
+            )
+        inner.check_parameters(parameters)
+        return inner
 
     # -- snapshots ----------------------------------------------------------------------------------------------
     async def create_snapshot(self, source_volume_id: str, name: str) -> Snapshot:

@@ -7,6 +7,7 @@ the pool that hold the volume, and the backend's own on-disk identifier (an LV n
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
@@ -61,6 +62,7 @@ class Volume:
     source: ContentSource | None = None
     device_path: str | None = None
     abnormal: str | None = None  # why the volume is unhealthy, or None when it is fine
+    degraded: str | None = None  # still serving, but needs care (a mirror that lost a copy); unlike `abnormal`, usable
     encrypted: bool = False  # a LUKS2 container per volume (recorded with the volume by its backend)
 
     @property
@@ -127,3 +129,4 @@ class VolumeSpec:
     source: ContentSource | None = None
     source_handle: str | None = None  # the handle of the source, in this same backend and pool
     encrypted: bool = False  # record the volume as encrypted (LUKS2, formatted by the node on first stage)
+    parameters: Mapping[str, str] = field(default_factory=dict)  # backend-specific StorageClass parameters (layout)

@@ -41,16 +41,21 @@ from localdisk.errors import BackendFailure, FailedPrecondition, InvalidArgument
 UML_MODULES = Path("/usr/lib/uml/modules")
 UDEVD_PATHS = (Path("/lib/systemd/systemd-udevd"), Path("/usr/lib/systemd/systemd-udevd"))
 SANDBOX_ENV = "LOCALDISK_SANDBOX"
+MAX_DISKS = 16  # UML's ubd driver has 16 devices, ubda to ubdp
+PV_TAG = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 LVM_NAME = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,62}")
 SIZE = re.compile(r"(\d+)([KMGT]?)(i?B)?", re.IGNORECASE)
 GUEST_TMP = "/run/tmp"  # a tmpfs in the guest: unix sockets work there, and it vanishes with the guest
 FINIT_MODULE = 313  # x86_64 syscall number; UML guests are x86_64 only
 RB_POWER_OFF = 0x4321FEDC
+# Layouts and caches: dm-raid with the md personalities it asks for (raid1, raid10: the guest has no modprobe;
+# striping is device-mapper's own), dm-cache with its smq policy, dm-writecache.
+LAYOUT_MODULES = ("dm-raid", "raid1", "raid10", "dm-cache", "dm-cache-smq", "dm-writecache")
 # What every guest loads at boot, in this order: thin pools and snapshots for LVM, then the cipher modes LUKS2 volumes
 # use (aes-xts-plain64 for data; ecb and cbc, and the AF_ALG socket, for cryptsetup's own keyslot work), then
 # dm-crypt. The guest has no modprobe to load a cipher on demand, and dm-crypt's dependency encrypted-keys fails to
 # initialise without cbc(aes). AES itself is built into Debian's UML kernel.
-GUEST_MODULES = ("dm-thin-pool", "dm-snapshot", "cbc", "ecb", "xts", "algif_skcipher", "dm-crypt")
+GUEST_MODULES = ("dm-thin-pool", "dm-snapshot", "cbc", "ecb", "xts", "algif_skcipher", "dm-crypt", *LAYOUT_MODULES)
 
 # Debian's UML 6.1 saves a guest's FPU state in a 2,696-byte XSAVE buffer (x87 .. PKRU) and restores it with
 # PTRACE_SETREGSET, but a host kernel on a CPU with AMX only accepts a full-size buffer (11,008 bytes) and fails every
@@ -135,17 +140,39 @@ global {
 
 @dataclass(frozen=True)
 class VolumeGroupRequest:
-    """A volume group on one fresh disk of `size_bytes`."""
+    """A volume group of `size_bytes` on one fresh disk, or on several (`disks`: the size and PV tags of each).
+
+    `--vg NAME:SIZE` is one disk; `--vg NAME:SIZExN` N disks of SIZE; `--vg NAME:512Mx2@hdd,128M@ssd+fast` disks of
+    different sizes whose PVs carry tags (`pvchange --addtag`), as layouts and caches select PVs by tag.
+    """
 
     name: str
     size_bytes: int
+    disks: tuple[tuple[int, tuple[str, ...]], ...] = ()
+
+    @property
+    def pvs(self) -> tuple[tuple[int, tuple[str, ...]], ...]:
+        return self.disks or ((self.size_bytes, ()),)
 
     @classmethod
     def parse(cls, text: str) -> VolumeGroupRequest:
-        name, sep, size = text.partition(":")
+        name, sep, sizes = text.partition(":")
         if not sep:
-            raise InvalidArgument(f"--vg {text!r}: expected NAME:SIZE, e.g. ldtest:1G")
-        return cls(_lvm_name(name, "volume group"), parse_size(size))
+            raise InvalidArgument(
+                f"--vg {text!r}: expected NAME:SIZE, e.g. ldtest:1G (or NAME:256Mx4, NAME:1G@hdd,256M@ssd)"
+            )
+        disks: list[tuple[int, tuple[str, ...]]] = []
+        for part in sizes.split(","):
+            size, _, tags = part.partition("@")
+            size, times, count = size.partition("x")
+            if times and (not count.isdigit() or not 1 <= int(count) <= MAX_DISKS):
+                raise InvalidArgument(f"--vg {text!r}: {part!r} repeats a disk 1 to {MAX_DISKS} times (SIZExN)")
+            tagged = tuple(tag for tag in tags.split("+") if tag) if tags else ()
+            if any(not PV_TAG.fullmatch(tag) for tag in tagged):
+                raise InvalidArgument(f"--vg {text!r}: PV tags use [A-Za-z0-9_+.-], joined by '+'")
+            disks += [(parse_size(size), tagged)] * (int(count) if times else 1)
+        single = len(disks) == 1 and not disks[0][1]
+        return cls(_lvm_name(name, "volume group"), sum(s for s, _ in disks), () if single else tuple(disks))
 
 
 @dataclass(frozen=True)
@@ -350,11 +377,22 @@ def _prepare(
     thin: Sequence[ThinPoolRequest],
     modules: str,
 ) -> None:
-    for index, vg in enumerate(vgs):
-        disk = layout.root / f"disk{index}.img"
-        with open(disk, "wb") as image:
-            image.truncate(vg.size_bytes)  # sparse: costs no space until the guest writes
-        layout.disks.append(disk)
+    placed: list[dict[str, Any]] = []
+    for vg in vgs:
+        devices, tags = [], []
+        for size, pv_tags in vg.pvs:
+            index = len(layout.disks)
+            if index >= MAX_DISKS:
+                raise InvalidArgument(
+                    f"the sandbox has room for {MAX_DISKS} disks (UML's ubda to ubdp); asked for more"
+                )
+            disk = layout.root / f"disk{index}.img"
+            with open(disk, "wb") as image:
+                image.truncate(size)  # sparse: costs no space until the guest writes
+            layout.disks.append(disk)
+            devices.append(f"/dev/ubd{chr(ord('a') + index)}")
+            tags.append(list(pv_tags))
+        placed.append({"name": vg.name, "device": devices[0], "devices": devices, "tags": tags})
     layout.lvm_dir.mkdir()
     profile = Path("/etc/lvm/profile/lvmdbusd.profile")  # what localdisk's lvm shell runs with
     if profile.is_file():
@@ -365,7 +403,7 @@ def _prepare(
         "command": list(command),
         "cwd": os.getcwd(),
         "env": _guest_env(os.environ, layout, vgs, thin),
-        "vgs": [{"name": vg.name, "device": f"/dev/ubd{chr(ord('a') + i)}"} for i, vg in enumerate(vgs)],
+        "vgs": placed,
         "thin": [
             {"vg": t.vg, "pool": t.pool, "size_bytes": t.size_bytes, "metadata_bytes": t.metadata_bytes} for t in thin
         ],
@@ -652,7 +690,10 @@ async def _prepare_guest(spec: dict[str, Any]) -> None:
         step("udev settled")
         lvm = Lvm(runner)
         for vg in spec["vgs"]:
-            await lvm.create_vg(vg["name"], [vg["device"]])
+            await lvm.create_vg(vg["name"], vg["devices"])
+            for device, tags in zip(vg["devices"], vg["tags"], strict=True):
+                if tags:
+                    await lvm.tag_pv(device, tags)
             step(f"vg {vg['name']} created")
         for pool in spec["thin"]:
             await lvm.create_thin_pool(

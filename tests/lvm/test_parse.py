@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from localdisk import registry
 from localdisk.backends import lvm as backend
+from localdisk.backends import lvmview
 from localdisk.backends.lvmcmd import (
     FULLREPORT_ARGS,
     TAG,
@@ -288,13 +289,13 @@ async def test_a_change_made_while_the_view_is_read_is_not_lost() -> None:
     """A report LVM ran before our lvchange must not bring back the tag the lvchange dropped."""
     recorded = parse_fullreport(sample("fullreport-mixed.json"), "ldrec")
     name = next(iter(recorded.lvs))
-    stale = backend.with_tags(recorded, name, add=[backend.PENDING_TAG])
+    stale = lvmview.with_tags(recorded, name, add=[backend.PENDING_TAG])
     source = _SlowReports(stale)
-    view = backend.VgView(cast(Lvm, source), "ldrec", 30.0)
+    view = lvmview.VgView(cast(Lvm, source), "ldrec", 30.0)
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(view.refresh)
         await source.asked.wait()
-        view.apply(lambda r: backend.with_tags(r, name, delete=[backend.PENDING_TAG]))
+        view.apply(lambda r: lvmview.with_tags(r, name, delete=[backend.PENDING_TAG]))
         source.answer.set()
     report = await view.get()
     assert backend.PENDING_TAG not in report.lvs[name].tags

@@ -45,45 +45,81 @@ unless given `view_max_age`.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
+import logging
 import os
-import re
-import time
 import weakref
-from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
-import anyio
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from localdisk import crypt
-from localdisk.backend import finish_despite_cancellation
-from localdisk.backends.lvmcmd import LogicalVolume, Lvm, VgReport, check_name
+from localdisk.backends.lvmbase import (
+    ENCRYPTED_TAG,
+    HANDLE,
+    KIND_TAG,
+    OWNER_TAG,
+    PENDING_TAG,
+    PREFIXES,
+    SNAPSHOT,
+    VOLUME,
+    LvmBackend,
+    decode_name,
+    identity_tags,
+    lv_name_for,
+    name_tags,
+    source_of,
+)
+from localdisk.backends.lvmcache import (
+    CACHE_OF_TAG,
+    CACHE_PARAMETERS,
+    DEFAULT_SHARE,
+    CacheSpec,
+    cache_name,
+    cache_tags,
+    parse_cache,
+)
+from localdisk.backends.lvmcmd import LogicalVolume, Lvm, VgReport, check_name, check_tags
+from localdisk.backends.lvmlayout import (
+    LAYOUT_PARAMETERS,
+    MAX_MIRRORS,
+    MAX_STRIPES,
+    Layout,
+    available,
+    check_fits,
+    check_layout,
+    eligible,
+    max_volume,
+    parse_layout,
+    plan,
+    pv_space,
+)
 from localdisk.backends.lvmshell import ShellExecutor
+from localdisk.backends.lvmview import (
+    LINEAR_ACTIVE,
+    THIN_ACTIVE,
+    VIEW_MAX_AGE,
+    new_lv,
+    with_lv,
+    with_tags,
+    without_lv,
+)
 from localdisk.blockdev import erase_signatures, zero_out
 from localdisk.errors import (
-    AlreadyExists,
-    BackendFailure,
     Busy,
     FailedPrecondition,
     InsufficientCapacity,
     InvalidArgument,
+    LocalDiskError,
     NotFound,
-    Unsupported,
 )
 from localdisk.model import (
     Capacity,
-    ContentSource,
     Features,
-    ObjectRef,
-    PendingVolume,
     Snapshot,
-    SourceKind,
     Volume,
     VolumeSpec,
 )
@@ -91,74 +127,26 @@ from localdisk.registry import BackendSpec, PoolConfig
 from localdisk.runner import CommandRunner
 from localdisk.sizes import align_up, human
 
-TAG_ROOT = "localdisk.csi.io/"
-OWNER_TAG = TAG_ROOT + "owned"
-PENDING_TAG = TAG_ROOT + "pending"
-KIND_TAG = TAG_ROOT + "kind="
-NAME_TAG = TAG_ROOT + "name."
-SOURCE_TAG = TAG_ROOT + "source="
-ENCRYPTED_TAG = TAG_ROOT + "encrypted"
-VOLUME, SNAPSHOT = "volume", "snapshot"
-PREFIXES = {VOLUME: "ldv-", SNAPSHOT: "lds-"}
-HANDLE = re.compile(r"ld[vs]-[0-9a-f]{32}")
-NAME_CHUNK = 512  # characters of base32 per tag; LVM allows 1024 per tag
-MAX_NAME_BYTES = 1024
-VIEW_MAX_AGE = 30.0  # seconds a cached VG report is trusted for changes made outside localdisk
+log = logging.getLogger(__name__)
+
+__all__ = [  # the identity helpers live in lvmbase; tools and tests reach them here, next to the backends
+    "ENCRYPTED_TAG",
+    "HANDLE",
+    "PENDING_TAG",
+    "SNAPSHOT",
+    "VOLUME",
+    "LinearBackend",
+    "LinearPoolConfig",
+    "ThinBackend",
+    "ThinPoolConfig",
+    "decode_name",
+    "identity_tags",
+    "lv_name_for",
+    "name_tags",
+    "shared_lvm",
+    "source_of",
+]
 SHELL_ENV = "LOCALDISK_LVM_SHELL"  # "0": one lvm process per command instead of the persistent shell
-
-
-# -- identity on disk (pure) ------------------------------------------------------------------------------------------
-def lv_name_for(kind: str, name: str) -> str:
-    """The LV name of the volume or snapshot with CSI name `name`: safe for LVM whatever the name holds."""
-    return PREFIXES[kind] + hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-
-
-def name_tags(name: str) -> list[str]:
-    raw = name.encode("utf-8", "surrogatepass")
-    if not raw or len(raw) > MAX_NAME_BYTES:
-        raise InvalidArgument(f"names must be 1 to {MAX_NAME_BYTES} bytes of UTF-8; this one has {len(raw)}")
-    encoded = base64.b32encode(raw).decode("ascii").rstrip("=")
-    chunks = [encoded[i : i + NAME_CHUNK] for i in range(0, len(encoded), NAME_CHUNK)]
-    return [f"{NAME_TAG}{index}={chunk}" for index, chunk in enumerate(chunks)]
-
-
-def decode_name(tags: Iterable[str]) -> str | None:
-    """The CSI name held by `name_tags`, or None if the tags do not hold a readable one."""
-    chunks: dict[int, str] = {}
-    for tag in tags:
-        if tag.startswith(NAME_TAG):
-            index, sep, chunk = tag[len(NAME_TAG) :].partition("=")
-            if sep and index.isdigit():
-                chunks[int(index)] = chunk
-    if not chunks or sorted(chunks) != list(range(len(chunks))):
-        return None
-    encoded = "".join(chunks[i] for i in range(len(chunks)))
-    try:
-        return base64.b32decode(encoded + "=" * (-len(encoded) % 8)).decode("utf-8", "surrogatepass")
-    except ValueError:
-        return None
-
-
-def identity_tags(kind: str, name: str, source: tuple[str, str] | None = None, *, encrypted: bool = False) -> list[str]:
-    tags = [OWNER_TAG, KIND_TAG + kind, *name_tags(name)]
-    if source is not None:
-        tags.append(f"{SOURCE_TAG}{source[0]}:{source[1]}")
-    if encrypted:
-        tags.append(ENCRYPTED_TAG)
-    return tags
-
-
-def tag_value(tags: Iterable[str], prefix: str) -> str | None:
-    return next((tag[len(prefix) :] for tag in tags if tag.startswith(prefix)), None)
-
-
-def source_of(tags: Iterable[str]) -> tuple[str, str] | None:
-    """(`volume` or `snapshot`, LV name) from a source tag, or None."""
-    value = tag_value(tags, SOURCE_TAG)
-    if value is None:
-        return None
-    kind, _, lv = value.partition(":")
-    return (kind, lv) if kind in PREFIXES and HANDLE.fullmatch(lv) else None
 
 
 # -- thin pool arithmetic (pure) --------------------------------------------------------------------------------------
@@ -222,166 +210,6 @@ def thin_use(report: VgReport, pool: str, ratio: float, threshold: float) -> Thi
     )
 
 
-# -- finishing creates in bursts ---------------------------------------------------------------------------------------
-@dataclass
-class _Drop:
-    lv: str
-    done: bool = False
-    error: Exception | None = None
-
-
-class PendingDrops:
-    """Drops the pending tag of finished LVs, many in one lvchange when creates come in a burst.
-
-    A thick volume costs two metadata commits: the lvcreate and, once it is zeroed, dropping its pending tag. When
-    creates queue on the pool's lock (`busy`), a finished LV's drop waits for them (at most `MAX_BATCH` drops or
-    `MAX_WAIT` seconds), so the lvcreates run back to back and the drops of the burst go to LVM as one command.
-    A single create does not wait. If the batch's lvchange fails, every create in it fails and is retried by its
-    client; the retry finds its LV ready or still pending, and either way converges (see `create_volume`).
-    """
-
-    MAX_BATCH = 16
-    MAX_WAIT = 5.0
-
-    def __init__(self, lvm: Lvm, vg: str, busy: Callable[[], bool]) -> None:
-        self.lvm = lvm
-        self.vg = vg
-        self.busy = busy
-        self.batches = 0  # lvchange commands run, for tests and the benchmark
-        self.running: set[str] = set()  # LVs whose tag the lvchange under way drops
-        self._queue: list[_Drop] = []
-        self._lock = anyio.Lock()
-
-    async def drop(self, lv: str) -> None:
-        entry = _Drop(lv)
-        self._queue.append(entry)
-        try:
-            await self._drop(entry)
-        finally:
-            if entry in self._queue:  # cancelled before any batch took it: no later batch may touch the LV
-                self._queue.remove(entry)
-
-    async def _drop(self, entry: _Drop) -> None:
-        with anyio.move_on_after(self.MAX_WAIT):
-            # Polled: "creates are queued on the pool's lock" has no event to wait for.
-            while self.busy() and len(self._queue) < self.MAX_BATCH and not entry.done:  # noqa: ASYNC110
-                await anyio.sleep(0.02)
-        async with self._lock:
-            if not entry.done:
-                batch, self._queue = self._queue, []
-                lvs = [e.lv for e in batch]
-                self.running.update(lvs)
-                try:
-                    self.batches += 1
-                    await self.lvm.drop_tag(self.vg, lvs, PENDING_TAG)
-                except BaseException as exc:
-                    error = exc if isinstance(exc, Exception) else BackendFailure("interrupted; retry the request")
-                    for other in batch:
-                        other.done, other.error = True, other.error or error
-                    raise
-                finally:
-                    self.running.difference_update(lvs)
-                for other in batch:
-                    other.done = True
-        if entry.error is not None:
-            raise entry.error
-
-
-# -- the cached view of a VG ------------------------------------------------------------------------------------------
-class VgView:
-    """The last report of one VG, with our own changes applied to it in memory until the next report confirms them."""
-
-    def __init__(self, lvm: Lvm, vg: str, max_age: float = VIEW_MAX_AGE) -> None:
-        self.lvm = lvm
-        self.vg = vg
-        self.max_age = max_age
-        self.report: VgReport | None = None
-        self.read_at = 0.0
-        self.unconfirmed = False  # holds changes applied in memory only
-        self.reads = 0
-        self._lock = anyio.Lock()
-        self._during: list[Callable[[VgReport], VgReport]] | None = None  # changes applied while a report is read
-
-    async def get(self) -> VgReport:
-        if self.report is None or time.monotonic() - self.read_at > self.max_age:
-            return await self.refresh()
-        return self.report
-
-    async def refresh(self) -> VgReport:
-        asked = time.monotonic()
-        async with self._lock:
-            if self.report is not None and self.read_at >= asked:
-                return self.report  # someone read it while we waited for the lock
-            read_at = time.monotonic()
-            # A change applied while the report is being read may be missing from it (LVM ran the report first):
-            # the changes are applied again to the new report. Each is idempotent, so one already in it is a no-op.
-            self._during = []
-            try:
-                report = await self.lvm.report(self.vg)
-            finally:
-                during, self._during = self._during, None
-            for change in during:
-                report = change(report)
-            self.report, self.read_at, self.unconfirmed = report, read_at, bool(during)
-            self.reads += 1
-            return report
-
-    def invalidate(self) -> None:
-        self.report = None
-
-    def apply(self, change: Callable[[VgReport], VgReport]) -> None:
-        if self._during is not None:
-            self._during.append(change)
-        if self.report is not None:
-            self.report = change(self.report)
-            self.unconfirmed = True
-
-
-def with_lv(report: VgReport, lv: LogicalVolume, *, takes_extents: bool) -> VgReport:
-    """`report` after creating or resizing `lv` (a linear LV takes its size from the VG's free space)."""
-    old = report.lv(lv.name)
-    grown = lv.size - (old.size if old else 0)
-    vg = replace(report.vg, free=report.vg.free - grown) if takes_extents else report.vg
-    return replace(report, vg=vg, lvs={**report.lvs, lv.name: lv})
-
-
-def without_lv(report: VgReport, name: str, *, takes_extents: bool) -> VgReport:
-    old = report.lv(name)
-    if old is None:
-        return report
-    vg = replace(report.vg, free=report.vg.free + old.size) if takes_extents else report.vg
-    return replace(report, vg=vg, lvs={k: v for k, v in report.lvs.items() if k != name})
-
-
-def with_tags(report: VgReport, name: str, *, add: Iterable[str] = (), delete: Iterable[str] = ()) -> VgReport:
-    old = report.lv(name)
-    if old is None:
-        return report
-    tags = (old.tags | frozenset(add)) - frozenset(delete)
-    return replace(report, lvs={**report.lvs, name: replace(old, tags=tags)})
-
-
-def new_lv(name: str, size: int, tags: Iterable[str], *, attr: str, pool: str = "", origin: str = "") -> LogicalVolume:
-    """The LV a successful lvcreate made, as the next report will show it (bar its uuid, time and usage)."""
-    return LogicalVolume(
-        name=name,
-        uuid="",
-        size=size,
-        tags=frozenset(tags),
-        attr=attr,
-        pool=pool,
-        origin=origin,
-        data_percent=0.0 if pool else None,
-        metadata_percent=None,
-        created_at=datetime.now(UTC),
-        path="",
-    )
-
-
-LINEAR_ACTIVE = "-wi-a-----"
-THIN_ACTIVE = "Vwi-a-tz--"
-
-
 # -- configuration ---------------------------------------------------------------------------------------------------
 def _lvm_name(value: str) -> str:
     try:
@@ -397,8 +225,64 @@ class LinearPoolConfig(PoolConfig):
     """Free space in the VG that volumes never take (for snapshots an administrator takes by hand, say)."""
     view_max_age_seconds: Annotated[float, Field(ge=0)] = VIEW_MAX_AGE
     """How long GetCapacity and ListVolumes may answer from the cached VG report (0: read LVM on every call)."""
+    stripes: Annotated[int, Field(ge=1, le=MAX_STRIPES)] = 1
+    """Default layout of the pool's volumes (StorageClass parameter `stripes` overrides): striped over this many PVs."""
+    stripe_size_bytes: Annotated[int, Field(ge=0)] = 0
+    """Default stripe size (`stripeSize`); 0: LVM's (64 KiB)."""
+    mirrors: Annotated[int, Field(ge=1, le=MAX_MIRRORS)] = 1
+    """Default number of copies (`mirrors`): 2 or more makes raid1 volumes (raid10 with stripes)."""
+    pv_tags: tuple[str, ...] = ()
+    """Default PV tags (`pvTags`): volumes go only on PVs carrying one of them (`pvchange --addtag hdd /dev/sdb`)."""
 
     _check_vg = field_validator("volume_group")(_lvm_name)
+
+    @field_validator("pv_tags")
+    @classmethod
+    def _check_tags(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        try:
+            return tuple(check_tags(value))
+        except InvalidArgument as exc:
+            raise ValueError(exc.message) from None
+
+    @model_validator(mode="after")
+    def _check_layout(self) -> LinearPoolConfig:
+        try:
+            check_layout(self.layout)
+        except InvalidArgument as exc:
+            raise ValueError(exc.message) from None
+        return self
+
+    cache_pv_tags: tuple[str, ...] = ()
+    """The fast PVs (by tag) that hold SSD caches of volumes that ask for one (`cache` parameter)."""
+    cache: Literal["writethrough", "writeback", "writecache"] | None = None
+    """Default cache of the pool's volumes (StorageClass `cache` overrides; `none` for none)."""
+    cache_size: str = f"{DEFAULT_SHARE}%"
+    """Default cache size (`cacheSize`): bytes like 256Mi, or a share of the volume like 10%."""
+    cache_on_expand: Literal["grow", "keep"] = "grow"
+    """When a cached volume grows: its cache grows too (a share keeps its share) or keeps its size."""
+
+    @field_validator("cache_pv_tags")
+    @classmethod
+    def _check_cache_tags(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        try:
+            return tuple(check_tags(value))
+        except InvalidArgument as exc:
+            raise ValueError(exc.message) from None
+
+    @model_validator(mode="after")
+    def _check_cache(self) -> LinearPoolConfig:
+        try:
+            parse_cache({}, self.cache, self.cache_size)
+        except InvalidArgument as exc:
+            raise ValueError(exc.message) from None
+        if self.cache and not self.cache_pv_tags:
+            raise ValueError("a default cache needs cache_pv_tags: the tags of the fast PVs that hold caches")
+        return self
+
+    @property
+    def layout(self) -> Layout:
+        """The layout a volume gets when its StorageClass sets none."""
+        return Layout(self.stripes, self.stripe_size_bytes if self.stripes > 1 else 0, self.mirrors, self.pv_tags)
 
 
 class ThinPoolConfig(PoolConfig):
@@ -416,303 +300,7 @@ class ThinPoolConfig(PoolConfig):
     _check_names = field_validator("volume_group", "thin_pool")(_lvm_name)
 
 
-# -- the backends --------------------------------------------------------------------------------------------------
-class _LvmBackend:
-    """What both backends share: identity, lookups, deletion, activation; subclasses decide placement and room."""
-
-    kind: str
-    _takes_extents = False  # whether a volume's size comes out of the VG's free extents (linear) or a pool (thin)
-    _discard_header = False  # erase a LUKS header area by discarding it (thin) rather than zeroing it (thick)
-
-    def __init__(
-        self, pool: str, vg: str, lvm: Lvm, runner: CommandRunner, features: Features, view_max_age: float
-    ) -> None:
-        self.pool = pool
-        self.vg = vg
-        self.lvm = lvm
-        self.runner = runner
-        self.features = features
-        self.extent = features.alignment  # replaced by the VG's extent size at open()
-        self._lock = anyio.Lock()  # check-then-change on this pool's space happens one at a time
-        self._ready_tags = PendingDrops(lvm, vg, busy=self._lock.locked)
-        self._creating: Counter[str] = Counter()  # LVs of the creates running in this process
-        self.view = VgView(lvm, vg, view_max_age)
-
-    async def disks(self) -> tuple[str, ...]:
-        """The VG's PVs, as its last report listed them (`UsesDisks`)."""
-        return (await self.view.get()).pvs
-
-    # hooks
-    def _belongs(self, lv: LogicalVolume) -> bool:
-        raise NotImplementedError
-
-    async def _activate(self, report: VgReport) -> None:
-        raise NotImplementedError
-
-    def _check_room(self, report: VgReport, size: int) -> None:
-        raise NotImplementedError
-
-    async def _create(self, report: VgReport, lv: str, spec: VolumeSpec) -> bool:
-        """Create the LV for `spec`; True if it was created pending and needs `_grow` and `_zero`."""
-        raise NotImplementedError
-
-    async def _grow(self, lv: str, spec: VolumeSpec, current_size: int) -> None:
-        """Finish a pending LV's size (under the pool's lock: it takes space)."""
-
-    async def _zero(self, lv: str, encrypted: bool) -> None:
-        """Finish a pending LV's content (outside the pool's lock: it takes time, not space)."""
-
-    def _abnormal(self, report: VgReport, lv: LogicalVolume) -> str | None:
-        return None if lv.active else f"logical volume {self.vg}/{lv.name} is not active"
-
-    # lifecycle
-    async def open(self) -> None:
-        try:
-            report = await self.view.refresh()
-        except NotFound:
-            raise FailedPrecondition(
-                f"{self.kind} pool {self.pool!r}: volume group {self.vg!r} not found on this node;"
-                f" create it or fix pools.{self.kind}.{self.pool}.volume_group"
-            ) from None
-        self.extent = report.vg.extent_size
-        self.features = replace(self.features, alignment=self.extent, minimum_size=self.extent)
-        await self._activate(report)
-        self.view.invalidate()  # activation changed what the report said
-
-    async def aclose(self) -> None:
-        await self.lvm.aclose()
-
-    @property
-    def refresh_interval(self) -> float:
-        """Half the view's age limit: re-read in the background well before a read would have to wait for it."""
-        return self.view.max_age / 2
-
-    async def refresh_state(self) -> None:
-        if time.monotonic() - self.view.read_at >= self.refresh_interval or self.view.report is None:
-            await self.view.refresh()
-
-    # reading
-    async def _report(self) -> VgReport:
-        return await self.view.get()
-
-    @contextlib.asynccontextmanager
-    async def _writing(self) -> AsyncIterator[VgReport]:
-        """The pool's write lock and the view to decide on; the view is re-read once no other writer is queued."""
-        async with self._lock:
-            try:
-                yield await self._report()
-            except BaseException:
-                self.view.invalidate()  # a failed or interrupted change leaves the VG in a state we did not see
-                raise
-            if self.view.unconfirmed and self.view.max_age > 0 and self._lock.statistics().tasks_waiting == 0:
-                try:
-                    await self.view.refresh()
-                except Exception:
-                    self.view.invalidate()  # the change itself succeeded; the next read tries again
-
-    def _ours(self, lv: LogicalVolume | None, kind: str) -> bool:
-        return (
-            lv is not None
-            and OWNER_TAG in lv.tags
-            and tag_value(lv.tags, KIND_TAG) == kind
-            and lv.name.startswith(PREFIXES[kind])
-            and self._belongs(lv)
-        )
-
-    def _ready(self, lv: LogicalVolume | None, kind: str) -> bool:
-        return lv is not None and self._ours(lv, kind) and PENDING_TAG not in lv.tags
-
-    def _ref(self, lv_name: str) -> ObjectRef:
-        return ObjectRef(self.kind, self.pool, lv_name)
-
-    def _volume(self, report: VgReport, lv: LogicalVolume) -> Volume:
-        source = source_of(lv.tags)
-        return Volume(
-            ref=self._ref(lv.name),
-            name=decode_name(lv.tags) or "",
-            size_bytes=lv.size,
-            source=ContentSource(SourceKind(source[0]), str(self._ref(source[1]))) if source else None,
-            device_path=f"/dev/{self.vg}/{lv.name}",
-            abnormal=self._abnormal(report, lv),
-            encrypted=ENCRYPTED_TAG in lv.tags,
-        )
-
-    def _claim(self, lv: LogicalVolume, kind: str, name: str) -> None:
-        """Refuse to reuse an existing LV that is not our object of that name."""
-        if not self._ours(lv, kind):
-            raise AlreadyExists(
-                f"LV {self.vg}/{lv.name} exists but is not a localdisk {kind} of {self.kind} pool {self.pool!r};"
-                " localdisk will not touch it"
-            )
-        if decode_name(lv.tags) != name:
-            raise AlreadyExists(f"LV {self.vg}/{lv.name} holds another {kind} (a name hash collision)")
-
-    # volumes
-    async def create_volume(self, spec: VolumeSpec) -> Volume:
-        """Create (or finish, or return) the volume; a create cancelled half-way (the client's deadline) removes
-        the pending LV it leaves before its cancellation goes on, so only a crash leaves one for the background."""
-        lv_name = lv_name_for(VOLUME, spec.name)
-        name_tags(spec.name)  # refuse an unstorable name before touching anything
-        self._creating[lv_name] += 1
-        try:
-            return await self._create_volume(spec, lv_name)
-        except anyio.get_cancelled_exc_class():
-            what = f"removing the pending LV {self.vg}/{lv_name} of cancelled create {spec.name!r}"
-            await finish_despite_cancellation(lambda: self._remove_pending(lv_name), what)
-            raise
-        finally:
-            self._creating[lv_name] -= 1
-            if not self._creating[lv_name]:
-                del self._creating[lv_name]
-
-    async def _create_volume(self, spec: VolumeSpec, lv_name: str) -> Volume:
-        async with self._writing() as report:
-            existing = report.lv(lv_name)
-            if existing is None:
-                self._check_room(report, spec.size_bytes)
-                try:
-                    pending = await self._create(report, lv_name, spec)
-                except AlreadyExists:
-                    # Made behind the view's back (a crashed attempt, someone else): decide on what LVM says now.
-                    report = await self.view.refresh()
-                    existing = report.lv(lv_name)
-                    if existing is None:
-                        raise
-            if existing is None:
-                size = align_up(spec.size_bytes, self.extent)
-            else:
-                self._claim(existing, VOLUME, spec.name)
-                if PENDING_TAG not in existing.tags:
-                    return self._volume(report, existing)
-                wanted = (spec.source.kind.value, spec.source_handle) if spec.source and spec.source_handle else None
-                if source_of(existing.tags) != wanted:
-                    raise AlreadyExists(f"volume {spec.name!r} is being created with another content source")
-                pending, size = True, max(existing.size, align_up(spec.size_bytes, self.extent))
-            made = report.lv(lv_name) if existing is None and self.view.report is not None else existing
-            encrypted = ENCRYPTED_TAG in made.tags if made is not None else spec.encrypted
-            if pending:
-                await self._grow(lv_name, spec, existing.size if existing else 0)
-        if pending:
-            # Zeroing runs outside the pool's lock, so the next create's lvcreate overlaps with it. Nothing else
-            # can touch this LV meanwhile: it is pending (never found by name, never handed out), a second create
-            # of the same name is refused by the manager's per-name guard, and a delete by its ID fails as busy
-            # while the zeroing holds the device open exclusively. Each step can be repeated, so a crash anywhere
-            # here leaves a pending LV that the retried create finishes.
-            await self._zero(lv_name, encrypted)
-            await self._ready_tags.drop(lv_name)
-            self.view.apply(lambda r: with_tags(r, lv_name, delete=[PENDING_TAG]))
-        source = (spec.source.kind.value, spec.source_handle) if spec.source and spec.source_handle else None
-        return Volume(
-            ref=self._ref(lv_name),
-            name=spec.name,
-            size_bytes=size,
-            source=ContentSource(SourceKind(source[0]), str(self._ref(source[1]))) if source else None,
-            device_path=f"/dev/{self.vg}/{lv_name}",
-            encrypted=encrypted,
-        )
-
-    async def delete_volume(self, handle: str) -> None:
-        if not handle.startswith(PREFIXES[VOLUME]) or not HANDLE.fullmatch(handle):
-            return
-        async with self._writing() as report:
-            lv = report.lv(handle)
-            if lv is None or not self._ours(lv, VOLUME):
-                return  # gone already, or not ours to remove
-            if ENCRYPTED_TAG in lv.tags and lv.active:  # Busy while the node has it open
-                await crypt.erase(self.runner, f"/dev/{self.vg}/{handle}", discard=self._discard_header)
-            with contextlib.suppress(NotFound):
-                await self.lvm.remove(self.vg, handle)
-            self.view.apply(lambda r: without_lv(r, handle, takes_extents=self._takes_extents))
-
-    # pending leftovers
-    async def pending_volumes(self) -> list[PendingVolume]:
-        report = await self._report()
-        return [
-            PendingVolume(self._ref(lv.name), decode_name(lv.tags), lv.size)
-            for lv in report.lvs.values()
-            if self._ours(lv, VOLUME) and PENDING_TAG in lv.tags
-        ]
-
-    async def reclaim_pending(self, handle: str) -> bool:
-        """Remove pending LV `handle` as a delete does (an lvremove, after a crypto-erase if it is encrypted),
-        unless a create of it runs in this process (`Busy`)."""
-        if not handle.startswith(PREFIXES[VOLUME]) or not HANDLE.fullmatch(handle):
-            return False
-        if handle in self._creating:
-            raise Busy(f"pending volume {self.vg}/{handle} is being created; not reclaimed")
-        return await self._remove_pending(handle)
-
-    async def _remove_pending(self, lv_name: str) -> bool:
-        """Remove our LV `lv_name` if it is still pending on a fresh report; True if it was removed.
-
-        Not while a batch of `PendingDrops` drops its tag (its create finished it); a cancelled create's entry
-        leaves the queue when it is cancelled, so no later batch names a removed LV.
-        """
-        async with self._writing():
-            report = await self.view.refresh()
-            lv = report.lv(lv_name)
-            if not self._ours(lv, VOLUME) or lv is None or PENDING_TAG not in lv.tags:
-                return False
-            if lv_name in self._ready_tags.running:
-                return False
-            if ENCRYPTED_TAG in lv.tags and lv.active:  # as `delete_volume` does
-                await crypt.erase(self.runner, f"/dev/{self.vg}/{lv_name}", discard=self._discard_header)
-            with contextlib.suppress(NotFound):
-                await self.lvm.remove(self.vg, lv_name)
-            self.view.apply(lambda r: without_lv(r, lv_name, takes_extents=self._takes_extents))
-            return True
-
-    async def expand_volume(self, handle: str, size_bytes: int) -> Volume:
-        async with self._writing() as report:
-            lv = self._get(report, handle, VOLUME)
-            volume = self._volume(report, lv)
-            if size_bytes <= lv.size:
-                return volume
-            self._check_room(report, size_bytes - lv.size)
-            await self.lvm.extend(self.vg, handle, size_bytes)
-            grown = replace(lv, size=align_up(size_bytes, self.extent))
-            self.view.apply(lambda r: with_lv(r, grown, takes_extents=self._takes_extents))
-        return replace(volume, size_bytes=align_up(size_bytes, self.extent))
-
-    def _get(self, report: VgReport, handle: str, kind: str) -> LogicalVolume:
-        lv = report.lv(handle) if HANDLE.fullmatch(handle) else None
-        if lv is None or not self._ready(lv, kind):
-            raise NotFound(f"{kind} {handle!r} not found in {self.kind} pool {self.pool!r}")
-        return lv
-
-    async def get_volume(self, handle: str) -> Volume:
-        report = await self.view.refresh()  # its health (active, pool full) as it is now, not as cached
-        return self._volume(report, self._get(report, handle, VOLUME))
-
-    async def find_volume(self, name: str) -> Volume | None:
-        report = await self._report()
-        lv = report.lv(lv_name_for(VOLUME, name))
-        if lv is None or not self._ready(lv, VOLUME) or decode_name(lv.tags) != name:
-            return None
-        return self._volume(report, lv)
-
-    async def list_volumes(self) -> list[Volume]:
-        report = await self._report()
-        return [self._volume(report, lv) for lv in report.lvs.values() if self._ready(lv, VOLUME)]
-
-    # snapshots: the linear backend has none (features.snapshots is False, so the core refuses before calling)
-    async def create_snapshot(self, source_handle: str, name: str) -> Snapshot:
-        raise Unsupported(f"backend {self.kind!r} does not support snapshots; use a thin pool")
-
-    async def delete_snapshot(self, handle: str) -> None:
-        raise Unsupported(f"backend {self.kind!r} does not support snapshots")
-
-    async def get_snapshot(self, handle: str) -> Snapshot:
-        raise NotFound(f"snapshot {handle!r} not found: backend {self.kind!r} has no snapshots")
-
-    async def find_snapshot(self, name: str) -> Snapshot | None:
-        return None
-
-    async def list_snapshots(self) -> list[Snapshot]:
-        return []
-
-
-class LinearBackend(_LvmBackend):
+class LinearBackend(LvmBackend):
     """Thick (linear) LVs in one volume group: fixed space per volume, zeroed before first use."""
 
     kind = "lvm"
@@ -726,11 +314,53 @@ class LinearBackend(_LvmBackend):
         self.config = config
 
     def _belongs(self, lv: LogicalVolume) -> bool:
-        return not lv.pool and not lv.is_thin and not lv.is_thin_pool and not lv.hidden
+        # A cached volume names its cache in pool_lv; a thin LV its thin pool.
+        return (not lv.pool or lv.cached) and not lv.is_thin and not lv.is_thin_pool and not lv.hidden
 
     async def _activate(self, report: VgReport) -> None:
         if any(self._ours(lv, VOLUME) and not lv.active for lv in report.lvs.values()):
             await self.lvm.activate_vg(self.vg)
+
+    def _abnormal(self, report: VgReport, lv: LogicalVolume) -> str | None:
+        if lv.partial and self._cache_lost(report, lv):
+            cache = CacheSpec.from_tags(lv.tags)
+            whole = cache is not None and cache.mode == "writethrough"
+            return (
+                f"the cache of volume {self.vg}/{lv.name} is on a missing PV ({self._missing(report)}); "
+                + (
+                    "in writethrough mode its data is whole on the volume's own PVs:"
+                    if whole
+                    else "writes it held and had not yet copied back are lost:"
+                )
+                + f" drop the cache with `localdisk lvm repair lvm:{self.pool}:{lv.name}`"
+            )
+        if lv.partial and not self._mirrored(lv):
+            return f"logical volume {self.vg}/{lv.name} lost a PV ({self._missing(report)}): part of its data is gone"
+        return super()._abnormal(report, lv)
+
+    def _degraded(self, report: VgReport, lv: LogicalVolume) -> str | None:
+        if lv.partial and self._mirrored(lv):
+            return (
+                f"mirror {self.vg}/{lv.name} is degraded: a PV it uses is missing ({self._missing(report)}); it"
+                f" serves from its remaining copies; rebuild the copy on another PV with"
+                f" `localdisk lvm repair lvm:{self.pool}:{lv.name} <PV>`"
+            )
+        return None
+
+    def _cache_lost(self, report: VgReport, lv: LogicalVolume) -> bool:
+        """A cached volume whose missing PVs are all cache PVs (VG metadata keeps a lost PV's tags)."""
+        missing = [pv for pv in report.physical if pv.missing]
+        fast = set(self.config.cache_pv_tags)
+        return lv.cached and bool(missing) and all(pv.tags & fast for pv in missing)
+
+    @staticmethod
+    def _mirrored(lv: LogicalVolume) -> bool:
+        layout = Layout.from_tag(lv.tags)
+        return lv.layout.startswith("raid") or (layout is not None and layout.raid)
+
+    @staticmethod
+    def _missing(report: VgReport) -> str:
+        return ", ".join(pv.name for pv in report.physical if pv.missing) or "unknown"
 
     def _free(self, report: VgReport) -> int:
         return max(report.vg.free - self.config.spare_bytes, 0) // self.extent * self.extent
@@ -744,15 +374,180 @@ class LinearBackend(_LvmBackend):
                 + f"; {human(size)} requested"
             )
 
+    # layouts: `localdisk.backends.lvmlayout` plans them from each PV's free space
+    @property
+    def parameters(self) -> frozenset[str]:
+        return LAYOUT_PARAMETERS | CACHE_PARAMETERS
+
+    def check_parameters(self, parameters: Mapping[str, str]) -> None:
+        parse_layout(parameters, self.config.layout)
+        self._cache(parameters)
+
+    def _cache(self, parameters: Mapping[str, str]) -> CacheSpec | None:
+        cache = parse_cache(parameters, self.config.cache, self.config.cache_size)
+        if cache is not None and not self.config.cache_pv_tags:
+            raise InvalidArgument(
+                f"lvm pool {self.pool!r} has no fast PVs for caches; set pools.lvm.{self.pool}.cache_pv_tags"
+            )
+        return cache
+
+    def _cache_layout(self) -> Layout:
+        return Layout(pv_tags=self.config.cache_pv_tags)
+
+    def _layout(self, spec: VolumeSpec) -> Layout:
+        return parse_layout(spec.parameters, self.config.layout)
+
+    def _rounded(self, spec: VolumeSpec) -> int:
+        return self._layout(spec).rounded(spec.size_bytes, self.extent)
+
+    def _plan(self, report: VgReport, layout: Layout, size: int) -> list[str]:
+        """The PVs for a new volume (`lvmlayout.plan`), within the VG's free space less the pool's spare."""
+        where = f"volume group {self.vg}"
+        pvs = plan(layout, pv_space(report.physical), size, self.extent, where)
+        if layout.footprint(size, self.extent) > self._free(report):
+            self._check_room(report, layout.footprint(size, self.extent))
+        return pvs
+
+    def _check_create(self, report: VgReport, spec: VolumeSpec) -> None:
+        layout = self._layout(spec)
+        if layout.plain and not layout.pv_tags:
+            self._check_room(report, spec.size_bytes)
+        else:
+            self._plan(report, layout, spec.size_bytes)
+        cache = self._cache(spec.parameters)
+        if cache is not None:
+            size = cache.bytes_for(layout.rounded(spec.size_bytes, self.extent), self.extent)
+            plan(self._cache_layout(), pv_space(report.physical), size, self.extent, f"the cache PVs of {self.vg}")
+
     async def _create(self, report: VgReport, lv: str, spec: VolumeSpec) -> bool:
         # The tags go into the same lvcreate: a crash can then never leave an LV of ours without them (it would
         # hold space nobody can see or delete). The pending tag keeps it from being handed out before it is zeroed.
         # No wipe here: `_finish` zeroes all of it, and LVM's wipe would only repeat the first 4 KiB of that.
+        layout = self._layout(spec)
+        simple = layout.plain and not layout.pv_tags
         tags = [*identity_tags(VOLUME, spec.name, encrypted=spec.encrypted), PENDING_TAG]
-        await self.lvm.create_linear(self.vg, lv, spec.size_bytes, tags, wipe=False)
-        made = new_lv(lv, align_up(spec.size_bytes, self.extent), tags, attr=LINEAR_ACTIVE)
-        self.view.apply(lambda r: with_lv(r, made, takes_extents=True))
+        tags += [] if simple else [layout.tag()]
+        cache = self._cache(spec.parameters)
+        tags += [cache.tag()] if cache is not None else []
+        pvs = [] if simple else self._plan(report, layout, spec.size_bytes)
+        await self.lvm.create_linear(
+            self.vg,
+            lv,
+            spec.size_bytes,
+            tags,
+            wipe=False,
+            stripes=layout.stripes,
+            stripe_size=layout.stripe_size,
+            mirrors=layout.mirrors,
+            pvs=pvs,
+        )
+        if simple:
+            made = new_lv(lv, align_up(spec.size_bytes, self.extent), tags, attr=LINEAR_ACTIVE)
+            self.view.apply(lambda r: with_lv(r, made, takes_extents=True))
+        else:
+            self.view.invalidate()  # it took space on particular PVs (several times its size, for a mirror)
         return True
+
+    async def _extend(self, report: VgReport, lv: LogicalVolume, size: int) -> int:
+        cache = CacheSpec.from_tags(lv.tags)
+        if cache is None:
+            return await self._extend_origin(report, lv, size)
+        # A cache is taken off (flushed) while its volume grows, grown with it as configured, and put back.
+        if lv.cached:
+            await self.lvm.detach_cache(self.vg, lv.name, keep=True)
+            report = await self.view.refresh()
+            lv = report.lvs[lv.name]
+        grown = await self._extend_origin(report, lv, size)
+        await self._attach_cache(lv.name, cache, grown)
+        return grown
+
+    async def _before_ready(self, lv: str, spec: VolumeSpec) -> None:
+        cache = self._cache(spec.parameters)
+        if cache is not None:
+            async with self._writing():
+                await self._attach_cache(lv, cache, self._rounded(spec))
+
+    async def _attach_cache(self, lv_name: str, cache: CacheSpec, volume_size: int) -> None:
+        """Make (or grow) volume `lv_name`'s cache LV on the fast PVs and attach it, unless it is attached already.
+        Under the pool's lock; every step can be repeated after a crash."""
+        report = await self.view.refresh()
+        lv = report.lv(lv_name)
+        if lv is None:
+            raise Busy(f"volume {self.vg}/{lv_name} was deleted while its cache was being attached; retry")
+        if lv.cached:
+            return
+        name, wanted = cache_name(lv_name), cache.bytes_for(volume_size, self.extent)
+        existing = report.lv(name)
+        if existing is None:
+            pvs = plan(
+                self._cache_layout(), pv_space(report.physical), wanted, self.extent, f"the cache PVs of {self.vg}"
+            )
+            tags = cache_tags(lv_name, OWNER_TAG, KIND_TAG)
+            await self.lvm.create_linear(self.vg, name, wanted, tags, wipe=False, pvs=pvs, active=False)
+        else:
+            if existing.active:  # dm-writecache takes only an inactive cache LV (an activated VG activated it)
+                await self.lvm.deactivate_lv(self.vg, name)
+            if existing.size < wanted and self.config.cache_on_expand == "grow":
+                pvs = [pv.name for pv in eligible(pv_space(report.physical), self._cache_layout())]
+                await self.lvm.extend(self.vg, name, wanted, pvs)
+        await self.lvm.attach_cache(self.vg, lv_name, name, cache.mode)
+        self.view.invalidate()
+
+    async def _remove(self, report: VgReport, lv: LogicalVolume) -> None:
+        if lv.cached:
+            try:  # flushed and taken off first, so the HDD volume is whole when it goes (and a failure is seen here)
+                await self.lvm.detach_cache(self.vg, lv.name, keep=False)
+            except LocalDiskError as exc:  # a cache SSD gone: lvremove below still removes both
+                log.warning("removing volume %s/%s: its cache could not be flushed: %s", self.vg, lv.name, exc)
+        await super()._remove(report, lv)
+        leftover = report.lv(cache_name(lv.name))
+        if leftover is not None and OWNER_TAG in leftover.tags and CACHE_OF_TAG + lv.name in leftover.tags:
+            with contextlib.suppress(NotFound):  # a cache LV a crash left unattached
+                await self.lvm.remove(self.vg, leftover.name)
+            self.view.invalidate()
+
+    async def _extend_origin(self, report: VgReport, lv: LogicalVolume, size: int) -> int:
+        layout = Layout.from_tag(lv.tags)
+        if layout is None:
+            return await super()._extend(report, lv, size)
+        # LVM keeps a striped or RAID LV's stripes and copies when it grows it; the PVs it may take are the tagged
+        # ones. Whether the legs' PVs have room is LVM's to say (InsufficientCapacity), the plan only prechecks
+        # that some layout of that growth fits at all.
+        grown = layout.rounded(size, self.extent)
+        self._check_room(report, layout.footprint(grown - lv.size, self.extent))
+        eligible_pvs = [pv.name for pv in eligible(pv_space(report.physical), layout)] if layout.pv_tags else []
+        if layout.pv_tags and not eligible_pvs:
+            raise InsufficientCapacity(f"volume group {self.vg} has no PV tagged {' or '.join(layout.pv_tags)} left")
+        await self.lvm.extend(self.vg, lv.name, grown, eligible_pvs)
+        self.view.invalidate()
+        return grown
+
+    async def repair_volume(self, handle: str, devices: list[str]) -> Volume:
+        """Rebuild the copies a degraded mirror lost on `devices` (PVs of this VG: `vgextend` a new disk first),
+        resynced from the copies it kept, or drop a cache whose PV is gone (`lvconvert --uncache`). Then drop the
+        missing PVs from the VG if nothing else uses them (LVM refuses every change to a VG with missing PVs, so until
+        then the pool makes no new volumes)."""
+        async with self._writing():
+            report = await self.view.refresh()
+            lv = self._get(report, handle, VOLUME)
+            if self._cache_lost(report, lv):
+                await self.lvm.detach_cache(self.vg, handle, keep=False)
+            elif not self._mirrored(lv):
+                raise InvalidArgument(f"volume {self.vg}/{handle} is not a mirror; there is no copy to rebuild from")
+            elif lv.partial:
+                known = {pv.name for pv in report.physical if not pv.missing}
+                strangers = [device for device in devices if device not in known]
+                if strangers or not devices:
+                    raise InvalidArgument(
+                        f"give PVs of volume group {self.vg} to rebuild on ({', '.join(sorted(known))});"
+                        f" add a new disk with `vgextend {self.vg} <disk>` first"
+                        + (f" ({', '.join(strangers)} is not one)" if strangers else "")
+                    )
+                await self.lvm.repair(self.vg, handle, devices)
+            with contextlib.suppress(LocalDiskError):  # other LVs still on the missing PV: the administrator decides
+                await self.lvm.remove_missing(self.vg)
+            report = await self.view.refresh()
+            return self._volume(report, self._get(report, handle, VOLUME))
 
     async def _zero(self, lv: str, encrypted: bool) -> None:
         # An encrypted volume is seen only through its mapping: under a fresh volume key, old extents read as noise,
@@ -766,12 +561,58 @@ class LinearBackend(_LvmBackend):
 
     async def capacity(self) -> Capacity:
         report = await self._report()
+        if not self.config.layout.plain or self.config.layout.pv_tags:
+            return await self.capacity_for({})
         free = self._free(report)
         details = {"vg_size": report.vg.size, "vg_free": report.vg.free, "spare_bytes": self.config.spare_bytes}
-        return Capacity(report.vg.size, free, free, details | {"extent_size": report.vg.extent_size})
+        details |= {"extent_size": report.vg.extent_size, **self._health(report)}
+        return Capacity(report.vg.size, free, free, details)
+
+    def _health(self, report: VgReport) -> dict[str, int]:
+        """Pool figures for metrics (`localdisk_pool_detail`): degraded and cached volumes, and the caches' hits,
+        misses and dirty blocks summed over the pool's volumes."""
+        ours = [lv for lv in report.lvs.values() if self._ours(lv, VOLUME)]
+        figures = {
+            "degraded_volumes": sum(1 for lv in ours if lv.partial and self._mirrored(lv)),
+            "failed_volumes": sum(1 for lv in ours if lv.partial and not self._mirrored(lv)),
+            "cached_volumes": sum(1 for lv in ours if lv.cached),
+        }
+        for lv in ours:
+            for key, value in lv.cache_stats:
+                figures[key] = figures.get(key, 0) + value
+        return figures
+
+    async def capacity_for(self, parameters: Mapping[str, str]) -> Capacity:
+        """What volumes of the layout `parameters` ask for can get, from each PV's free space: in total, filling the
+        PVs one largest volume after another, and in one volume. 0 if the VG cannot make that layout at all. With a
+        cache, also bounded by the room on the cache PVs (a share of 10% of 6 GiB free makes at most 60 GiB)."""
+        layout = parse_layout(parameters, self.config.layout)
+        cache = self._cache(parameters)
+        report = await self._report()
+        pvs = pv_space(report.physical)
+        budget = self._free(report) * layout.stripes // layout.legs  # the pool's spare is kept whatever the layout
+        total = sum(pv.size for pv in eligible(pvs, layout)) * layout.stripes // layout.legs
+        details = {"vg_size": report.vg.size, "vg_free": report.vg.free, "spare_bytes": self.config.spare_bytes}
+        details |= {"extent_size": report.vg.extent_size, "legs": layout.legs, **self._health(report)}
+        details["eligible_pvs"] = len(eligible(pvs, layout))
+        try:
+            check_fits(layout, pvs, self.extent, f"volume group {self.vg}")
+        except InvalidArgument:
+            return Capacity(total, 0, 0, details)
+        room = min(available(layout, pvs, self.extent), budget // self.extent * self.extent)
+        largest = min(max_volume(layout, pvs, self.extent), room)
+        if cache is not None:
+            cache_room = max_volume(self._cache_layout(), pvs, self.extent)
+            details["cache_room_bytes"] = cache_room
+            if cache.percent:
+                fits = cache_room * 100 // cache.percent // self.extent * self.extent
+                room, largest = min(room, fits), min(largest, fits)
+            elif cache_room < cache.bytes_for(self.extent, self.extent):
+                room = largest = 0
+        return Capacity(total, room, largest, details)
 
 
-class ThinBackend(_LvmBackend):
+class ThinBackend(LvmBackend):
     """Thin LVs in one thin pool, with snapshots and clones, overprovisioned up to a ratio and a use threshold."""
 
     kind = "thin"

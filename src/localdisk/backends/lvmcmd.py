@@ -35,6 +35,14 @@ from localdisk.runner import CommandResult, CommandRunner
 
 REPORT_OPTIONS = ("--reportformat", "json", "--units", "b", "--nosuffix")
 VG_FIELDS = ("vg_name", "vg_uuid", "vg_size", "vg_free", "vg_extent_size")
+CACHE_FIELDS = (  # a cached volume's counters: dm-cache hits, misses and dirty blocks; dm-writecache's dirty blocks
+    "cache_read_hits",
+    "cache_read_misses",
+    "cache_write_hits",
+    "cache_write_misses",
+    "cache_dirty_blocks",
+    "writecache_writeback_blocks",
+)
 LV_FIELDS = (
     "lv_name",
     "lv_uuid",
@@ -47,14 +55,19 @@ LV_FIELDS = (
     "metadata_percent",
     "lv_time",
     "lv_path",
+    "lv_layout",
+    "lv_health_status",
+    "sync_percent",
+    *CACHE_FIELDS,
 )
-# fullreport always prints its five subreports; the three we do not read are kept down to one short column each.
+PV_FIELDS = ("pv_name", "pv_size", "pv_free", "pv_tags", "pv_attr")
+# fullreport always prints its five subreports; the two we do not read are kept down to one short column each.
 FULLREPORT_ARGS = (
     "fullreport",
     *REPORT_OPTIONS,
     *("--configreport", "vg", "-o", ",".join(VG_FIELDS)),
     *("--configreport", "lv", "-o", ",".join(LV_FIELDS)),
-    *("--configreport", "pv", "-o", "pv_name"),
+    *("--configreport", "pv", "-o", ",".join(PV_FIELDS)),
     *("--configreport", "pvseg", "-o", "pvseg_start"),
     *("--configreport", "seg", "-o", "seg_start"),
 )
@@ -151,6 +164,10 @@ class LogicalVolume:
     metadata_percent: float | None
     created_at: datetime | None
     path: str
+    layout: str = ""  # LVM's lv_layout: "linear", "striped", "raid,raid1", "cache", ...
+    health: str = ""  # LVM's lv_health_status: "" when fine, "partial", "refresh needed", "mismatches exist"
+    sync_percent: float | None = None  # a mirror's copy in sync, in percent
+    cache_stats: tuple[tuple[str, int], ...] = ()  # a cached volume's `CACHE_FIELDS` that LVM reported
 
     def _attr(self, index: int) -> str:
         return self.attr[index] if len(self.attr) > index else "-"
@@ -184,6 +201,33 @@ class LogicalVolume:
     def skip_activation(self) -> bool:
         return self._attr(9) == "k"
 
+    @property
+    def cached(self) -> bool:
+        """A volume with a cache attached (dm-cache or dm-writecache): `pool` names its cache."""
+        return self._attr(0) == "C"
+
+    @property
+    def partial(self) -> bool:
+        """Some of its PVs are missing (a mirror that lost a leg still serves; a plain LV has lost data)."""
+        return self._attr(8) == "p" or "partial" in self.health
+
+
+@dataclass(frozen=True)
+class PhysicalVolume:
+    name: str  # its device, "[unknown]" when missing
+    size: int
+    free: int
+    tags: frozenset[str]
+    attr: str
+
+    @property
+    def allocatable(self) -> bool:
+        return self.attr[:1] == "a"
+
+    @property
+    def missing(self) -> bool:
+        return self.attr[2:3] == "m" or self.name == "[unknown]"
+
 
 @dataclass(frozen=True)
 class VgReport:
@@ -192,6 +236,7 @@ class VgReport:
     vg: VolumeGroup
     lvs: Mapping[str, LogicalVolume]
     pvs: tuple[str, ...] = ()  # its physical volumes' device paths ("[unknown]" for a missing one)
+    physical: tuple[PhysicalVolume, ...] = ()  # the same PVs, with their free space and tags
 
     def lv(self, name: str) -> LogicalVolume | None:
         return self.lvs.get(name)
@@ -239,6 +284,22 @@ def parse_lv(row: Mapping[str, Any]) -> LogicalVolume:
         metadata_percent=_percent(row.get("metadata_percent")),
         created_at=parse_time(str(row.get("lv_time", ""))),
         path=str(row.get("lv_path", "")),
+        layout=str(row.get("lv_layout", "")),
+        health=str(row.get("lv_health_status", "")),
+        sync_percent=_percent(row.get("sync_percent")),
+        cache_stats=tuple(
+            (key, int(str(row[key]))) for key in CACHE_FIELDS if str(row.get(key, "")).lstrip("-").isdigit()
+        ),
+    )
+
+
+def parse_pv(row: Mapping[str, Any]) -> PhysicalVolume:
+    return PhysicalVolume(
+        name=str(row.get("pv_name", "")),
+        size=_int(row.get("pv_size") or "0", "pv_size"),
+        free=_int(row.get("pv_free") or "0", "pv_free"),
+        tags=frozenset(t for t in str(row.get("pv_tags", "")).split(",") if t),
+        attr=str(row.get("pv_attr", "")),
     )
 
 
@@ -295,8 +356,8 @@ def parse_fullreport(text: str, vg: str) -> VgReport:
             extent_size=_int(row.get("vg_extent_size"), "vg_extent_size"),
         )
         lvs = {lv.name: lv for lv in (parse_lv(r) for r in entry.get("lv") or [])}
-        pvs = tuple(str(r.get("pv_name", "")) for r in entry.get("pv") or [])
-        return VgReport(group, lvs, pvs)
+        physical = tuple(parse_pv(r) for r in entry.get("pv") or [])
+        return VgReport(group, lvs, tuple(pv.name for pv in physical), physical)
     raise NotFound(f"volume group {vg!r} not found")
 
 
@@ -324,6 +385,31 @@ def check_tags(tags: Iterable[str]) -> list[str]:
 
 def _tag_args(option: str, tags: Iterable[str]) -> list[str]:
     return [arg for tag in check_tags(tags) for arg in (option, tag)]
+
+
+def check_devices(devices: Sequence[str]) -> list[str]:
+    """PV paths for a command line: /dev paths only, never something LVM would read as an option or a tag."""
+    for device in devices:
+        if not SAFE_DEVICE.fullmatch(device):
+            raise InvalidArgument(f"device {device!r} is not a /dev path LVM can be given")
+    return list(devices)
+
+
+CACHE_MODES = frozenset({"writethrough", "writeback", "writecache"})
+
+
+def layout_args(stripes: int, stripe_size: int, mirrors: int) -> list[str]:
+    """lvcreate's options for a striped (`stripes` > 1), raid1 (`mirrors` copies > 1) or raid10 (both) LV."""
+    if stripes < 1 or mirrors < 1 or (stripes > 1 and mirrors > 2):
+        raise InvalidArgument(f"no LVM layout has {stripes} stripes and {mirrors} copies")
+    size = ["-I", f"{stripe_size // 1024}k"] if stripe_size and stripes > 1 else []
+    if mirrors > 1 and stripes > 1:
+        return ["--type", "raid10", "-i", str(stripes), "-m", "1", *size]
+    if mirrors > 1:
+        return ["--type", "raid1", "-m", str(mirrors - 1)]
+    if stripes > 1:
+        return ["--type", "striped", "-i", str(stripes), *size]
+    return []
 
 
 def _size(size: int) -> str:
@@ -454,15 +540,32 @@ class Lvm:
         return env if isinstance(env, Mapping) else os.environ
 
     # logical volumes
-    async def create_linear(self, vg: str, lv: str, size: int, tags: Iterable[str], *, wipe: bool) -> None:
-        """A linear LV. `wipe` clears old signatures and its first 4 KiB (`-W y -Z y`); either way the choice is
-        explicit, because an LVM left to decide asks "Wipe it? [y/n]" and, with no terminal, fails."""
-        choice = "y" if wipe else "n"
+    async def create_linear(
+        self,
+        vg: str,
+        lv: str,
+        size: int,
+        tags: Iterable[str],
+        *,
+        wipe: bool,
+        stripes: int = 1,
+        stripe_size: int = 0,
+        mirrors: int = 1,
+        pvs: Sequence[str] = (),
+        active: bool = True,
+    ) -> None:
+        """A thick LV: linear, or striped over `stripes` PVs, or raid1 with `mirrors` copies, or raid10 (both), on
+        the PVs `pvs` (every PV of the VG if empty). `wipe` clears old signatures and its first 4 KiB (`-W y -Z y`);
+        either way the choice is explicit, because an LVM left to decide asks "Wipe it? [y/n]" and, with no
+        terminal, fails. An inactive LV (`active` False: a cache LV before it is attached) is neither wiped nor
+        zeroed: LVM can do neither without activating it."""
+        choice = "y" if wipe and active else "n"
         await self._run(
             [
-                *("lvcreate", "-y", "-W", choice, "-Z", choice, "-a", "y", "-L", _size(size)),
+                *("lvcreate", "-y", "-W", choice, "-Z", choice, "-a", "y" if active else "n", "-L", _size(size)),
+                *layout_args(stripes, stripe_size, mirrors),
                 *("-n", check_lv_name(lv), *_tag_args("--addtag", tags)),
-                *("--", check_name(vg, "volume group")),
+                *("--", check_name(vg, "volume group"), *check_devices(pvs)),
             ]
         )
 
@@ -486,8 +589,28 @@ class Lvm:
             ]
         )
 
-    async def extend(self, vg: str, lv: str, size: int) -> None:
-        await self._run(["lvextend", "-L", _size(size), "--", f"{check_name(vg, 'volume group')}/{check_name(lv)}"])
+    async def extend(self, vg: str, lv: str, size: int, pvs: Sequence[str] = ()) -> None:
+        """Grow `lv` to `size` (a striped or RAID LV keeps its stripes and copies), on `pvs` if given."""
+        target = f"{check_name(vg, 'volume group')}/{check_name(lv)}"
+        await self._run(["lvextend", "-L", _size(size), "--", target, *check_devices(pvs)])
+
+    # caches
+    async def attach_cache(self, vg: str, lv: str, cachevol: str, mode: str) -> None:
+        """Put LV `cachevol` in front of `lv`: dm-cache in `mode` writethrough or writeback, or dm-writecache
+        (`mode` writecache). LVM renames `cachevol` to a hidden `<cachevol>_cvol` inside `lv`."""
+        if mode not in CACHE_MODES:
+            raise InvalidArgument(f"cache mode {mode!r} is not one of {sorted(CACHE_MODES)}")
+        kind = ["--type", "writecache"] if mode == "writecache" else ["--type", "cache", "--cachemode", mode]
+        target = f"{check_name(vg, 'volume group')}/{check_name(lv)}"
+        await self._run(["lvconvert", "-y", *kind, "--cachevol", check_name(cachevol, "cache LV"), "--", target])
+
+    async def detach_cache(self, vg: str, lv: str, *, keep: bool) -> None:
+        """Flush `lv`'s cache and take it away: kept as an LV of its own (`--splitcache`) or removed (`--uncache`)."""
+        target = f"{check_name(vg, 'volume group')}/{check_name(lv)}"
+        await self._run(["lvconvert", "-y", "--splitcache" if keep else "--uncache", "--", target])
+
+    async def tag_pv(self, device: str, tags: Iterable[str]) -> None:
+        await self._run(["pvchange", *_tag_args("--addtag", tags), "--", *check_devices([device])])
 
     async def remove(self, vg: str, lv: str) -> None:
         await self._run(["lvremove", "-y", "--", f"{check_name(vg, 'volume group')}/{check_name(lv)}"])
@@ -505,6 +628,18 @@ class Lvm:
         """Activate `lv`; `ignore_skip` also activates an LV with the activation-skip flag (a thin snapshot)."""
         skip = ["-K"] if ignore_skip else []
         await self._run(["lvchange", "-a", "y", *skip, "--", f"{check_name(vg, 'volume group')}/{check_name(lv)}"])
+
+    async def deactivate_lv(self, vg: str, lv: str) -> None:
+        await self._run(["lvchange", "-a", "n", "--", f"{check_name(vg, 'volume group')}/{check_name(lv)}"])
+
+    async def repair(self, vg: str, lv: str, pvs: Sequence[str]) -> None:
+        """Replace the images of RAID LV `lv` on missing PVs with new ones on `pvs` (resynced from the others)."""
+        target = f"{check_name(vg, 'volume group')}/{check_name(lv)}"
+        await self._run(["lvconvert", "-y", "--repair", "--", target, *check_devices(pvs)])
+
+    async def remove_missing(self, vg: str) -> None:
+        """Drop missing PVs that no LV uses any more from `vg` (never forced: an LV still on one keeps it)."""
+        await self._run(["vgreduce", "--removemissing", "--", check_name(vg, "volume group")])
 
     async def activate_vg(self, vg: str) -> None:
         await self._run(["vgchange", "-a", "y", "--", check_name(vg, "volume group")])

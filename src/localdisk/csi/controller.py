@@ -160,6 +160,7 @@ class ControllerService(ControllerBase):
                 limit_bytes=limit,
                 source=source,
                 encrypted=encrypted,
+                parameters=validate.backend_parameters(message.parameters),
             )
         )
         self.io.set_limits(volume.id, limits)
@@ -223,7 +224,7 @@ class ControllerService(ControllerBase):
                 # (capacity 0, so the scheduler looks elsewhere), not an error the external-provisioner retries.
                 log.debug("GetCapacity: %s; answering 0", exc.message)
                 return GetCapacityResponse(available_capacity=0, maximum_volume_size=0)
-            capacities = [await self.manager.capacity(backend, pool)]
+            capacities = [await self.manager.capacity(backend, pool, validate.backend_parameters(message.parameters))]
         else:  # no StorageClass parameters: what the whole node has
             capacities = [await self.manager.capacity(b, p) for b, p in self.manager.pools()]
         return GetCapacityResponse(

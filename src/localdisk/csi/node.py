@@ -373,7 +373,7 @@ class NodeService(NodeBase):
         self.paths.check_optional(message.staging_target_path, "staging_target_path")
         volume = await self.manager.get_volume(message.volume_id)  # CSI: NOT_FOUND for a volume that is not there
         path = self._volume_path(volume.id, message.volume_path)
-        device, problem = self._visible(volume), volume.abnormal
+        device, problem = self._visible(volume), volume.abnormal or volume.degraded
         if volume.encrypted and device is None:
             problem = problem or f"encrypted volume {volume.id} is not open on this node (its mapping is gone)"
         stats = await self.mounter.stats(path, device)

@@ -8,6 +8,7 @@ from localdisk._proto.csi.v1 import (
     VolumeCapabilityAccessModeMode,
     VolumeContentSource,
 )
+from localdisk.backend import BACKEND_PARAMETERS
 from localdisk.errors import InvalidArgument
 from localdisk.model import ContentSource, SourceKind
 from localdisk.qos import PARAMETERS as IO_LIMIT_PARAMETERS
@@ -21,7 +22,7 @@ SINGLE_NODE_MODES = {
 }
 FILESYSTEMS = ("ext4", "xfs", "btrfs")
 MAX_NAME_BYTES = 128  # CSI names and IDs
-KNOWN_PARAMETERS = {"backend", "pool", "encrypted", *IO_LIMIT_PARAMETERS}
+KNOWN_PARAMETERS = {"backend", "pool", "encrypted", *IO_LIMIT_PARAMETERS} | BACKEND_PARAMETERS
 PASSTHROUGH_PREFIXES = ("csi.storage.k8s.io/",)  # metadata the external-provisioner may add
 
 
@@ -79,6 +80,11 @@ def check_parameters(parameters: dict[str, str]) -> None:
         raise InvalidArgument(
             f"unknown StorageClass parameter(s) [{listed}]{more}; localdisk accepts {sorted(KNOWN_PARAMETERS)}"
         )
+
+
+def backend_parameters(parameters: dict[str, str]) -> dict[str, str]:
+    """The StorageClass parameters that are the backend's own (an LVM layout), for `CreateRequest.parameters`."""
+    return {key: value for key, value in parameters.items() if key in BACKEND_PARAMETERS}
 
 
 def encrypted(parameters: dict[str, str]) -> bool:

@@ -1,0 +1,100 @@
+"""SSD caches in front of thick (HDD) volumes: dm-cache in writethrough or writeback mode, or dm-writecache.
+
+A pool names its fast PVs by tag (`cache_pv_tags`); a StorageClass asks for a cache with `cache` (`writethrough`,
+`writeback`, `writecache`, or `none`) and `cacheSize` (bytes like `256Mi`, or a share of the volume like `10%`). The
+cache is an LV of its own on the fast PVs, `ldc-` and the volume's hash, made inactive (dm-writecache takes only an
+inactive one) and then attached with `lvconvert --type cache|writecache --cachevol`, which hides it inside the volume.
+
+Writethrough: every write reaches the HDD before it completes, so losing the SSD loses nothing (the cache is dropped
+with `lvconvert --uncache`, which works with the SSD gone). Writeback and writecache: a write completes once it is on
+the SSD, and blocks not yet copied to the HDD (dirty blocks, a metric) are lost with the SSD; the volume's data is
+then inconsistent. Use them only where that is acceptable (scratch data, a replicated application).
+
+The volume records its cache request in a tag, so a retried create or an expansion finds what to make or keep. The
+cache LV carries the owner tag and names its volume, so a crash between making it and attaching it leaves nothing
+that the volume's create, delete or reclaim does not find.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from localdisk.backends.lvmcmd import CACHE_MODES
+from localdisk.errors import InvalidArgument
+
+CACHE, CACHE_SIZE = "cache", "cacheSize"
+CACHE_PARAMETERS = frozenset({CACHE, CACHE_SIZE})
+CACHE_TAG = "localdisk.csi.io/cache="  # on the volume: what cache it has (mode.size)
+CACHE_OF_TAG = "localdisk.csi.io/cache-of="  # on a cache LV: the volume it is for
+CACHE_KIND = "cache"
+CACHE_PREFIX = "ldc-"
+MIN_CACHE = 8 * 1024 * 1024  # dm-cache keeps its metadata in the cache LV too
+DEFAULT_SHARE = 10  # percent of the volume, when cacheSize is not given
+
+_UNITS = {"": 1, "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    mode: str  # writethrough | writeback | writecache
+    size: int = 0  # bytes, or
+    percent: int = 0  # a share of the volume's size
+
+    def bytes_for(self, volume_size: int, extent: int) -> int:
+        """The cache LV's size for a volume of `volume_size` bytes: whole extents, at least `MIN_CACHE`."""
+        wanted = self.size or volume_size * self.percent // 100
+        wanted = max(wanted, MIN_CACHE)
+        return -(-wanted // extent) * extent
+
+    def tag(self) -> str:
+        return f"{CACHE_TAG}{self.mode}.{f'{self.percent}p' if self.percent else f'{self.size}b'}"
+
+    @classmethod
+    def from_tags(cls, tags: Iterable[str]) -> CacheSpec | None:
+        for tag in tags:
+            if tag.startswith(CACHE_TAG):
+                mode, _, amount = tag[len(CACHE_TAG) :].partition(".")
+                if mode not in CACHE_MODES or not amount[:-1].isdigit():
+                    return None
+                number = int(amount[:-1])
+                return cls(mode, percent=number) if amount.endswith("p") else cls(mode, size=number)
+        return None
+
+
+def _amount(text: str) -> tuple[int, int]:
+    """(bytes, percent) from `256Mi` or `10%`."""
+    value = text.strip()
+    if value.endswith("%"):
+        digits = value[:-1].strip()
+        if not digits.isdigit() or not 1 <= int(digits) <= 100:
+            raise InvalidArgument(f"parameter {CACHE_SIZE!r} is {text!r}; a share is 1% to 100%")
+        return 0, int(digits)
+    number = value.rstrip("Bb")
+    digits = number.rstrip("KkMmGgTtIi")
+    unit = number[len(digits) :].lower()
+    if not digits.isdigit() or unit not in _UNITS or int(digits) == 0:
+        raise InvalidArgument(f"parameter {CACHE_SIZE!r} is {text!r}; use a size like 256Mi or a share like 10%")
+    return int(digits) * _UNITS[unit], 0
+
+
+def parse_cache(parameters: Mapping[str, str], default_mode: str | None, default_size: str) -> CacheSpec | None:
+    """The cache StorageClass `parameters` ask for on top of the pool's defaults, or None for no cache."""
+    mode = parameters.get(CACHE, default_mode or "none").strip().lower()
+    if mode == "none":
+        if CACHE_SIZE in parameters and CACHE in parameters:
+            raise InvalidArgument(f"parameter {CACHE_SIZE!r} needs {CACHE!r} set to a cache mode")
+        return None
+    if mode not in CACHE_MODES:
+        raise InvalidArgument(f"parameter {CACHE!r} is {mode!r}; use one of {sorted(CACHE_MODES)} or none")
+    size, percent = _amount(parameters.get(CACHE_SIZE, default_size))
+    return CacheSpec(mode, size, percent)
+
+
+def cache_name(volume_lv: str) -> str:
+    """The cache LV of volume LV `ldv-<hash>`: `ldc-<hash>` (hidden as `[ldc-<hash>_cvol]` once attached)."""
+    return CACHE_PREFIX + volume_lv[4:]
+
+
+def cache_tags(volume_lv: str, owner_tag: str, kind_tag: str) -> list[str]:
+    return [owner_tag, kind_tag + CACHE_KIND, CACHE_OF_TAG + volume_lv]

@@ -1,0 +1,66 @@
+"""SIGKILL crash loop through laid-out, cached volumes on real LVM in the UML sandbox (`nox -s layout-crash`, not CI).
+
+A `localdisk serve` with an lvm pool on the sandbox's VG of tagged PVs (`--vg ldtest-raid:128Mx3@hdd,64M@ssd`)
+gets creates, expansions and deletes of raid1 volumes with a writethrough SSD cache, and is killed during them: in
+lvcreate of the mirror, while zeroing, between making the cache LV and attaching it, during the detach, extend and
+re-attach of an expansion, during the uncache and lvremove of a delete. Each step can be repeated (lvmcache.py), so
+a retried call converges. The end checks (crashloop.py) use `lvs`: exactly one LV per acknowledged volume, none
+pending, and no other LV of ours (a cache LV left unattached would show there as a leak).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from localdisk.backends.lvmcmd import Lvm
+from localdisk.runner import CommandRunner
+from localdisk.sizes import MiB
+from tests.lvm.conftest import reset_vg
+from tests.lvm.test_layout import RAID_SANDBOX_ARGS, RAID_VG
+from tests.reliability.crashloop import CrashLoop, Server, Settings, Supervisor, run_together
+from tests.reliability.test_crash import check
+from tests.reliability.views import LvmView
+
+pytestmark = [pytest.mark.uml, pytest.mark.anyio]
+KILLS = int(os.environ.get("LOCALDISK_LAYOUT_KILLS", "50"))
+SECONDS = float(os.environ.get("LOCALDISK_LAYOUT_SECONDS", "3000"))
+PARAMETERS = {"backend": "lvm", "pool": "dense", "mirrors": "2", "cache": "writethrough", "cacheSize": "8Mi"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3300)
+async def test_mirrored_cached_volumes_survive_sigkill(tmp_path: Path) -> None:
+    if f"{RAID_VG}:" not in os.environ.get("LOCALDISK_SANDBOX_VGS", ""):
+        pytest.skip(f"the sandbox was started without VG {RAID_VG}: pass {' '.join(RAID_SANDBOX_ARGS)}")
+    seed = int(os.environ.get("LOCALDISK_CRASH_SEED", str(int(time.time()))))
+    lvm = Lvm(CommandRunner())
+    await reset_vg(lvm, RAID_VG)
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'[node]\nkubelet_dir = "{tmp_path}/kubelet"\n\n[pools.lvm.dense]\nvolume_group = "{RAID_VG}"\n'
+        'pv_tags = ["hdd"]\ncache_pv_tags = ["ssd"]\n'
+    )
+    supervisor = Supervisor(Server(config, tmp_path, fork=True), seed, startup_kill_probability=0.1)
+    settings = Settings(
+        kills=KILLS,
+        max_seconds=SECONDS,
+        seed=seed,
+        kill_probability=0.9,
+        first_guess_seconds=4.0,
+        sizes=(8 * MiB, 12 * MiB + 12345),
+        growth=(4 * MiB, 8 * MiB - 4096),
+        max_live=5,  # 5 caches of 8 MiB on the 60 MiB SSD, 5 mirrors of up to ~28 MiB twice on 3 x 124 MiB
+        parameters=PARAMETERS,
+    )
+    try:
+        [report] = await run_together([CrashLoop("lvm-layout", supervisor, LvmView(RAID_VG), settings)])
+        print(report.summary())
+        check(report, KILLS, seed)
+        leftovers = [lv for lv in (await lvm.report(RAID_VG)).lvs if lv.startswith("ldc-")]
+        assert not leftovers, f"cache LVs left unattached: {leftovers}"
+    finally:
+        await reset_vg(lvm, RAID_VG)
