@@ -200,27 +200,49 @@ def sanity(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """The performance suite (bench/); not a test. Counts: BENCH_* variables, see bench/.
 
-    LVM in the UML sandbox, then partitions on host loop devices (root), then PVC-to-Bound through a real control
-    plane, per-node shape against the split shape (bench/splitbench.py). BENCH_ONLY=lvm|partition|split runs one part.
-    Posargs: the LVM, partition and split JSON outputs (default bench-results.json, bench-partition.json,
-    bench-split.json).
+    LVM in the UML sandbox, then partitions on host loop devices (root), then ListVolumes at many volumes on the
+    fake backend (bench/listbench.py), then PVC-to-Bound through a real control plane, per-node shape against the
+    split shape (bench/splitbench.py). BENCH_ONLY=lvm|partition|list|split runs one part.
+    Quick mode, `nox -s bench -- quick` or BENCH_QUICK=1: the standard table at 40 volumes, concurrency 1 and 32
+    (about 10-15 minutes here; no split part unless BENCH_ONLY=split); a BENCH_* variable set by hand still wins.
+    Posargs: the LVM, partition, split and list JSON outputs (default bench-results.json, bench-partition.json,
+    bench-split.json, bench-list.json).
     """
     only = os.environ.get("BENCH_ONLY", "")
-    if only not in ("", "lvm", "partition", "split"):
-        session.error(f"BENCH_ONLY must be lvm, partition or split, not {only!r}")
+    if only not in ("", "lvm", "partition", "list", "split"):
+        session.error(f"BENCH_ONLY must be lvm, partition, list or split, not {only!r}")
+    quick = "quick" in session.posargs or os.environ.get("BENCH_QUICK", "") not in ("", "0")
+    outputs = [arg for arg in session.posargs if arg != "quick"]
+    env = {**os.environ, **({**BENCH_QUICK, **os.environ} if quick else {})}
     session.install("-e", ".[test]")
-    lvm_out = session.posargs[0] if session.posargs else "bench-results.json"
-    part_out = session.posargs[1] if len(session.posargs) > 1 else "bench-partition.json"
-    split_out = session.posargs[2] if len(session.posargs) > 2 else "bench-split.json"
+    lvm_out = outputs[0] if outputs else "bench-results.json"
+    part_out = outputs[1] if len(outputs) > 1 else "bench-partition.json"
+    split_out = outputs[2] if len(outputs) > 2 else "bench-split.json"
+    list_out = outputs[3] if len(outputs) > 3 else "bench-list.json"
+    started = time.monotonic()
     if only in ("", "lvm"):
-        _lvm_bench(session, lvm_out)
+        _lvm_bench(session, lvm_out, env)
     if only in ("", "partition"):
-        session.run("python", "bench/partbench.py", part_out)
-    if only in ("", "split"):
-        session.run("python", "bench/splitbench.py", split_out)
+        session.run("python", "bench/partbench.py", part_out, env=env)
+    if only in ("", "list"):
+        session.run("python", "bench/listbench.py", list_out, env=env)
+    if only == "split" or (only == "" and not quick):
+        session.run("python", "bench/splitbench.py", split_out, env=env)
+    session.log(f"bench{' (quick)' if quick else ''}: {time.monotonic() - started:.0f}s")
 
 
-def _lvm_bench(session: nox.Session, out: str) -> None:
+# The quick bench: the standard table at 40 volumes (lvmbench, partbench), concurrency 1 and 32, listing levels
+# that fill in seconds; the full counts are the scripts' defaults.
+BENCH_QUICK = {
+    "BENCH_VOLUMES": "40",
+    "BENCH_PART_VOLUMES": "40",
+    "BENCH_CONCURRENCY": "1,32",
+    "BENCH_LEVELS": "0,40",
+    "BENCH_CALLS": "30",
+}
+
+
+def _lvm_bench(session: nox.Session, out: str, base_env: dict[str, str]) -> None:
     """Two UML guests at once, one per core: thin provisioning and the CSI overhead; linear provisioning, then
     GetCapacity/ListVolumes at growing numbers of volumes (on that guest's thin pool) and memory.
 
@@ -235,7 +257,7 @@ def _lvm_bench(session: nox.Session, out: str) -> None:
     bin_dir = Path(session.bin)
     runs = {}
     for name, extra in guests.items():
-        env = {**os.environ, **extra, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+        env = {**base_env, **extra, "PATH": f"{bin_dir}{os.pathsep}{base_env.get('PATH', '')}"}
         argv = [str(bin_dir / "localdisk"), "sandbox", "run", *sandbox, "--timeout", "10800", "--"]
         argv += [str(bin_dir / "python"), "bench/lvmbench.py", f"{out}.{name}.part"]
         log = open(f"{out}.{name}.log", "wb")  # noqa: SIM115 - closed below, after the guest exits
