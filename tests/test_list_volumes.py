@@ -17,7 +17,7 @@ from localdisk.model import ContentSource, ObjectRef, SourceKind, Volume
 from tests.csi_helpers import Csi, MiB, csi_for
 
 pytestmark = pytest.mark.anyio
-COUNT = 600
+COUNT = 300
 
 
 @pytest.fixture
@@ -81,6 +81,19 @@ def test_assembled_answer_is_what_betterproto_writes() -> None:
         assert bytes(answer) == answer.SerializeToString() == bytes(plain)
         assert ListVolumesResponse.parse(bytes(answer)) == plain
         assert answer.entries == plain.entries
+
+
+def test_entry_encoding_is_betterprotos() -> None:
+    odd = "ünï 🙂 " * 40  # multi-byte, and long enough for two-byte lengths
+    for vol in [
+        Volume(ObjectRef("fake", "a", "v"), "n", 0),
+        Volume(ObjectRef("", "", ""), "", 0),
+        Volume(ObjectRef("partition", odd, "h" * 100), odd, (1 << 63) - 1, abnormal=odd),
+        Volume(ObjectRef("thin", "p", "x"), "n", 300, ContentSource(SourceKind.SNAPSHOT, odd), abnormal=""),
+        Volume(ObjectRef("thin", "p", "y"), "n", 1, ContentSource(SourceKind.VOLUME, "")),
+    ]:
+        for node in ("node-1", "", odd):
+            assert convert.encode_entry(vol, node) == bytes(convert.list_entry(vol, node)), (vol, node)
 
 
 def test_cache_stays_bounded() -> None:

@@ -5,6 +5,9 @@ took about 0.25 ms to build and encode on the host, so a node's full listing of 
 second of CPU on every call, nearly all of it encoding the same unchanged entries again (see bench/listbench.py).
 `VolumeEntries` keeps each volume's entry and its wire bytes, keyed by the volume's value (a volume that changes is
 a new key), and `EncodedListVolumesResponse` sends the bytes of a page joined, without encoding anything again.
+The bytes of an entry not yet cached come from `encode_entry`, which writes exactly what betterproto2 writes for
+`list_entry` (a test holds it to that) in a few microseconds instead of a quarter of a millisecond, so even the
+first listing after a start costs little.
 """
 
 from __future__ import annotations
@@ -73,12 +76,41 @@ _ENTRIES_TAG, _NEXT_TOKEN_TAG = b"\x0a", b"\x12"  # ListVolumesResponse fields 1
 
 
 def _length(value: int) -> bytes:
+    """A non-negative integer as a protobuf varint."""
     out = bytearray()
     while True:
         byte, value = value & 0x7F, value >> 7
         out.append(byte | (0x80 if value else 0))
         if not value:
             return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field (string, message, map entry)."""
+    return _length(number << 3 | 2) + _length(len(payload)) + payload
+
+
+def _string(number: int, value: str) -> bytes:
+    return _field(number, value.encode()) if value else b""  # proto3: an empty string is not written
+
+
+def _map(number: int, items: dict[str, str]) -> bytes:
+    """A map<string, string>: one entry message per item, key and value always written (as betterproto2 does)."""
+    return b"".join(_field(number, _field(1, k.encode()) + _field(2, v.encode())) for k, v in items.items())
+
+
+def encode_entry(vol: Volume, node_id: str) -> bytes:
+    """`bytes(list_entry(vol, node_id))`, written directly: Volume {capacity_bytes 1, volume_id 2, volume_context 3,
+    content_source 4, accessible_topology 5}, VolumeStatus {volume_condition 2: {abnormal 1, message 2}}."""
+    volume = _length(1 << 3) + _length(vol.size_bytes) if vol.size_bytes else b""
+    volume += _string(2, vol.id)
+    volume += _map(3, {"localdisk.csi.io/backend": vol.ref.backend, "localdisk.csi.io/pool": vol.ref.pool})
+    if vol.source is not None:
+        inner = 1 if vol.source.kind is SourceKind.SNAPSHOT else 2  # the oneof's snapshot or volume
+        volume += _field(4, _field(inner, _string(1, vol.source.id)))
+    volume += _field(5, _map(1, {TOPOLOGY_KEY: node_id}))
+    state = (b"\x08\x01" if vol.abnormal is not None else b"") + _string(2, vol.abnormal or "volume is healthy")
+    return _field(1, volume) + _field(2, _field(2, state))
 
 
 class EncodedListVolumesResponse(ListVolumesResponse):
@@ -108,9 +140,8 @@ class VolumeEntries:
     def _entry(self, vol: Volume) -> tuple[ListVolumesResponseEntry, bytes]:
         found = self._cache.get(vol)
         if found is None:
-            entry = list_entry(vol, self.node_id)
-            encoded = bytes(entry)
-            found = self._cache[vol] = (entry, _ENTRIES_TAG + _length(len(encoded)) + encoded)
+            encoded = encode_entry(vol, self.node_id)
+            found = self._cache[vol] = (list_entry(vol, self.node_id), _ENTRIES_TAG + _length(len(encoded)) + encoded)
         return found
 
     def response(self, listed: Sequence[Volume], start: int, end: int, next_token: str) -> ListVolumesResponse:
