@@ -55,6 +55,18 @@ def discovery_crash(session: nox.Session) -> None:
     session.run("pytest", "-p", "no:cacheprovider", "-q", DISCOVERY_CRASH, *session.posargs)
 
 
+GROUP_CRASH = "tests/reliability/test_group_crash.py"
+
+
+@nox.session(name="group-crash")
+def group_crash(session: nox.Session) -> None:
+    """SIGKILL loop through bursts of group-committed partition creates on host loop devices, 50 kills (root; not
+    CI, where the same test runs with 5)."""
+    session.install("-e", ".[test]")
+    env = {"LOCALDISK_GROUP_CRASH_KILLS": os.environ.get("LOCALDISK_GROUP_CRASH_KILLS", "50")}
+    session.run("pytest", "-p", "no:cacheprovider", "-q", "-s", GROUP_CRASH, *session.posargs, env=env)
+
+
 # The volume groups the LVM suites expect (tests/lvm/conftest.py names them) and how the suites are split: UML runs
 # each guest on one CPU, so two guests at once finish in about half the time of one.
 E2E_SANDBOX = ["--vg", "ldtest-lin:512M", "--vg", "ldtest-thin:768M", "--thin", "ldtest-thin/pool:256M"]
