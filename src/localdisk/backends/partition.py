@@ -298,6 +298,7 @@ class _Order:
     type_guid: str
     done: anyio.Event = field(default_factory=anyio.Event)
     abandoned: bool = False  # its create was cancelled: its partition stays pending, for its own clean-up
+    placed: bool = False  # its pending partition is in the write under way (or was written)
     result: Volume | Resume | None = None
     error: LocalDiskError | None = None
 
@@ -801,7 +802,7 @@ class PartitionBackend:
                     if order.done.is_set():
                         break
                     orders, disk.orders = disk.orders, []
-                    await self._commit(disk, orders)
+                    await self._commit(disk, orders, order)
         except BaseException:
             order.abandoned = True
             with contextlib.suppress(ValueError):
@@ -811,18 +812,22 @@ class PartitionBackend:
             raise order.error
         return order.result
 
-    async def _commit(self, disk: _Disk, orders: list[_Order]) -> None:
-        """Carry out `orders` together; the disk's lock is held. A failure or a cancellation part-way drops the view
-        and answers every order not yet answered with `Busy`: its retry finishes or redoes it (pending partitions
-        are resumed by name), as it would after a failed create of its own."""
+    async def _commit(self, disk: _Disk, orders: list[_Order], own: _Order) -> None:
+        """Carry out `orders` together; the disk's lock is held, `own` is the order of the create doing it. A failure
+        or a cancellation (its client's deadline) part-way drops the view and fails only `own`: another create whose
+        partition may have been written goes on alone (`"resume"`: it finishes its pending partition, or makes it
+        afresh), one not placed yet waits for the next group commit."""
         try:
             await self._commit_orders(disk, orders)
-        except BaseException as exc:
+        except BaseException:
             disk.invalidate()
             for order in orders:
-                if not order.done.is_set():
-                    reason = "cancelled" if isinstance(exc, anyio.get_cancelled_exc_class()) else str(exc)
-                    order.finish(error=Busy(f"creates on disk {disk.configured} were interrupted ({reason}); retry"))
+                if order is own or order.done.is_set():
+                    continue
+                if order.placed:
+                    order.finish("resume")
+                elif not order.abandoned:
+                    disk.orders.append(order)
             raise
 
     async def _commit_orders(self, disk: _Disk, orders: list[_Order]) -> None:
@@ -849,6 +854,7 @@ class PartitionBackend:
                 part = Partition(number, place, sectors, str(uuid.uuid4()), pending, order.type_guid)
                 table = table.with_partition(part)
                 made.append((order, part))
+                order.placed = True
         if not made:
             return
         lines = "".join(f"{self._entry(table.device, part)}\n" for _, part in made)
