@@ -55,6 +55,18 @@ def discovery_crash(session: nox.Session) -> None:
     session.run("pytest", "-p", "no:cacheprovider", "-q", DISCOVERY_CRASH, *session.posargs)
 
 
+GROUP_CRASH = "tests/reliability/test_group_crash.py"
+
+
+@nox.session(name="group-crash")
+def group_crash(session: nox.Session) -> None:
+    """SIGKILL loop through bursts of group-committed partition creates on host loop devices, 50 kills (root; not
+    CI, where the same test runs with 5)."""
+    session.install("-e", ".[test]")
+    env = {"LOCALDISK_GROUP_CRASH_KILLS": os.environ.get("LOCALDISK_GROUP_CRASH_KILLS", "50")}
+    session.run("pytest", "-p", "no:cacheprovider", "-q", "-s", GROUP_CRASH, *session.posargs, env=env)
+
+
 # The volume groups the LVM suites expect (tests/lvm/conftest.py names them) and how the suites are split: UML runs
 # each guest on one CPU, so two guests at once finish in about half the time of one.
 E2E_SANDBOX = ["--vg", "ldtest-lin:512M", "--vg", "ldtest-thin:768M", "--thin", "ldtest-thin/pool:256M"]
@@ -222,32 +234,55 @@ def sanity(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """The performance suite (bench/); not a test. Counts: BENCH_* variables, see bench/.
 
-    LVM in the UML sandbox, then partitions on host loop devices (root), then PVC-to-Bound through a real control
-    plane, per-node shape against the split shape (bench/splitbench.py), and the throughput of LVM layouts and caches
-    (bench/layoutbench.py). BENCH_ONLY=lvm|partition|split|layout runs one part.
-    Posargs: the LVM, partition and split JSON outputs (default bench-results.json, bench-partition.json,
-    bench-split.json).
+    LVM in the UML sandbox, then partitions on host loop devices (root), then ListVolumes at many volumes on the
+    fake backend (bench/listbench.py), then PVC-to-Bound through a real control plane, per-node shape against the
+    split shape (bench/splitbench.py), and the throughput of LVM layouts and caches (bench/layoutbench.py).
+    BENCH_ONLY=lvm|partition|list|split|layout runs one part.
+    Quick mode, `nox -s bench -- quick` or BENCH_QUICK=1: the standard table at 40 volumes, concurrency 1 and 32
+    (about 10-15 minutes here; no memory phase, no split or layout part unless BENCH_ONLY names it); a BENCH_*
+    variable set by hand still wins.
+    Posargs: the LVM, partition, split, list and layout JSON outputs (default bench-results.json,
+    bench-partition.json, bench-split.json, bench-list.json, bench-layout.json).
     """
     only = os.environ.get("BENCH_ONLY", "")
-    if only not in ("", "lvm", "partition", "split", "layout"):
-        session.error(f"BENCH_ONLY must be lvm, partition, split or layout, not {only!r}")
+    if only not in ("", "lvm", "partition", "list", "split", "layout"):
+        session.error(f"BENCH_ONLY must be lvm, partition, list, split or layout, not {only!r}")
+    quick = "quick" in session.posargs or os.environ.get("BENCH_QUICK", "") not in ("", "0")
+    outputs = [arg for arg in session.posargs if arg != "quick"]
+    env = {**os.environ, **({**BENCH_QUICK, **os.environ} if quick else {})}
     session.install("-e", ".[test]")
-    lvm_out = session.posargs[0] if session.posargs else "bench-results.json"
-    part_out = session.posargs[1] if len(session.posargs) > 1 else "bench-partition.json"
-    split_out = session.posargs[2] if len(session.posargs) > 2 else "bench-split.json"
+    lvm_out = outputs[0] if outputs else "bench-results.json"
+    part_out = outputs[1] if len(outputs) > 1 else "bench-partition.json"
+    split_out = outputs[2] if len(outputs) > 2 else "bench-split.json"
+    list_out = outputs[3] if len(outputs) > 3 else "bench-list.json"
+    started = time.monotonic()
     if only in ("", "lvm"):
-        _lvm_bench(session, lvm_out)
+        _lvm_bench(session, lvm_out, env, quick=quick)
     if only in ("", "partition"):
-        session.run("python", "bench/partbench.py", part_out)
-    if only in ("", "split"):
-        session.run("python", "bench/splitbench.py", split_out)
-    if only in ("", "layout"):
-        layout_out = session.posargs[3] if len(session.posargs) > 3 else "bench-layout.json"
+        session.run("python", "bench/partbench.py", part_out, env=env)
+    if only in ("", "list"):
+        session.run("python", "bench/listbench.py", list_out, env=env)
+    if only == "split" or (only == "" and not quick):
+        session.run("python", "bench/splitbench.py", split_out, env=env)
+    if only == "layout" or (only == "" and not quick):
+        layout_out = outputs[4] if len(outputs) > 4 else "bench-layout.json"
         sandbox = ["--vg", "ldbench-layout:256Mx4@hdd,128M@ssd", "--timeout", "3600", "--"]
-        session.run("localdisk", "sandbox", "run", *sandbox, "python", "bench/layoutbench.py", layout_out)
+        session.run("localdisk", "sandbox", "run", *sandbox, "python", "bench/layoutbench.py", layout_out, env=env)
+    session.log(f"bench{' (quick)' if quick else ''}: {time.monotonic() - started:.0f}s")
 
 
-def _lvm_bench(session: nox.Session, out: str) -> None:
+# The quick bench: the standard table at 40 volumes (lvmbench, partbench), concurrency 1 and 32, listing levels
+# that fill in seconds; the full counts are the scripts' defaults.
+BENCH_QUICK = {
+    "BENCH_VOLUMES": "40",
+    "BENCH_PART_VOLUMES": "40",
+    "BENCH_CONCURRENCY": "1,32",
+    "BENCH_LEVELS": "0,40",
+    "BENCH_CALLS": "30",
+}
+
+
+def _lvm_bench(session: nox.Session, out: str, base_env: dict[str, str], *, quick: bool = False) -> None:
     """Two UML guests at once, one per core: thin provisioning and the CSI overhead; linear provisioning, then
     GetCapacity/ListVolumes at growing numbers of volumes (on that guest's thin pool) and memory.
 
@@ -259,10 +294,13 @@ def _lvm_bench(session: nox.Session, out: str) -> None:
         "thin": {"BENCH_BACKENDS": "thin", "BENCH_PHASES": "overhead,provisioning"},
         "lvm": {"BENCH_BACKENDS": "lvm", "BENCH_PHASES": "memory,provisioning,levels"},  # levels: on its thin pool
     }
+    if quick:  # the thin guest is the longer one: its overhead phase (thin creates) moves over, memory is left out
+        guests["thin"]["BENCH_PHASES"] = "provisioning"
+        guests["lvm"]["BENCH_PHASES"] = "overhead,provisioning,levels"
     bin_dir = Path(session.bin)
     runs = {}
     for name, extra in guests.items():
-        env = {**os.environ, **extra, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+        env = {**base_env, **extra, "PATH": f"{bin_dir}{os.pathsep}{base_env.get('PATH', '')}"}
         argv = [str(bin_dir / "localdisk"), "sandbox", "run", *sandbox, "--timeout", "10800", "--"]
         argv += [str(bin_dir / "python"), "bench/lvmbench.py", f"{out}.{name}.part"]
         log = open(f"{out}.{name}.log", "wb")  # noqa: SIM115 - closed below, after the guest exits

@@ -13,6 +13,10 @@ What it measures, each against the same pools in the same run:
 - memory: resident set of an idle `localdisk serve`, and of one serving the largest number of volumes after it has
   listed them.
 
+Experiments (BENCH_EXPERIMENT, bench only, the library untouched): `no-confirm-refresh` also measures localdisk's
+creates with the backends' re-read of the VG after each change (when no other writer waits) left out, in the same
+guest right after the unchanged run, as `<backend>/c<N>/experiment`; BENCH_BASELINE=0 skips the baseline's runs.
+
 Results are printed as a table and written as JSON. Counts come from the environment (BENCH_VOLUMES,
 BENCH_CONCURRENCY, BENCH_LEVELS, BENCH_REPEATS, BENCH_CALLS) so a quick run and a full one use the same code.
 Numbers are medians over BENCH_REPEATS repeats. Nothing here asserts a time: a benchmark is not a test.
@@ -20,13 +24,14 @@ Numbers are medians over BENCH_REPEATS repeats. Nothing here asserts a time: a b
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +48,7 @@ from localdisk._proto.csi.v1 import (
     ListVolumesRequest,
     ProbeRequest,
 )
+from localdisk.backends import lvm as lvm_backend
 from localdisk.backends.lvm import PENDING_TAG, identity_tags, lv_name_for, shared_lvm
 from localdisk.backends.lvmshell import ShellExecutor
 from localdisk.csi.server import serve
@@ -83,6 +89,33 @@ PROVISION = [b for b in os.environ.get("BENCH_BACKENDS", "thin,lvm").split(",") 
 PHASES = frozenset(os.environ.get("BENCH_PHASES", "overhead,provisioning,levels,memory").split(","))
 REPEATS = _ints("BENCH_REPEATS", "1")[0]
 CALLS = _ints("BENCH_CALLS", "50")[0]
+EXPERIMENT = os.environ.get("BENCH_EXPERIMENT", "")
+BASELINE = os.environ.get("BENCH_BASELINE", "1") != "0"
+
+
+@contextlib.asynccontextmanager
+async def _writing_unconfirmed(self: Any) -> AsyncIterator[Any]:
+    """`_LvmBackend._writing` without the VG re-read it makes after a change when no other writer is queued."""
+    async with self._lock:
+        try:
+            yield await self._report()
+        except BaseException:
+            self.view.invalidate()
+            raise
+
+
+@contextlib.contextmanager
+def experiment() -> Iterator[None]:
+    """BENCH_EXPERIMENT's change to the backends, for the duration of one measured run."""
+    if EXPERIMENT != "no-confirm-refresh":
+        raise SystemExit(f"lvmbench: unknown BENCH_EXPERIMENT {EXPERIMENT!r} (known: no-confirm-refresh)")
+    backend: Any = lvm_backend._LvmBackend
+    original = backend._writing
+    backend._writing = _writing_unconfirmed
+    try:
+        yield
+    finally:
+        backend._writing = original
 
 
 class LvmClock:
@@ -156,26 +189,35 @@ class Bench:
     async def delete(self, ids: list[str], i: int) -> None:
         await self.controller.delete_volume(DeleteVolumeRequest(volume_id=ids[i]))
 
+    async def ours(self, backend: str, concurrency: int, label: str) -> dict[str, float]:
+        names = [f"p-{backend}-{concurrency}-{label}-{i}" for i in range(VOLUMES)]
+        ids: list[str] = [""] * VOLUMES
+        make = functools.partial(self.create_nth, backend, names, ids)
+        mine = summary(*await timed_all(VOLUMES, concurrency, make))
+        wall, _ = await timed_all(VOLUMES, concurrency, functools.partial(self.delete, ids))
+        return mine | {"deletes_per_second": round(VOLUMES / wall, 3)}
+
     async def provisioning(self) -> None:
         runner = CommandRunner(default_timeout=PEER_TIMEOUT)
         out: dict[str, Any] = {}
         for backend in PROVISION:
             vg = BACKENDS[backend][1]
             for concurrency in CONCURRENCY:
-                ours, peers = [], []
+                ours, peers, tried = [], [], []
                 for repeat in range(REPEATS):
-                    names = [f"p-{backend}-{concurrency}-{repeat}-{i}" for i in range(VOLUMES)]
-                    ids: list[str] = [""] * VOLUMES
-
-                    make = functools.partial(self.create_nth, backend, names, ids)
-                    mine = summary(*await timed_all(VOLUMES, concurrency, make))
-                    wall, _ = await timed_all(VOLUMES, concurrency, functools.partial(self.delete, ids))
-                    ours.append(mine | {"deletes_per_second": round(VOLUMES / wall, 3)})
+                    ours.append(await self.ours(backend, concurrency, str(repeat)))
+                    if EXPERIMENT:
+                        with experiment():
+                            tried.append(await self.ours(backend, concurrency, f"x{repeat}"))
+                    if not BASELINE:
+                        continue
                     base = [f"b-{backend}-{concurrency}-{repeat}-{i}" for i in range(VOLUMES)]
                     create = functools.partial(peer_create_nth, runner, backend, vg, base)
                     peers.append(summary(*await timed_all(VOLUMES, concurrency, create)))
                     await peer_delete_all(runner, vg)  # not measured: one lvremove for all, to save time
-                mine, theirs = median_of(ours), median_of(peers)
+                mine = median_of(ours)
+                theirs = median_of(peers) if peers else {"seconds": float("nan"), "volumes_per_second": float("nan")}
+                theirs |= {k: float("nan") for k in ("p50_ms", "p95_ms") if k not in theirs}
                 row: dict[str, Any] = {"localdisk": mine, "baseline": theirs}
                 row["time_ratio"] = round(mine["seconds"] / theirs["seconds"], 3)
                 row["speedup"] = round(theirs["seconds"] / mine["seconds"], 2)
@@ -184,6 +226,16 @@ class Bench:
                     f"provisioning {backend} c={concurrency}: ours {row['localdisk']['seconds']}s"
                     f" baseline {row['baseline']['seconds']}s -> ours/baseline {row['time_ratio']}"
                 )
+                if tried:
+                    changed = median_of(tried)
+                    out[f"{backend}/c{concurrency}/{EXPERIMENT}"] = {
+                        "localdisk": changed,
+                        "baseline": theirs,
+                        "time_ratio": round(changed["seconds"] / theirs["seconds"], 3),
+                        "speedup": round(theirs["seconds"] / changed["seconds"], 2),
+                        "versus_unchanged": round(changed["seconds"] / mine["seconds"], 3),
+                    }
+                    log(f"  {EXPERIMENT}: ours {changed['seconds']}s ({changed['seconds'] / mine['seconds']:.3f}x)")
         self.results["provisioning"] = out
 
     async def overhead(self) -> None:
@@ -316,13 +368,13 @@ async def serve_rss(config_path: Path, socket: Path, *, work: bool) -> dict[str,
 def table(results: dict[str, Any]) -> str:
     lines = ["", "== provisioning (CreateVolume through the CSI socket; baseline: lvs+vgs+lvcreate processes) =="]
     lines.append(
-        f"{'case':12s} {'ours s':>8s} {'base s':>8s} {'ours/base':>9s} {'ours vol/s':>10s} {'base vol/s':>10s}"
+        f"{'case':32s} {'ours s':>8s} {'base s':>8s} {'ours/base':>9s} {'ours vol/s':>10s} {'base vol/s':>10s}"
         f" {'ours p50':>9s} {'ours p95':>9s} {'base p50':>9s} {'base p95':>9s}"
     )
     for case, row in results.get("provisioning", {}).items():
         ours, base = row["localdisk"], row["baseline"]
         lines.append(
-            f"{case:12s} {ours['seconds']:8.2f} {base['seconds']:8.2f} {row['time_ratio']:9.3f}"
+            f"{case:32s} {ours['seconds']:8.2f} {base['seconds']:8.2f} {row['time_ratio']:9.3f}"
             f" {ours['volumes_per_second']:10.2f} {base['volumes_per_second']:10.2f} {ours['p50_ms']:9.0f}"
             f" {ours['p95_ms']:9.0f} {base['p50_ms']:9.0f} {base['p95_ms']:9.0f}"
         )

@@ -12,7 +12,7 @@ import json
 import re
 import struct
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -29,6 +29,7 @@ class Partition:
     uuid: str  # PARTUUID, lower case (as udev spells it under /dev/disk/by-partuuid)
     name: str  # the GPT partition name (at most 36 UTF-16 code units)
     type: str = ""  # the partition type GUID, upper case as sfdisk prints it
+    attrs: str = ""  # the attribute bits as sfdisk spells them ("RequiredPartition GUID:63"), "" for none
 
     @property
     def end(self) -> int:
@@ -56,6 +57,7 @@ class Table:
     last_lba: int  # last usable sector, inclusive (as GPT headers and sfdisk spell it)
     partitions: tuple[Partition, ...]
     label_id: str = ""  # the disk GUID, upper case as sfdisk prints it
+    table_length: int | None = None  # entries in the partition array when not sfdisk's default (128)
 
     def by_uuid(self, uuid: str) -> Partition | None:
         uuid = uuid.lower()
@@ -141,6 +143,7 @@ def parse_sfdisk(text: str, device: str) -> Table:
             last_lba=int(raw["lastlba"]),
             partitions=tuple(sorted(parts, key=lambda p: p.number)),
             label_id=str(raw.get("id", "")).upper(),
+            table_length=int(raw["table-length"]) if "table-length" in raw else None,
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise BackendFailure(f"cannot read the partition table of {device}: unexpected sfdisk output ({exc})") from exc
@@ -158,7 +161,36 @@ def _partition(raw: dict[str, Any]) -> Partition:
         uuid=str(raw["uuid"]).lower(),
         name=str(raw.get("name", "")),
         type=str(raw.get("type", "")).upper(),
+        attrs=str(raw.get("attrs", "")),
     )
+
+
+_VERBATIM = re.compile(r'^[^"\\\x00-\x1f\x7f]*$')  # what an sfdisk script can quote without escapes
+
+
+def table_script(table: Table, node: Callable[[int], str]) -> str | None:
+    """The whole of `table` as an sfdisk script, to write it back in one run: the label's header (disk GUID, usable
+    area, sector size, entry count) and every partition with its number (`node`: the node name sfdisk takes it
+    from), place, type, PARTUUID, name and attributes. None when a name or attribute string cannot be written back
+    verbatim (a quote, a backslash, a control character: only partitions localdisk did not make can have one).
+    """
+    if any(not _VERBATIM.match(p.name) or not _VERBATIM.match(p.attrs) for p in table.partitions):
+        return None
+    lines = [
+        "label: gpt",
+        f"label-id: {table.label_id}",
+        "unit: sectors",
+        f"first-lba: {table.first_lba}",
+        f"last-lba: {table.last_lba}",
+        f"sector-size: {table.sector_size}",
+    ]
+    if table.table_length is not None:
+        lines.append(f"table-length: {table.table_length}")
+    lines.append("")
+    for p in table.partitions:
+        line = f"{node(p.number)} : start={p.start}, size={p.size}" + (f", type={p.type}" if p.type else "")
+        lines.append(line + f', uuid={p.uuid}, name="{p.name}"' + (f', attrs="{p.attrs}"' if p.attrs else ""))
+    return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,12 @@ Changes are one table write each: `sfdisk --append` creates a partition with its
 given (so nothing has to be read back), `sfdisk --part-label` renames it, `sfdisk --delete` removes it, all with
 the kernel left alone; localdisk then tells the kernel about that one partition itself (the BLKPG ioctl `partx` and
 parted use, made in-process), so no other partition's node is ever re-created and no process is spent on it.
+
+Creates on one disk are group-committed (`_commit`): the creates waiting for the disk's lock queue their orders,
+and whichever takes the lock next carries out every order queued by then with one read, one `sfdisk --append` of
+all their pending partitions, and one write naming them all ready (the whole table written back as read plus these
+names, `gpt.table_script`; `--part-label` when there is one). Each partition still goes through the same states
+(pending, wiped, ready), so a crash anywhere leaves what a crash of a single create leaves.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -59,6 +65,7 @@ from localdisk.backends.gpt import (
     parse_header,
     parse_sfdisk,
     parse_wipefs,
+    table_script,
 )
 from localdisk.backends.partkernel import (
     BLKPG_ADD,
@@ -101,6 +108,7 @@ PENDING_PREFIX = "lp-"  # created, not yet wiped and handed out (left by a crash
 # own clean-up did not finish: removed at start-up and by the background reclaim)
 KEY_LENGTH = 32
 LUKS_TYPE = "CA7D7CCB-63ED-4C53-861C-1742536059CC"  # GPT type "Linux LUKS": the volume is encrypted
+LINUX_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"  # GPT type "Linux filesystem", sfdisk's default
 _OURS = re.compile(rf"^(?:{READY_PREFIX}|{PENDING_PREFIX})[a-z2-7]{{{KEY_LENGTH}}}$")
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _SYSFS_BLOCK = Path("/sys/class/block")
@@ -246,6 +254,7 @@ class _Disk:
         self.read_at = -math.inf  # monotonic time of the read `table` comes from
         self.reads = 0
         self._kernel: dict[int, KernelPartition] | None = None  # sysfs's partitions, mapped once per table
+        self.orders: list[_Order] = []  # creates waiting for the next group commit on this disk
 
     def device(self) -> str:
         """The kernel node behind the configured (stable) path, resolved each time: it may change across reboots."""
@@ -274,6 +283,28 @@ class _Disk:
         if self._kernel is None:
             self._kernel = kernel_partitions(self.device())
         return self._kernel
+
+
+Resume = Literal["resume"]
+
+
+@dataclass(eq=False)
+class _Order:
+    """One create waiting for its disk's next group commit. `result`: the volume, None when the disk has no room
+    for it, "resume" when a pending partition of its name is there already (the single-create path finishes it)."""
+
+    key: str
+    size_bytes: int
+    type_guid: str
+    done: anyio.Event = field(default_factory=anyio.Event)
+    abandoned: bool = False  # its create was cancelled: its partition stays pending, for its own clean-up
+    placed: bool = False  # its pending partition is in the write under way (or was written)
+    result: Volume | Resume | None = None
+    error: LocalDiskError | None = None
+
+    def finish(self, result: Volume | Resume | None = None, error: LocalDiskError | None = None) -> None:
+        self.result, self.error = result, error
+        self.done.set()
 
 
 class PartitionBackend:
@@ -727,6 +758,12 @@ class PartitionBackend:
                     choice = self._choose(views, spec.size_bytes)
                     if choice is None:
                         raise self._no_room(views, spec.size_bytes)
+                made = await self._group_create(choice, spec, key)
+                if made is None:
+                    continue  # other volumes took the room meanwhile: look again
+                if made != "resume":
+                    return made
+            # Finishing a pending partition of this name (a crash or a failure left it), one create alone.
             async with self._changing(choice) as table:
                 if (done := table.by_name(ready)) is not None:
                     return self._volume(choice, table, done)
@@ -756,6 +793,150 @@ class PartitionBackend:
         raise InsufficientCapacity(
             f"partition pool {self.pool!r}: other volumes kept taking the free space; retry later"
         )
+
+    # -- group commit of creates ------------------------------------------------------------------------------------
+    async def _group_create(self, disk: _Disk, spec: VolumeSpec, key: str) -> Volume | Resume | None:
+        """Queue a create on `disk` and wait until a group commit carried it out: this create's own, if it takes the
+        disk's lock while its order is still queued, or the one of whichever create took the lock first."""
+        order = _Order(key, spec.size_bytes, LUKS_TYPE if spec.encrypted else LINUX_TYPE)
+        disk.orders.append(order)
+        try:
+            while not order.done.is_set():
+                async with disk.lock:
+                    if order.done.is_set():
+                        break
+                    orders, disk.orders = disk.orders, []
+                    await self._commit(disk, orders, order)
+        except BaseException:
+            order.abandoned = True
+            with contextlib.suppress(ValueError):
+                disk.orders.remove(order)
+            raise
+        if order.error is not None:
+            raise order.error
+        return order.result
+
+    async def _commit(self, disk: _Disk, orders: list[_Order], own: _Order) -> None:
+        """Carry out `orders` together; the disk's lock is held, `own` is the order of the create doing it. A failure
+        or a cancellation (its client's deadline) part-way drops the view and fails only `own`: another create whose
+        partition may have been written goes on alone (`"resume"`: it finishes its pending partition, or makes it
+        afresh), one not placed yet waits for the next group commit."""
+        try:
+            await self._commit_orders(disk, orders)
+        except BaseException:
+            disk.invalidate()
+            for order in orders:
+                if order is own or order.done.is_set():
+                    continue
+                if order.placed:
+                    order.finish("resume")
+                elif not order.abandoned:
+                    disk.orders.append(order)
+            raise
+
+    async def _commit_orders(self, disk: _Disk, orders: list[_Order]) -> None:
+        """One read, one write creating every new partition (pending), their wipes, one write naming them ready."""
+        table = await self._read(disk)
+        made: list[tuple[_Order, Partition]] = []
+        for order in orders:
+            ready, pending = READY_PREFIX + order.key, PENDING_PREFIX + order.key
+            if order.abandoned:
+                order.finish()
+            elif (done := table.by_name(ready)) is not None:
+                order.finish(self._volume(disk, table, done))
+            elif table.by_name(pending) is not None:
+                order.finish("resume")
+            else:
+                sectors = order.size_bytes // table.sector_size
+                extent = best_fit(table.free_extents(ALIGNMENT), sectors)
+                if extent is None:
+                    order.finish(None)
+                    continue
+                # Born pending ("lp-"): until it is wiped and renamed "ld-" no lookup returns it, a retry of this
+                # create resumes it, and `open` drops it.
+                number, place = table.free_number(), extent.start
+                part = Partition(number, place, sectors, str(uuid.uuid4()), pending, order.type_guid)
+                table = table.with_partition(part)
+                made.append((order, part))
+                order.placed = True
+        if not made:
+            return
+        lines = "".join(f"{self._entry(table.device, part)}\n" for _, part in made)
+        append = ["--append", "--wipe", "never", "--wipe-partitions", "never", "--", table.device]
+        await self.runner.run([*_SFDISK_WRITE, *append], input=lines.encode())
+        disk.remember(table)
+        for _, part in made:
+            try:
+                await tell_kernel(table, BLKPG_ADD, part)
+            except OSError:
+                await self._settle(table.device, table)  # the kernel is out of step (a stale partition in the way)
+        await self._settle_parts(disk, table, [part for _, part in made])
+        # Space freed by localdisk was zeroed when its volume was deleted, so only stale signatures can be left
+        # here (from before the disk joined the pool). Erasing them is cheap and stops the node from mounting an
+        # old filesystem instead of formatting; zeroing every new volume would double the write cost of each volume
+        # on disks that cannot offload zeroing.
+        wiped: list[tuple[_Order, Partition]] = []
+        for order, part in made:
+            if order.abandoned:
+                continue
+            try:
+                await self._wipe(table, part)
+            except LocalDiskError as exc:  # this one stays pending: its retry resumes it, or the reclaim drops it
+                order.finish(error=exc)
+                continue
+            wiped.append((order, part))
+        wiped = [(order, part) for order, part in wiped if not order.abandoned]  # cancelled during the wipes
+        if not wiped:
+            for order, _ in made:
+                if not order.done.is_set():
+                    order.finish()
+            return
+        table = await self._name_ready(disk, table, [part for _, part in wiped])
+        for order, part in made:
+            named = table.by_uuid(part.uuid)
+            if order.done.is_set():
+                continue
+            if named is not None and is_ready(named):
+                order.finish(self._volume(disk, table, named))
+            else:
+                order.finish()  # abandoned meanwhile
+
+    @staticmethod
+    def _entry(device: str, part: Partition) -> str:
+        """`part` as one line of an sfdisk script: number (by node name), place, name, PARTUUID, type."""
+        line = f"{node_name(device, part.number)} : start={part.start}, size={part.size}, name={part.name}"
+        return line + f", uuid={part.uuid}" + (f", type={part.type}" if part.type else "")
+
+    async def _name_ready(self, disk: _Disk, table: Table, parts: list[Partition]) -> Table:
+        """Rename pending `parts` ready in one table write; the disk's lock is held. One partition: `--part-label`.
+        More: the whole table written back as read under this hold of the lock plus our own changes since
+        (`table_script`), which is what sfdisk writes for any change; a table that cannot be scripted verbatim (a
+        foreign partition's odd name) is renamed one partition at a time."""
+        renamed = table
+        for part in parts:
+            renamed = renamed.with_partition(replace(part, name=READY_PREFIX + part.name[len(PENDING_PREFIX) :]))
+        script = table_script(renamed, lambda number: node_name(table.device, number)) if len(parts) > 1 else None
+        if script is None:
+            for part in parts:
+                table, _ = await self._rename(disk, table, part, READY_PREFIX + part.name[len(PENDING_PREFIX) :])
+            return table
+        whole = ["--wipe", "never", "--wipe-partitions", "never", "--", table.device]
+        await self.runner.run([*_SFDISK_WRITE, *whole], input=script.encode())
+        disk.remember(renamed)
+        return renamed
+
+    async def _settle_parts(self, disk: _Disk, table: Table, parts: list[Partition]) -> None:
+        """`_settle_one` for several partitions of one change: the kernel polled for all, udev waited for once."""
+        deadline = anyio.current_time() + 1.0
+        while not all(kernel_shows(table, part) for part in parts):
+            if anyio.current_time() >= deadline:
+                await self._settle(table.device, table)
+                break
+            await anyio.sleep(0.005)
+        disk.remember(table)  # the kernel changed: map its partitions again when next needed
+        if udev_running():
+            timeout = max(1, int(self.config.settle_timeout_seconds))
+            await self.runner.run(["udevadm", "settle", f"--timeout={timeout}"], check=False)
 
     def _choose(self, tables: list[tuple[_Disk, Table]], size: int) -> _Disk | None:
         options = []

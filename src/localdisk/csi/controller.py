@@ -37,13 +37,10 @@ from localdisk._proto.csi.v1 import (
     ListSnapshotsResponseEntry,
     ListVolumesRequest,
     ListVolumesResponse,
-    ListVolumesResponseEntry,
-    ListVolumesResponseVolumeStatus,
     TopologyRequirement,
     ValidateVolumeCapabilitiesRequest,
     ValidateVolumeCapabilitiesResponse,
     ValidateVolumeCapabilitiesResponseConfirmed,
-    VolumeCondition,
 )
 from localdisk.config import NodeConfig
 from localdisk.crypt import HEADER_BYTES
@@ -51,7 +48,6 @@ from localdisk.csi import TOPOLOGY_KEY, convert, validate
 from localdisk.csi.status import rpc
 from localdisk.errors import InsufficientCapacity, InvalidArgument, NotFound, OutOfRange
 from localdisk.manager import CreateRequest, VolumeManager
-from localdisk.model import Volume
 from localdisk.mounts import MIN_FS_BYTES
 from localdisk.qos import IoLimits, VolumeQos
 
@@ -121,8 +117,7 @@ def page_bounds(total: int, max_entries: int, starting_token: str) -> tuple[int,
         raise GRPCError(Status.ABORTED, f"starting_token {starting_token!r} is not valid") from None
 
 
-def _condition(volume: Volume) -> VolumeCondition:
-    return VolumeCondition(abnormal=volume.abnormal is not None, message=volume.abnormal or "volume is healthy")
+_condition = convert.condition
 
 
 class ControllerService(ControllerBase):
@@ -133,6 +128,7 @@ class ControllerService(ControllerBase):
         self.node_id = node_id
         self.config = config or NodeConfig()
         self.io = io or qos.for_node(self.config.node)
+        self._entries = convert.VolumeEntries(node_id)  # ListVolumes entries, encoded once per volume
 
     def _on_this_node(self, requirement: TopologyRequirement | None) -> bool:
         if requirement is None or not requirement.requisite:
@@ -197,14 +193,7 @@ class ControllerService(ControllerBase):
     async def list_volumes(self, message: ListVolumesRequest) -> ListVolumesResponse:
         volumes = await self.manager.list_volumes()
         start, end = page_bounds(len(volumes), message.max_entries, message.starting_token)
-        entries = [
-            ListVolumesResponseEntry(
-                volume=convert.volume(v, self.node_id),
-                status=ListVolumesResponseVolumeStatus(volume_condition=_condition(v)),
-            )
-            for v in volumes[start:end]
-        ]
-        return ListVolumesResponse(entries=entries, next_token=str(end) if end < len(volumes) else "")
+        return self._entries.response(volumes, start, end, str(end) if end < len(volumes) else "")
 
     @rpc
     async def get_capacity(self, message: GetCapacityRequest) -> GetCapacityResponse:
