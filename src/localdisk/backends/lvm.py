@@ -62,8 +62,9 @@ import anyio
 from pydantic import Field, field_validator
 
 from localdisk import crypt
-from localdisk.backend import finish_despite_cancellation
+from localdisk.backend import VolumeBackend, finish_despite_cancellation
 from localdisk.backends.lvmcmd import LogicalVolume, Lvm, VgReport, check_name
+from localdisk.backends.lvmsetup import ThinRulesConfig, VgRulesConfig, with_rules
 from localdisk.backends.lvmshell import ShellExecutor
 from localdisk.blockdev import erase_signatures, zero_out
 from localdisk.errors import (
@@ -390,7 +391,7 @@ def _lvm_name(value: str) -> str:
         raise ValueError(exc.message) from None
 
 
-class LinearPoolConfig(PoolConfig):
+class LinearPoolConfig(VgRulesConfig):
     volume_group: str
     """The VG whose free extents become volumes."""
     spare_bytes: Annotated[int, Field(ge=0)] = 0
@@ -401,7 +402,7 @@ class LinearPoolConfig(PoolConfig):
     _check_vg = field_validator("volume_group")(_lvm_name)
 
 
-class ThinPoolConfig(PoolConfig):
+class ThinPoolConfig(ThinRulesConfig):
     volume_group: str
     thin_pool: str
     """The thin pool LV in `volume_group`; it must have zeroing on (`lvcreate -Z y` / `lvchange -Z y`)."""
@@ -956,14 +957,16 @@ def shared_lvm(runner: CommandRunner) -> Lvm:
     return lvm
 
 
-def _linear(pool: str, config: PoolConfig, runner: CommandRunner) -> LinearBackend:
+def _linear(pool: str, config: PoolConfig, runner: CommandRunner) -> VolumeBackend:
     assert isinstance(config, LinearPoolConfig)
-    return LinearBackend(pool, config, shared_lvm(runner), runner, view_max_age=config.view_max_age_seconds)
+    backend = LinearBackend(pool, config, shared_lvm(runner), runner, view_max_age=config.view_max_age_seconds)
+    return with_rules(backend, config, runner)  # a pool with `match` finds (and may make) its VG: `lvmsetup`
 
 
-def _thin(pool: str, config: PoolConfig, runner: CommandRunner) -> ThinBackend:
+def _thin(pool: str, config: PoolConfig, runner: CommandRunner) -> VolumeBackend:
     assert isinstance(config, ThinPoolConfig)
-    return ThinBackend(pool, config, shared_lvm(runner), runner, view_max_age=config.view_max_age_seconds)
+    backend = ThinBackend(pool, config, shared_lvm(runner), runner, view_max_age=config.view_max_age_seconds)
+    return with_rules(backend, config, runner, thin_pool=config.thin_pool)
 
 
 LINEAR_BACKEND = BackendSpec("lvm", LinearPoolConfig, _linear, "linear LVs in a volume group, zeroed before use")
