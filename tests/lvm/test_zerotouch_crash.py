@@ -7,7 +7,7 @@ Rounds alternate between a set-up from a blank disk (pvcreate, vgcreate, thin po
 VG just made by a second blank disk (pvcreate, vgextend, the thin pool's growth to its share of the VG). Runs in the
 UML sandbox with four blank disks; `nox -s zerotouch-crash` (not CI):
 
-    localdisk sandbox run --disk 256M --disk 64M --disk 192M --disk 64M -- \\
+    localdisk sandbox run --disk 256M --disk 128M --disk 192M --disk 64M -- \\
         python -m pytest -p no:cacheprovider -q -s tests/lvm/test_zerotouch_crash.py
 """
 
