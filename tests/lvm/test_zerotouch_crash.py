@@ -145,7 +145,8 @@ async def test_zero_touch_setup_converges_through_sigkills() -> None:
             os.killpg(victim.pid, signal.SIGKILL)
         finally:
             victim.wait(timeout=60)
-        outcomes[("grow: " if grow else "from blank: ") + await left_by_kill(mine)] += 1
+        outcome = ("grow: " if grow else "from blank: ") + await left_by_kill(mine)
+        outcomes[outcome] += 1
         finisher = start(argv)
         assert finisher.stdout is not None
         assert finisher.stdout.readline().strip() == "opening"
@@ -160,6 +161,7 @@ async def test_zero_touch_setup_converges_through_sigkills() -> None:
         now = {d: digest(d) for d in foreign}
         touched += sum(1 for d in foreign if now[d] != foreign[d])
         assert now == foreign, f"round {round_}: a foreign disk changed"
+        print(f"round {round_}: kill left {outcome}; converged in {time.monotonic() - began:.1f}s", flush=True)
     minutes = (time.monotonic() - started) / 60
     print(f"\nzerotouch-crash: {KILLS} kills, {KILLS} converged, {touched} foreign disks touched, {minutes:.1f} min")
     for outcome, count in sorted(outcomes.items()):
