@@ -96,9 +96,6 @@ async def reset_disks(disks: list[Blank]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        flag = Path(f"/sys/block/{disk.name}/queue/rotational")
-        if flag.read_text().strip() != "0":
-            flag.write_text("0")
     await RUNNER.run(["udevadm", "settle", "--timeout=30"], check=False)
 
 
@@ -180,18 +177,35 @@ async def test_setup_makes_a_tagged_vg_from_the_blank_disks_the_rules_select(dis
         await again.aclose()
 
 
+@contextmanager
+def spinning(names: list[str], rotational: set[str]) -> Iterator[Roots]:
+    """A sysfs root showing the disks `names` as the kernel does, but those in `rotational` as spinning disks.
+
+    UML's ubd driver lets the guest write /sys/block/ubdX/queue/rotational, but sets it back to 0 the next time the
+    device is opened (any LVM scan, wipefs), so a rotational rule is shown through discovery's injectable root."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            real, fake = HOST.sys / "block" / name, Path(tmp) / "block" / name
+            fake.mkdir(parents=True)
+            for entry in real.iterdir():
+                if entry.name != "queue":
+                    (fake / entry.name).symlink_to(entry)
+            (fake / "queue").mkdir()
+            (fake / "queue" / "rotational").write_text("1\n" if name in rotational else "0\n")
+        yield Roots(sys=Path(tmp), dev=HOST.dev, udev_data=HOST.udev_data, proc=HOST.proc)
+
+
 async def test_rotational_rule_selects_the_spinning_disk(disks: list[Blank]) -> None:
-    # UML lets the guest set the flag: /sys/block/ubdX/queue/rotational is writable.
-    flag = Path(f"/sys/block/{disks[2].name}/queue/rotational")
-    flag.write_text("1")
-    assert flag.read_text().strip() == "1"
-    pool = linear_pool(VG_A, {"names": names(disks), "rotational": True}, setup=True)
-    await pool.open()
-    try:
-        assert pool.discovered == {disks[2].name: "used: made a PV now"}
-        assert {n for n, (vg, _) in (await pvs()).items() if vg == VG_A} == {disks[2].name}
-    finally:
-        await pool.aclose()
+    with spinning(names(disks), {disks[2].name}) as roots:
+        pool = linear_pool(VG_A, {"names": names(disks), "rotational": True}, roots=roots, setup=True)
+        await pool.open()
+        try:
+            assert pool.discovered == {disks[2].name: "used: made a PV now"}
+            assert {n for n, (vg, _) in (await pvs()).items() if vg == VG_A} == {disks[2].name}
+        finally:
+            await pool.aclose()
 
 
 async def test_thin_setup_makes_the_pool_from_a_share_of_the_vg(disks: list[Blank]) -> None:
