@@ -145,6 +145,22 @@ def crypt_crash(session: nox.Session) -> None:
     _run_in_sandboxes(session, CRYPT_CRASH_SHARDS)
 
 
+# Zero-touch LVM set-up (issue 15): blank ubd disks of different sizes beside the e2e VGs; the whole zero-touch suite
+# and its SIGKILL loop (50 kills, ZEROTOUCH_KILLS; ~40 min of UML here) in one guest.
+ZEROTOUCH_DISKS = ["--disk", "256M", "--disk", "128M", "--disk", "192M", "--disk", "64M"]
+
+
+@nox.session(name="zerotouch-crash")
+def zerotouch_crash(session: nox.Session) -> None:
+    """Zero-touch LVM pools from disk rules on real LVM, and SIGKILL through their set-up, in a UML guest (not CI)."""
+    session.install("-e", ".[test]")
+    bin_dir = Path(session.bin)
+    pytest_argv = [str(bin_dir / "python"), "-m", "pytest", "-p", "no:cacheprovider", "-q", "-s"]
+    tests = ["tests/lvm/test_zerotouch.py", "tests/lvm/test_zerotouch_crash.py"]
+    sandbox = [str(bin_dir / "localdisk"), "sandbox", "run", *E2E_SANDBOX, *ZEROTOUCH_DISKS]
+    session.run(*sandbox, "--", *pytest_argv, *tests, *session.posargs)
+
+
 def _run_in_sandboxes(session: nox.Session, shards: dict[str, list[str]]) -> None:
     session.install("-e", ".[test]")
     bin_dir = Path(session.bin)

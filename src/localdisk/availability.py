@@ -11,7 +11,8 @@ raising at start-up it answers
   disks for when the pool comes back),
 
 while every other pool and the Node service go on. `VolumeManager.retry_unavailable` opens down pools again in the
-background, so a disk attached later comes up without a restart.
+background, so a disk attached later comes up without a restart. A pool that is up goes down the same way when the
+background re-read of its state (`refresh_state`) finds it gone: its VG vanished, its only disk died.
 
 A pool can also be *retired*: the node no longer serves it to new volumes (its node labels stopped selecting it,
 `VolumeManager.select`). It reports as down with that reason and capacity 0, and refuses creates, but keeps serving
@@ -25,7 +26,7 @@ import time
 from dataclasses import dataclass
 
 from localdisk.backend import CachedState, PendingVolumes, UsesDisks, VolumeBackend
-from localdisk.errors import FailedPrecondition, LocalDiskError
+from localdisk.errors import FailedPrecondition, LocalDiskError, NotFound
 from localdisk.model import Capacity, Features, PendingVolume, Snapshot, Volume, VolumeSpec
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class Available:
         self.pool = inner.pool
         self.state = PoolState(up=True, since=time.time())  # not known to be down until an open says so
         self.attempts = 0
+        self._opened = False  # the inner pool opened once: it holds what `aclose` releases, down or not
         self.retired: PoolState | None = None  # set while the pool takes no new volumes: why, since when
 
     def retire(self, reason: str) -> None:
@@ -89,13 +91,14 @@ class Available:
                 log.warning("%s pool %r is unavailable: %s; retrying in the background", self.kind, self.pool, reason)
                 self.state = PoolState(up=False, reason=reason, since=time.time())
             return
+        self._opened = True
         if not self.state.up:
             if self.attempts > 1:
                 log.info("%s pool %r is available again", self.kind, self.pool)
             self.state = PoolState(up=True, since=time.time())
 
     async def aclose(self) -> None:
-        if self.state.up:
+        if self._opened or self.state.up:
             await self.inner.aclose()
 
     def _need(self) -> VolumeBackend:
@@ -115,8 +118,20 @@ class Available:
         return inner.refresh_interval if isinstance(inner, CachedState) else 0.0
 
     async def refresh_state(self) -> None:
+        """Re-read the pool's state; a pool found gone under the running server (its VG or disk vanished or died:
+        `NotFound`, `FailedPrecondition`) goes down with the reason, and `retry_unavailable` opens it again."""
         if isinstance(self.inner, CachedState) and self.state.up:
-            await self.inner.refresh_state()
+            try:
+                await self.inner.refresh_state()
+            except (NotFound, FailedPrecondition) as exc:
+                self.fail(exc.message)
+
+    def fail(self, reason: str) -> None:
+        """Mark the pool down while it runs (a dead disk, a vanished VG): capacity 0, calls that need it refused."""
+        reason = reason[:MAX_REASON]
+        if self.state.up or self.state.reason != reason:
+            log.warning("%s pool %r went down: %s; retrying in the background", self.kind, self.pool, reason)
+            self.state = PoolState(up=False, reason=reason, since=time.time())
 
     # -- PendingVolumes, when the backend has them: none while down ---------------------------------------------
     async def pending_volumes(self) -> list[PendingVolume]:

@@ -201,7 +201,7 @@ def _transport(name: str, sysfs_path: str, udev: dict[str, str]) -> str:
 
 def _serial(base: Path, udev: dict[str, str]) -> str:
     for candidate in (base / "device" / "serial", base / "serial"):
-        if text := _read(candidate):
+        if (text := _read(candidate)) and text != "(null)":  # UML's ubd prints "(null)" for a disk without one
             return text
     if serial := udev.get("ID_SERIAL_SHORT", ""):
         return serial
@@ -357,7 +357,7 @@ class Survey:
         return [f for f in self.findings if f.state == state]
 
 
-async def _signatures(runner: CommandRunner, device: str) -> list[str] | str:
+async def signatures_of(runner: CommandRunner, device: str) -> list[str] | str:
     """The signature types wipefs finds on `device` (listing only), or why it could not look."""
     try:
         text = (await runner.run(["wipefs", "--json", "--", device])).text
@@ -420,7 +420,7 @@ async def _sort(
     for part in disk.partitions:
         if any((roots.sys / "block" / disk.name / part / "holders").glob("*")):
             return refused(f"partition {part} is held by md, LVM or device-mapper")
-    signatures = await _signatures(runner, str(roots.dev / disk.name))
+    signatures = await signatures_of(runner, str(roots.dev / disk.name))
     if isinstance(signatures, str):
         return refused(signatures)
     if not signatures:

@@ -201,6 +201,38 @@ class ThinPoolRequest:
 
 
 @dataclass(frozen=True)
+class BlankDiskRequest:
+    """A blank disk of `size_bytes` (no signature, no VG), with a `serial` the guest sees in /sys/block/*/serial."""
+
+    size_bytes: int
+    serial: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> BlankDiskRequest:
+        size, _, serial = text.partition(":")
+        if serial and not re.fullmatch(r"[A-Za-z0-9_.-]{1,20}", serial):
+            raise InvalidArgument(f"--disk {text!r}: the serial is 1-20 of [A-Za-z0-9_.-]")
+        return cls(parse_size(size), serial)
+
+
+def _add_blank_disks(layout: _Layout, disks: Sequence[BlankDiskRequest]) -> None:
+    """Attach `disks` after the VGs' disks, and name them to the guest in LOCALDISK_SANDBOX_DISKS
+    (`/dev/ubdc:SIZE:SERIAL,...`)."""
+    named = []
+    for disk in disks:
+        index = len(layout.disks)
+        image = layout.root / f"blank{index}.img"
+        with open(image, "wb") as out:
+            out.truncate(disk.size_bytes)  # sparse, and blank: reads as zeros
+        layout.disks.append(image)
+        layout.serials[index] = disk.serial
+        named.append(f"/dev/ubd{chr(ord('a') + index)}:{disk.size_bytes}:{disk.serial}")
+    spec = json.loads(layout.spec.read_text())
+    spec["env"]["LOCALDISK_SANDBOX_DISKS"] = ",".join(named)
+    layout.spec.write_text(json.dumps(spec, indent=2))
+
+
+@dataclass(frozen=True)
 class SandboxResult:
     returncode: int
     boot_seconds: float  # from launching UML to the guest ready to run the command (modules, udev, VGs)
@@ -214,6 +246,7 @@ class _Layout:
 
     root: Path
     disks: list[Path] = field(default_factory=list)
+    serials: dict[int, str] = field(default_factory=dict)  # disk index -> the serial UML gives it (--disk)
 
     @property
     def spec(self) -> Path:
@@ -424,7 +457,10 @@ def _prepare(
 
 def _uml_argv(layout: _Layout, uml: str, memory: str) -> list[str]:
     argv = [uml, f"mem={memory}", "root=/dev/root", "rootfstype=hostfs", "rw", f"uml_dir={layout.root}"]
-    argv += [f"ubd{i}={disk}" for i, disk in enumerate(layout.disks)]
+    argv += [
+        f"ubd{i}={disk}" + (f",,{layout.serials[i]}" if layout.serials.get(i) else "")
+        for i, disk in enumerate(layout.disks)
+    ]
     argv += [f"init={layout.init}", "con=null", "con0=fd:0,fd:1"]
     return argv
 
@@ -445,6 +481,7 @@ async def run_sandbox(
     timeout: float = 1800.0,
     memory: str = "1G",
     echo: IO[bytes] | None = None,
+    disks: Sequence[BlankDiskRequest] = (),
 ) -> SandboxResult:
     """Boot a guest with the requested volume groups and thin pools, run `command` in it, and clean everything up.
 
@@ -462,6 +499,8 @@ async def run_sandbox(
         raise InvalidArgument(f"volume group names must be unique: {names}")
     if len(vgs) > 16:
         raise InvalidArgument("the sandbox gives at most 16 disks")
+    if len(vgs) + len(disks) > 16:
+        raise InvalidArgument("the sandbox gives at most 16 disks (--vg and --disk together)")
     for pool in thin:
         if pool.vg not in names:
             raise InvalidArgument(f"thin pool {pool.vg}/{pool.pool}: add --vg {pool.vg}:SIZE for its volume group")
@@ -472,6 +511,7 @@ async def run_sandbox(
     process: Any = None
     try:
         _prepare(layout, command, vgs, thin, tools["modules"])
+        _add_blank_disks(layout, disks)
         env = dict(os.environ)
         if shim is not None:
             env["LD_PRELOAD"] = str(shim)
@@ -749,6 +789,10 @@ def _build_app() -> typer.Typer:
         ] = None,
         timeout: Annotated[float, typer.Option(help="Seconds before the guest is killed.")] = 1800.0,
         memory: Annotated[str, typer.Option(help="Guest memory (UML mem=).")] = "1G",
+        disk: Annotated[
+            list[str] | None,
+            typer.Option("--disk", help="SIZE[:SERIAL]: a blank disk (no VG), after the VGs' disks; repeatable."),
+        ] = None,
     ) -> None:
         """Boot a guest, create the volume groups and thin pools, run COMMAND there, and exit with its status.
 
@@ -761,9 +805,10 @@ def _build_app() -> typer.Typer:
         try:
             vgs = [VolumeGroupRequest.parse(v) for v in vg or []]
             pools = [ThinPoolRequest.parse(t) for t in thin or []]
+            blank = [BlankDiskRequest.parse(d) for d in disk or []]
             result = anyio.run(
                 lambda: run_sandbox(
-                    command, vgs=vgs, thin=pools, timeout=timeout, memory=memory, echo=sys.stdout.buffer
+                    command, vgs=vgs, thin=pools, timeout=timeout, memory=memory, echo=sys.stdout.buffer, disks=blank
                 )
             )
         except LocalDiskError as exc:

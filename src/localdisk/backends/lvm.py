@@ -57,6 +57,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from localdisk import crypt
+from localdisk.backend import VolumeBackend
 from localdisk.backends.lvmbase import (
     ENCRYPTED_TAG,
     HANDLE,
@@ -97,6 +98,7 @@ from localdisk.backends.lvmlayout import (
     plan,
     pv_space,
 )
+from localdisk.backends.lvmsetup import ThinRulesConfig, VgRulesConfig, with_rules
 from localdisk.backends.lvmshell import ShellExecutor
 from localdisk.backends.lvmview import (
     LINEAR_ACTIVE,
@@ -218,7 +220,7 @@ def _lvm_name(value: str) -> str:
         raise ValueError(exc.message) from None
 
 
-class LinearPoolConfig(PoolConfig):
+class LinearPoolConfig(VgRulesConfig):
     volume_group: str
     """The VG whose free extents become volumes."""
     spare_bytes: Annotated[int, Field(ge=0)] = 0
@@ -285,7 +287,7 @@ class LinearPoolConfig(PoolConfig):
         return Layout(self.stripes, self.stripe_size_bytes if self.stripes > 1 else 0, self.mirrors, self.pv_tags)
 
 
-class ThinPoolConfig(PoolConfig):
+class ThinPoolConfig(ThinRulesConfig):
     volume_group: str
     thin_pool: str
     """The thin pool LV in `volume_group`; it must have zeroing on (`lvcreate -Z y` / `lvchange -Z y`)."""
@@ -801,14 +803,16 @@ def shared_lvm(runner: CommandRunner) -> Lvm:
     return lvm
 
 
-def _linear(pool: str, config: PoolConfig, runner: CommandRunner) -> LinearBackend:
+def _linear(pool: str, config: PoolConfig, runner: CommandRunner) -> VolumeBackend:
     assert isinstance(config, LinearPoolConfig)
-    return LinearBackend(pool, config, shared_lvm(runner), runner, view_max_age=config.view_max_age_seconds)
+    backend = LinearBackend(pool, config, shared_lvm(runner), runner, view_max_age=config.view_max_age_seconds)
+    return with_rules(backend, config, runner)  # a pool with `match` finds (and may make) its VG: `lvmsetup`
 
 
-def _thin(pool: str, config: PoolConfig, runner: CommandRunner) -> ThinBackend:
+def _thin(pool: str, config: PoolConfig, runner: CommandRunner) -> VolumeBackend:
     assert isinstance(config, ThinPoolConfig)
-    return ThinBackend(pool, config, shared_lvm(runner), runner, view_max_age=config.view_max_age_seconds)
+    backend = ThinBackend(pool, config, shared_lvm(runner), runner, view_max_age=config.view_max_age_seconds)
+    return with_rules(backend, config, runner, thin_pool=config.thin_pool)
 
 
 LINEAR_BACKEND = BackendSpec("lvm", LinearPoolConfig, _linear, "linear LVs in a volume group, zeroed before use")
