@@ -129,9 +129,9 @@ class CentralControllerService(ControllerBase):
         source = validate.content_source(message.volume_content_source)
         await self.cluster.ready()
         if source is not None and source.kind is SourceKind.SNAPSHOT:
-            source = ContentSource(source.kind, self.cluster.snapshot_by_handle(source.id))
+            source = ContentSource(source.kind, await self.cluster.snapshot_by_handle(source.id))
         elif source is not None:
-            source = ContentSource(source.kind, self.cluster.by_handle(source.id))
+            source = ContentSource(source.kind, await self.cluster.by_handle(source.id))
         node = self._place(message, required, source)
         volume = await self.cluster.create_volume(
             VolumeRequest(
@@ -153,7 +153,7 @@ class CentralControllerService(ControllerBase):
     async def delete_volume(self, message: DeleteVolumeRequest) -> DeleteVolumeResponse:
         validate.require(message.volume_id, "volume_id")
         await self.cluster.ready()
-        await self.cluster.delete_volume(self.cluster.by_handle(message.volume_id))
+        await self.cluster.delete_volume(await self.cluster.by_handle(message.volume_id))
         return DeleteVolumeResponse()
 
     @rpc
@@ -163,7 +163,7 @@ class CentralControllerService(ControllerBase):
         validate.require(message.volume_id, "volume_id")
         validate.require(message.volume_capabilities, "volume_capabilities")
         await self.cluster.ready()
-        self.cluster.volume(self.cluster.by_handle(message.volume_id))
+        self.cluster.volume(await self.cluster.by_handle(message.volume_id))
         try:
             validate.check_capabilities(message.volume_capabilities)
             validate.check_parameters(message.parameters)
@@ -228,7 +228,7 @@ class CentralControllerService(ControllerBase):
     async def controller_get_volume(self, message: ControllerGetVolumeRequest) -> ControllerGetVolumeResponse:
         validate.require(message.volume_id, "volume_id")
         await self.cluster.ready()
-        volume = self.cluster.volume(self.cluster.by_handle(message.volume_id))
+        volume = self.cluster.volume(await self.cluster.by_handle(message.volume_id))
         return ControllerGetVolumeResponse(volume=self._volume(volume))
 
     @rpc
@@ -240,7 +240,7 @@ class CentralControllerService(ControllerBase):
         if message.volume_capability is not None:
             validate.check_capability(message.volume_capability, "volume_capability")
         await self.cluster.ready()
-        volume = await self.cluster.expand_volume(self.cluster.by_handle(message.volume_id), required, limit)
+        volume = await self.cluster.expand_volume(await self.cluster.by_handle(message.volume_id), required, limit)
         is_block = message.volume_capability is not None and message.volume_capability.block is not None
         return ControllerExpandVolumeResponse(capacity_bytes=volume.size_bytes, node_expansion_required=not is_block)
 
@@ -250,7 +250,7 @@ class CentralControllerService(ControllerBase):
         the node and to the pods using it), answered once the agent reports them applied in the status."""
         changes = modified_limits(message)
         await self.cluster.ready()
-        name = self.cluster.by_handle(message.volume_id)
+        name = await self.cluster.by_handle(message.volume_id)
         volume = self.cluster.volume(name)
         if not changes:
             return ControllerModifyVolumeResponse()
@@ -276,14 +276,15 @@ class CentralControllerService(ControllerBase):
         validate.require(message.source_volume_id, "source_volume_id")
         validate.check_name(message.name)
         await self.cluster.ready()
-        snapshot = await self.cluster.create_snapshot(self.cluster.by_handle(message.source_volume_id), message.name)
+        source = await self.cluster.by_handle(message.source_volume_id)
+        snapshot = await self.cluster.create_snapshot(source, message.name)
         return CreateSnapshotResponse(snapshot=self._snapshot(snapshot))
 
     @rpc
     async def delete_snapshot(self, message: DeleteSnapshotRequest) -> DeleteSnapshotResponse:
         validate.require(message.snapshot_id, "snapshot_id")
         await self.cluster.ready()
-        await self.cluster.delete_snapshot(self.cluster.snapshot_by_handle(message.snapshot_id))
+        await self.cluster.delete_snapshot(await self.cluster.snapshot_by_handle(message.snapshot_id))
         return DeleteSnapshotResponse()
 
     @rpc

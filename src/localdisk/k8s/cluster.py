@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -308,14 +308,42 @@ class ClusterVolumes:
 
         await self._until(gone, f"deleting volume {volume_id}", plural=VOLUMES, name=volume_id)
 
-    def by_handle(self, volume_id: str) -> str:
+    async def by_handle(self, volume_id: str) -> str:
         """The object name for a volume ID of the per-node shape (`<backend>:<pool>:<handle>`), found by the handle
         its adopted LocalVolume records; an ID that is already an object name is returned as it is."""
-        return _by_handle(self.volumes.values(), volume_id, "volume", "LocalVolume")
+        return await self._by_handle(VOLUMES, VolumeObject.of, volume_id, "volume", "LocalVolume")
 
-    def snapshot_by_handle(self, snapshot_id: str) -> str:
+    async def snapshot_by_handle(self, snapshot_id: str) -> str:
         """`by_handle` for snapshots: the LocalSnapshot that records a snapshot ID of the per-node shape."""
-        return _by_handle(self.snapshots.values(), snapshot_id, "snapshot", "LocalSnapshot")
+        return await self._by_handle(SNAPSHOTS, SnapshotObject.of, snapshot_id, "snapshot", "LocalSnapshot")
+
+    async def _by_handle(
+        self,
+        plural: str,
+        parse: Callable[[dict[str, Any]], VolumeObject | SnapshotObject],
+        object_id: str,
+        what: str,
+        kind: str,
+    ) -> str:
+        if ":" not in object_id:
+            return object_id
+        found: list[str] = sorted(o.name for o in self._cache(plural).values() if o.handle == object_id)
+        if not found:  # the watch may lag behind the adoption that recorded it: ask the API server itself
+            try:
+                listed = await self.custom.list_cluster_custom_object(
+                    GROUP, VERSION, plural, _request_timeout=REQUEST_TIMEOUT
+                )
+            except TRANSIENT as exc:
+                raise Busy(f"cannot look {what} {object_id!r} up ({exc}); retry") from exc
+            found = sorted(o.name for o in map(parse, listed.get("items") or []) if o.handle == object_id)
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise FailedPrecondition(f"{what} {object_id!r} is recorded by more than one {kind}: {found}")
+        raise FailedPrecondition(
+            f"{what} {object_id!r} has an ID of the per-node shape and no {kind} records it; run the node plugin of"
+            " its node with --adopt once (docs/deploy.md, moving from the per-node shape)"
+        )
 
     def volume(self, volume_id: str) -> VolumeObject:
         found = self.volumes.get(volume_id)
@@ -606,17 +634,3 @@ class LostNodeObjects:
         except TRANSIENT as exc:
             if not is_status(exc, 404):
                 raise
-
-
-def _by_handle(objects: Iterable[VolumeObject | SnapshotObject], object_id: str, what: str, kind: str) -> str:
-    if ":" not in object_id:
-        return object_id
-    found = sorted(o.name for o in objects if o.handle == object_id)
-    if len(found) == 1:
-        return found[0]
-    if found:
-        raise FailedPrecondition(f"{what} {object_id!r} is recorded by more than one {kind}: {found}")
-    raise FailedPrecondition(
-        f"{what} {object_id!r} has an ID of the per-node shape and no {kind} records it; run the node plugin of its"
-        " node with --adopt once (docs/deploy.md, moving from the per-node shape)"
-    )
