@@ -122,3 +122,28 @@ def test_a_retried_create_with_other_parameters_is_already_exists() -> None:
         ClusterVolumes._same_or_conflict(existing, VolumeRequest("pvc-1", "n1", "thin", None, 10, 0))
     with pytest.raises(errors.AlreadyExists):
         ClusterVolumes._same_or_conflict(existing, VolumeRequest("pvc-1", "n1", "lvm", None, 20, 0))
+
+
+class _Listing:
+    """The one call `ClusterVolumes._by_handle` makes when its cache does not know an ID: a list of the kind."""
+
+    def __init__(self, items: list[dict[str, object]]) -> None:
+        self.items = items
+        self.calls = 0
+
+    async def list_cluster_custom_object(self, *args: object, **kwargs: object) -> dict[str, object]:
+        self.calls += 1
+        return {"items": self.items}
+
+
+@pytest.mark.anyio
+async def test_an_old_id_the_cache_lacks_is_looked_up_on_the_api_server() -> None:
+    cluster = ClusterVolumes(api=None)
+    listing = _Listing([_volume(phase="Ready", handle="lvm:a:b", observedGeneration=1)])
+    cluster.custom = listing
+    assert await cluster.by_handle("pvc-1") == "pvc-1"  # an object name: no lookup
+    assert listing.calls == 0
+    assert await cluster.by_handle("lvm:a:b") == "pvc-1"  # the watch has not brought it yet
+    assert listing.calls == 1
+    with pytest.raises(errors.FailedPrecondition, match="no LocalVolume records it"):
+        await cluster.by_handle("lvm:a:other")
