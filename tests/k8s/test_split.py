@@ -495,7 +495,7 @@ def test_node_agent_controller_and_api_server_restarts_in_the_middle_of_operatio
     plane.restart("kube-apiserver")
     wait_for("the API server", lambda: split.api.healthy() or None, 180)
     split.claim("after", 1536 * MiB)
-    split.bound("after", 120)
+    split.bound("after", 240)
     split.wait_free({"n1": 1 * GiB, "n2": 512 * MiB}, 90)
     split.remove("after")
     wait_for("every LocalVolume to go", lambda: not split.api.get(VOLUMES)["items"] or None, 180)
