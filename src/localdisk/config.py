@@ -83,6 +83,10 @@ class NodeConfig:
             raise ConfigError(f"the kubelet directory {kubelet_dir!r} must be an absolute path")
         return NodeConfig(self.node.model_copy(update={"kubelet_dir": kubelet_dir.rstrip("/") or "/"}), self.pools)
 
+    def default_pools(self) -> dict[str, str]:
+        """Backend -> the pool used when only the backend is given, for each backend that has one."""
+        return {b: p for b in {e.backend for e in self.pools} if (p := self.default_pool(b))}
+
     def default_pool(self, backend: str) -> str | None:
         """The pool used when only `backend` is given: the one marked default, or the only one."""
         mine = [p for p in self.pools if p.backend == backend]

@@ -89,8 +89,7 @@ class VolumeManager:
         for entry in config.pools:
             spec = registry.get(entry.backend)
             backends[(entry.backend, entry.name)] = spec.factory(entry.name, entry.config, runner)
-        defaults = {b: p for b in {e.backend for e in config.pools} if (p := config.default_pool(b))}
-        manager = cls(backends, defaults, pending_grace=config.node.pending_grace_seconds)
+        manager = cls(backends, config.default_pools(), pending_grace=config.node.pending_grace_seconds)
         manager._runner = runner
         return manager
 
@@ -111,7 +110,7 @@ class VolumeManager:
                 await added.open()
                 self.backends = {**self.backends, key: added}  # a new dict: loops over the old one go on unharmed
                 log.info("%s pool %r is served from now on (%s)", entry.backend, entry.name, why)
-        self.defaults = {b: p for b in {e.backend for e in config.pools} if (p := config.default_pool(b))}
+        self.defaults = config.default_pools()
 
     async def open(self) -> None:
         """Open every pool. A pool that cannot open does not stop the others: it is down, with its reason

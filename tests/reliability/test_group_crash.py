@@ -37,6 +37,9 @@ BURST = 12
 SIZES = (MiB, 2 * MiB, 3 * MiB)
 
 
+ANSWER_DEADLINE = 120.0  # seconds of kills, restarts and retryable answers before a call counts as unanswered
+
+
 def request(name: str, size: int) -> CreateVolumeRequest:
     return CreateVolumeRequest(
         name=name,
@@ -49,7 +52,8 @@ def request(name: str, size: int) -> CreateVolumeRequest:
 async def until_answered(supervisor: Supervisor, send: object) -> object:
     """Send until a final answer; a kill (lost connection) or a retryable status is sent again."""
     assert callable(send)
-    for _ in range(200):
+    deadline = time.monotonic() + ANSWER_DEADLINE
+    while time.monotonic() < deadline:
         await supervisor.ensure()
         assert supervisor.channel is not None
         try:
@@ -60,7 +64,7 @@ async def until_answered(supervisor: Supervisor, send: object) -> object:
         except (OSError, StreamTerminatedError, TimeoutError):
             pass
         await asyncio.sleep(0.05)
-    raise AssertionError("no answer after 200 attempts")
+    raise AssertionError(f"no answer within {ANSWER_DEADLINE:.0f}s")
 
 
 @needs_loop_devices

@@ -220,6 +220,13 @@ def _lvm_name(value: str) -> str:
         raise ValueError(exc.message) from None
 
 
+def _lvm_tags(value: tuple[str, ...]) -> tuple[str, ...]:
+    try:
+        return tuple(check_tags(value))
+    except InvalidArgument as exc:
+        raise ValueError(exc.message) from None
+
+
 class LinearPoolConfig(VgRulesConfig):
     volume_group: str
     """The VG whose free extents become volumes."""
@@ -238,13 +245,7 @@ class LinearPoolConfig(VgRulesConfig):
 
     _check_vg = field_validator("volume_group")(_lvm_name)
 
-    @field_validator("pv_tags")
-    @classmethod
-    def _check_tags(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        try:
-            return tuple(check_tags(value))
-        except InvalidArgument as exc:
-            raise ValueError(exc.message) from None
+    _check_tags = field_validator("pv_tags", "cache_pv_tags")(_lvm_tags)
 
     @model_validator(mode="after")
     def _check_layout(self) -> LinearPoolConfig:
@@ -262,14 +263,6 @@ class LinearPoolConfig(VgRulesConfig):
     """Default cache size (`cacheSize`): bytes like 256Mi, or a share of the volume like 10%."""
     cache_on_expand: Literal["grow", "keep"] = "grow"
     """When a cached volume grows: its cache grows too (a share keeps its share) or keeps its size."""
-
-    @field_validator("cache_pv_tags")
-    @classmethod
-    def _check_cache_tags(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        try:
-            return tuple(check_tags(value))
-        except InvalidArgument as exc:
-            raise ValueError(exc.message) from None
 
     @model_validator(mode="after")
     def _check_cache(self) -> LinearPoolConfig:

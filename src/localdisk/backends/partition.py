@@ -643,18 +643,7 @@ class PartitionBackend:
     async def _settle_one(self, disk: _Disk, table: Table, part: Partition) -> None:
         """Wait until the kernel shows `part` where `table` puts it, with its node; the whole-disk `_settle`, which
         repairs, if it does not soon. The usual check after a change of ours: one partition's sysfs entry."""
-        deadline = anyio.current_time() + 1.0
-        while True:
-            if kernel_shows(table, part):
-                break
-            if anyio.current_time() >= deadline:
-                await self._settle(table.device, table)
-                break
-            await anyio.sleep(0.005)
-        disk.remember(table)  # the kernel changed: map its partitions again when next needed
-        if udev_running():
-            timeout = max(1, int(self.config.settle_timeout_seconds))
-            await self.runner.run(["udevadm", "settle", f"--timeout={timeout}"], check=False)
+        await self._settle_parts(disk, table, [part])
 
     # -- changing a table: one write each, then the kernel is told about that one partition -------------------------
     async def _make(

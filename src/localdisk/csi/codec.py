@@ -152,19 +152,10 @@ def _known(
         if inner is not None:
             if pieces is None:
                 pieces = [data[start:field_start]]
-            pieces += [data[field_start:tag_end], _encode_varint(len(inner)), inner]
+            pieces += [data[field_start:tag_end], betterproto2.encode_varint(len(inner)), inner]
         elif pieces is not None:
             pieces.append(data[field_start:pos])
     return None if pieces is None else b"".join(pieces)
-
-
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
 _SCALARS: dict[str, type | tuple[type, ...]] = {

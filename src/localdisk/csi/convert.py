@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from betterproto2 import encode_varint
+
 from localdisk._proto.csi.v1 import (
     ListVolumesResponse,
     ListVolumesResponseEntry,
@@ -72,22 +74,9 @@ def list_entry(vol: Volume, node_id: str) -> ListVolumesResponseEntry:
     )
 
 
-_ENTRIES_TAG, _NEXT_TOKEN_TAG = b"\x0a", b"\x12"  # ListVolumesResponse fields 1 and 2, length-delimited
-
-
-def _length(value: int) -> bytes:
-    """A non-negative integer as a protobuf varint."""
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
 def _field(number: int, payload: bytes) -> bytes:
     """A length-delimited field (string, message, map entry)."""
-    return _length(number << 3 | 2) + _length(len(payload)) + payload
+    return encode_varint(number << 3 | 2) + encode_varint(len(payload)) + payload
 
 
 def _string(number: int, value: str) -> bytes:
@@ -102,7 +91,7 @@ def _map(number: int, items: dict[str, str]) -> bytes:
 def encode_entry(vol: Volume, node_id: str) -> bytes:
     """`bytes(list_entry(vol, node_id))`, written directly: Volume {capacity_bytes 1, volume_id 2, volume_context 3,
     content_source 4, accessible_topology 5}, VolumeStatus {volume_condition 2: {abnormal 1, message 2}}."""
-    volume = _length(1 << 3) + _length(vol.size_bytes) if vol.size_bytes else b""
+    volume = encode_varint(1 << 3) + encode_varint(vol.size_bytes) if vol.size_bytes else b""
     volume += _string(2, vol.id)
     volume += _map(3, {"localdisk.csi.io/backend": vol.ref.backend, "localdisk.csi.io/pool": vol.ref.pool})
     if vol.source is not None:
@@ -141,7 +130,7 @@ class VolumeEntries:
         found = self._cache.get(vol)
         if found is None:
             encoded = encode_entry(vol, self.node_id)
-            found = self._cache[vol] = (list_entry(vol, self.node_id), _ENTRIES_TAG + _length(len(encoded)) + encoded)
+            found = self._cache[vol] = (list_entry(vol, self.node_id), _field(1, encoded))
         return found
 
     def response(self, listed: Sequence[Volume], start: int, end: int, next_token: str) -> ListVolumesResponse:
@@ -151,7 +140,6 @@ class VolumeEntries:
             current = set(listed)
             self._cache = {v: e for v, e in self._cache.items() if v in current}
         response = EncodedListVolumesResponse(entries=[entry for entry, _ in page], next_token=next_token)
-        token = next_token.encode()
-        tail = _NEXT_TOKEN_TAG + _length(len(token)) + token if token else b""
-        response._wire = b"".join(encoded for _, encoded in page) + tail
+        # ListVolumesResponse: entries are field 1 (each cached as a whole field), next_token field 2
+        response._wire = b"".join(encoded for _, encoded in page) + _string(2, next_token)
         return response

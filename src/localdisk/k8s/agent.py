@@ -20,7 +20,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -54,6 +54,7 @@ from localdisk.qos import PARAMETERS, IoLimits, VolumeQos
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (plural, object name)
+Known = TypeVar("Known", VolumeObject, SnapshotObject)
 
 
 @dataclass(frozen=True)
@@ -308,20 +309,28 @@ class NodeAgent:
             return volume_id
         with anyio.move_on_after(wait):
             await self.synced.wait()
-        found = self.volumes.get(volume_id)
-        if found is None or found.handle is None:
-            try:
-                item = await self.custom.get_cluster_custom_object(
-                    GROUP, VERSION, VOLUMES, volume_id, _request_timeout=REQUEST_TIMEOUT
-                )
-            except TRANSIENT as exc:
-                if is_status(exc, 404):
-                    return None
-                raise
-            found = VolumeObject.of(item)
-            if found.node != self.settings.node:
-                return None
+        found = await self._known(self.volumes, VOLUMES, volume_id, VolumeObject.of)
+        if found is None or found.node != self.settings.node:
+            return None
         return found.handle or (await self._handle_by_name(found))
+
+    async def _known(
+        self, cache: dict[str, Known], plural: str, name: str, parse: Callable[[Any], Known]
+    ) -> Known | None:
+        """The object `name` as the watch brought it, or as the API server has it when the watch has not brought
+        its status yet (None when there is no such object)."""
+        found = cache.get(name)
+        if found is not None and found.handle is not None:
+            return found
+        try:
+            item = await self.custom.get_cluster_custom_object(
+                GROUP, VERSION, plural, name, _request_timeout=REQUEST_TIMEOUT
+            )
+        except TRANSIENT as exc:
+            if is_status(exc, 404):
+                return None
+            raise
+        return parse(item)
 
     async def _handle_by_name(self, volume: VolumeObject) -> str | None:
         existing = await self.manager.find_volume_by_name(volume.csi_name)
@@ -433,26 +442,16 @@ class NodeAgent:
     async def _source(self, volume: VolumeObject) -> ContentSource | None:
         if volume.source_kind is None or volume.source_name is None:
             return None
-        parse: Callable[[dict[str, Any]], VolumeObject | SnapshotObject]
+        found: VolumeObject | SnapshotObject | None
         if volume.source_kind == SourceKind.SNAPSHOT.value:
-            plural, kind, parse = SNAPSHOTS, SourceKind.SNAPSHOT, SnapshotObject.of
-            found: VolumeObject | SnapshotObject | None = self.snapshots.get(volume.source_name)
+            kind = SourceKind.SNAPSHOT
+            found = await self._known(self.snapshots, SNAPSHOTS, volume.source_name, SnapshotObject.of)
         elif volume.source_kind == SourceKind.VOLUME.value:
-            plural, kind, parse = VOLUMES, SourceKind.VOLUME, VolumeObject.of
-            found = self.volumes.get(volume.source_name)
+            kind = SourceKind.VOLUME
+            found = await self._known(self.volumes, VOLUMES, volume.source_name, VolumeObject.of)
         else:
             raise InvalidArgument(f"content source kind {volume.source_kind!r} is neither snapshot nor volume")
-        if found is None or found.handle is None:  # the watch may not have brought its status yet: read it
-            try:
-                item = await self.custom.get_cluster_custom_object(
-                    GROUP, VERSION, plural, volume.source_name, _request_timeout=REQUEST_TIMEOUT
-                )
-                found = parse(item)
-            except TRANSIENT as exc:
-                if not is_status(exc, 404):
-                    raise
-        usable = found is not None and found.node == self.settings.node and not found.deleting
-        if found is None or not usable or found.handle is None:
+        if found is None or found.node != self.settings.node or found.deleting or found.handle is None:
             raise NotFound(f"{volume.source_kind} {volume.source_name!r} is not on node {self.settings.node}")
         return ContentSource(kind, found.handle)
 

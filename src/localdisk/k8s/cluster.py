@@ -356,32 +356,13 @@ class ClusterVolumes:
         volume = self.volume(volume_id)
         if volume.size_bytes >= required and volume.required_bytes >= required:
             return volume
-        if volume.error is not None:
-            await self._retry(VOLUMES, volume_id)
-        patched = await self.custom.patch_cluster_custom_object(
-            GROUP,
-            VERSION,
-            VOLUMES,
-            volume_id,
-            {"spec": {"requiredBytes": max(required, volume.required_bytes), "limitBytes": limit}},
-            _content_type=MERGE,
-            _request_timeout=REQUEST_TIMEOUT,
+        return await self._change_spec(
+            volume,
+            {"requiredBytes": max(required, volume.required_bytes), "limitBytes": limit},
+            f"growing volume {volume_id}",
+            "it grew",
+            lambda found: found.size_bytes >= required,
         )
-        generation = int(patched["metadata"].get("generation") or 0)
-
-        def answered() -> VolumeObject | None:
-            found = self.volumes.get(volume_id)
-            if found is None:
-                raise NotFound(f"volume {volume_id!r} was deleted while it grew")
-            if found.observed_generation >= generation and (found.error is not None or found.size_bytes >= required):
-                return found
-            return None
-
-        since = str(patched["metadata"].get("resourceVersion", ""))
-        done = await self._until(answered, f"growing volume {volume_id}", plural=VOLUMES, name=volume_id, since=since)
-        if done.error is not None and done.size_bytes < required:
-            raise error_from_status(done.error, f"node {done.node}")
-        return done
 
     async def modify_volume(self, volume_id: str, limits: dict[str, int]) -> VolumeObject:
         """Record new I/O limits in the volume's spec and wait until its node agent has applied them (status)."""
@@ -389,36 +370,46 @@ class ClusterVolumes:
         volume = self.volume(volume_id)
         if volume.io_limits == limits and volume.applied_io_limits == limits:
             return volume
-        if volume.error is not None:
-            await self._retry(VOLUMES, volume_id)
         gone = {key: None for key in volume.io_limits if key not in limits}  # a merge patch removes with null
+        return await self._change_spec(
+            volume,
+            {"ioLimits": {**gone, **limits}},
+            f"changing the I/O limits of volume {volume_id}",
+            "its I/O limits changed",
+            lambda found: found.applied_io_limits == limits,
+        )
+
+    async def _change_spec(
+        self,
+        volume: VolumeObject,
+        spec: dict[str, Any],
+        what: str,
+        meanwhile: str,
+        done: Callable[[VolumeObject], bool],
+    ) -> VolumeObject:
+        """Patch the volume's spec (clearing an error a failed attempt left) and wait for its node's answer to that
+        generation: the object once `done` holds of it, else the node's error raised."""
+        name = volume.name
+        if volume.error is not None:
+            await self._retry(VOLUMES, name)
         patched = await self.custom.patch_cluster_custom_object(
-            GROUP,
-            VERSION,
-            VOLUMES,
-            volume_id,
-            {"spec": {"ioLimits": {**gone, **limits}}},
-            _content_type=MERGE,
-            _request_timeout=REQUEST_TIMEOUT,
+            GROUP, VERSION, VOLUMES, name, {"spec": spec}, _content_type=MERGE, _request_timeout=REQUEST_TIMEOUT
         )
         generation = int(patched["metadata"].get("generation") or 0)
 
         def answered() -> VolumeObject | None:
-            found = self.volumes.get(volume_id)
+            found = self.volumes.get(name)
             if found is None:
-                raise NotFound(f"volume {volume_id!r} was deleted while its I/O limits changed")
-            if found.observed_generation >= generation and (
-                found.error is not None or found.applied_io_limits == limits
-            ):
+                raise NotFound(f"volume {name!r} was deleted while {meanwhile}")
+            if found.observed_generation >= generation and (found.error is not None or done(found)):
                 return found
             return None
 
         since = str(patched["metadata"].get("resourceVersion", ""))
-        what = f"changing the I/O limits of volume {volume_id}"
-        done = await self._until(answered, what, plural=VOLUMES, name=volume_id, since=since)
-        if done.error is not None and done.applied_io_limits != limits:
-            raise error_from_status(done.error, f"node {done.node}")
-        return done
+        answer = await self._until(answered, what, plural=VOLUMES, name=name, since=since)
+        if answer.error is not None and not done(answer):
+            raise error_from_status(answer.error, f"node {answer.node}")
+        return answer
 
     # -- snapshots --------------------------------------------------------------------------------------------------
 
