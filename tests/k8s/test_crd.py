@@ -11,9 +11,11 @@ from localdisk._proto.csi.v1 import Topology, TopologyRequirement
 from localdisk.csi.central import _nodes
 from localdisk.k8s.cluster import ClusterVolumes, NodeReport, VolumeRequest
 from localdisk.k8s.crd import (
+    ADOPTED,
     FINALIZER,
     NODE_LABEL,
     PoolReport,
+    SnapshotObject,
     VolumeObject,
     error_from_status,
     error_status,
@@ -147,3 +149,18 @@ async def test_an_old_id_the_cache_lacks_is_looked_up_on_the_api_server() -> Non
     assert listing.calls == 1
     with pytest.raises(errors.FailedPrecondition, match="no LocalVolume records it"):
         await cluster.by_handle("lvm:a:other")
+
+
+def test_an_adopted_object_knows_its_on_disk_id_before_its_status_is_written() -> None:
+    """Else its node, seeing the object before the status, would make a second volume for it (a partition keeps
+    only a hash of the name, so a lookup by name cannot find the adopted one)."""
+    adopted = _volume()
+    adopted["metadata"]["annotations"] = {ADOPTED: "partition:default:1234"}  # type: ignore[index]
+    assert VolumeObject.of(adopted).handle == "partition:default:1234"
+    assert not VolumeObject.of(adopted).settled
+    assert VolumeObject.of(_volume(handle="lvm:a:b")).handle == "lvm:a:b"
+    snapshot = {
+        "metadata": {"name": "s", "annotations": {ADOPTED: "thin:p:s1"}},
+        "spec": {"name": "s", "node": "n1", "sourceVolume": "pvc-1"},
+    }
+    assert SnapshotObject.of(snapshot).handle == "thin:p:s1"

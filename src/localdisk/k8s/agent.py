@@ -468,10 +468,13 @@ class NodeAgent:
         ):
             return
         try:
-            source = self.volumes.get(snapshot.source_volume)
-            if source is None or source.handle is None:
-                raise NotFound(f"volume {snapshot.source_volume!r} is not on node {self.settings.node}")
-            made = await self.manager.create_snapshot(source.handle, snapshot.csi_name)
+            if snapshot.handle is not None:  # adopted, its status not written yet: it is on disk already
+                made = await self.manager.get_snapshot(snapshot.handle)
+            else:
+                source = self.volumes.get(snapshot.source_volume)
+                if source is None or source.handle is None:
+                    raise NotFound(f"volume {snapshot.source_volume!r} is not on node {self.settings.node}")
+                made = await self.manager.create_snapshot(source.handle, snapshot.csi_name)
         except Busy:
             raise
         except LocalDiskError as exc:

@@ -143,7 +143,8 @@ class VolumeObject:
             generation=int(meta.get("generation") or 0),
             deleting=bool(meta.get("deletionTimestamp")),
             phase=status.get("phase") or "Pending",
-            handle=status.get("handle") or None,
+            # an adopted object knows its on-disk ID from the start, before its node writes the status
+            handle=status.get("handle") or (meta.get("annotations") or {}).get(ADOPTED) or None,
             size_bytes=int(status.get("sizeBytes") or 0),
             observed_generation=int(status.get("observedGeneration") or 0),
             error=status.get("error") or None,
@@ -193,7 +194,8 @@ class SnapshotObject:
             generation=int(meta.get("generation") or 0),
             deleting=bool(meta.get("deletionTimestamp")),
             phase=status.get("phase") or "Pending",
-            handle=status.get("handle") or None,
+            # an adopted object knows its on-disk ID from the start, before its node writes the status
+            handle=status.get("handle") or (meta.get("annotations") or {}).get(ADOPTED) or None,
             size_bytes=int(status.get("sizeBytes") or 0),
             creation_time=status.get("creationTime") or None,
             observed_generation=int(status.get("observedGeneration") or 0),
