@@ -32,6 +32,9 @@ FsType = Literal["ext4", "xfs", "btrfs"]
 PENDING_GRACE = 300.0  # seconds; see NodeSettings.pending_grace_seconds
 
 
+DiskEvents = Literal["auto", "udev", "kernel", "off"]
+
+
 class NodeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -49,6 +52,10 @@ class NodeSettings(BaseModel):
     format and at a key rotation. Default: cryptsetup's (about 2 s, up to 1 GiB and half the RAM)."""
     cgroup_root: str = "/sys/fs/cgroup"
     """The cgroup v2 hierarchy holding the kubelet's pod cgroups, where I/O limits are written (`localdisk.cgroups`)."""
+    disk_events: DiskEvents = "auto"
+    """Discover again as soon as a disk is added, removed or changed (`localdisk.diskevents`): "udev" follows the
+    udev daemon's events, "kernel" the kernel's uevents, "auto" udev's where its daemon runs and the kernel's
+    elsewhere; "off" keeps to `discover_seconds` and `pool_retry_seconds` alone."""
     state_dir: str | None = None
     """Where the node keeps its record of volumes' I/O limits and publications (`localdisk.qos`); default
     `<kubelet_dir>/plugins/localdisk.csi.io/state`, a host path that survives restarts of the node plugin."""

@@ -338,6 +338,10 @@ class Discovers(Protocol):
         """Whether this pool has rules at all (a pool that only lists its disks reports nothing)."""
         ...
 
+    def discover_soon(self) -> None:
+        """Make the next `refresh_state` run a discovery pass, whatever its interval (a disk event came)."""
+        ...
+
 
 @dataclass(frozen=True)
 class Finding:

@@ -20,6 +20,7 @@ from localdisk import registry
 from localdisk.availability import Available, PoolState
 from localdisk.backend import CachedState, PendingVolumes, TakesParameters, VolumeBackend
 from localdisk.config import PENDING_GRACE, NodeConfig
+from localdisk.discovery import Discovers
 from localdisk.errors import AlreadyExists, Busy, InvalidArgument, NotFound, OutOfRange, Unsupported
 from localdisk.model import Capacity, ContentSource, ObjectRef, Snapshot, SourceKind, Volume, VolumeSpec
 from localdisk.runner import CommandRunner
@@ -81,6 +82,7 @@ class VolumeManager:
         self._guard = KeyedGuard()
         self._runner: CommandRunner | None = None  # what `select` builds new pools with (set by from_config)
         self.pools_may_change = False  # `select` may add pools later: `keep_fresh` then waits for them
+        self._sleepers: set[anyio.Event] = set()  # the background loops' pauses, cut short by `disks_changed`
 
     @classmethod
     def from_config(cls, config: NodeConfig, runner: CommandRunner | None = None) -> VolumeManager:
@@ -125,10 +127,31 @@ class VolumeManager:
         """Open the pools that are down again every `interval` seconds, until cancelled: a disk attached or a VG
         made after start-up comes up without a restart."""
         while True:
-            await anyio.sleep(interval)
+            await self._pause(interval)
             for backend in list(self.backends.values()):
                 if not backend.up:
                     await backend.open()
+
+    def disks_changed(self, why: str) -> None:
+        """A disk appeared, went or changed (`localdisk.diskevents`, `why`): every pool that finds its disks by rules
+        discovers again and every pool that is down is tried again now, not at their next interval."""
+        finding = [b for b in self.backends.values() if isinstance(b.inner, Discovers) and b.inner.finds_disks]
+        for backend in finding:
+            backend.inner.discover_soon()  # type: ignore[attr-defined]  # (the isinstance check above)
+        log.info("%s: discovering again in %d pool(s), retrying those that are down", why, len(finding))
+        for sleeper in self._sleepers:
+            sleeper.set()
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep `seconds`, or less if `disks_changed` is called meanwhile; whether it was."""
+        woken = anyio.Event()
+        self._sleepers.add(woken)
+        try:
+            with anyio.move_on_after(seconds):
+                await woken.wait()
+        finally:
+            self._sleepers.discard(woken)
+        return woken.is_set()
 
     async def aclose(self) -> None:
         for backend in list(self.backends.values()):
@@ -309,11 +332,14 @@ class VolumeManager:
                     except Exception as exc:  # a cache stays as it was (reads fall back to reading themselves)
                         log.warning("%s failed: %s", what, exc)
             next_due = min((due[what] for what in jobs), default=anyio.current_time() + RETRY_INTERVAL)
-            await anyio.sleep(max(next_due - anyio.current_time(), 0.05))
+            if await self._pause(max(next_due - anyio.current_time(), 0.05)):  # a disk event: discover now
+                for backend in self.backends.values():
+                    if isinstance(backend.inner, Discovers) and backend.inner.finds_disks:
+                        due.pop(_refresh_job(backend), None)
 
     def _fresh_jobs(self) -> dict[str, tuple[float, Callable[[], Awaitable[object]]]]:
         jobs: dict[str, tuple[float, Callable[[], Awaitable[object]]]] = {
-            f"re-reading the state of {b.kind} pool {b.pool!r}": (b.refresh_interval, b.refresh_state)
+            _refresh_job(b): (b.refresh_interval, b.refresh_state)
             for b in self.backends.values()
             if isinstance(b, CachedState) and b.refresh_interval > 0
         }
@@ -439,3 +465,7 @@ class VolumeManager:
             if self.backends[key].features.snapshots:
                 snapshots.extend(await self.backends[key].list_snapshots())
         return sorted(snapshots, key=lambda s: s.id)
+
+
+def _refresh_job(backend: Available) -> str:
+    return f"re-reading the state of {backend.kind} pool {backend.pool!r}"

@@ -227,6 +227,9 @@ class RulesPool:
     def finds_disks(self) -> bool:
         return True
 
+    def discover_soon(self) -> None:
+        self._discovered_at = -math.inf
+
     # -- lifecycle ---------------------------------------------------------------------------------------------------
     async def open(self) -> None:
         await self.discover()

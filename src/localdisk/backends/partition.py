@@ -369,6 +369,9 @@ class PartitionBackend:
     def finds_disks(self) -> bool:
         return self.config.match is not None
 
+    def discover_soon(self) -> None:
+        self._discovered_at = -math.inf
+
     @property
     def refresh_interval(self) -> float:
         """Half the views' age limit: re-read in the background well before a read would have to wait for it; as

@@ -20,6 +20,7 @@ from localdisk.csi.controller import ControllerService
 from localdisk.csi.identity import IdentityService
 from localdisk.csi.node import NodeService
 from localdisk.csi.wire import GuardedServer
+from localdisk.diskevents import follow_disk_events
 from localdisk.errors import ConfigError
 from localdisk.manager import VolumeManager
 from localdisk.metrics import Metrics
@@ -97,8 +98,10 @@ async def serve(
             metrics.serve(metrics_address)
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(_logged, VolumeManager.keep_fresh, manager)
-            retry = (config or NodeConfig()).node.pool_retry_seconds
+            settings = (config or NodeConfig()).node
+            retry = settings.pool_retry_seconds
             tasks.start_soon(_logged, functools.partial(VolumeManager.retry_unavailable, interval=retry), manager)
+            tasks.start_soon(_logged, functools.partial(follow_disk_events, source=settings.disk_events), manager)
             for (kind, pool), state in manager.pool_states().items():
                 if not state.up:
                     log.warning("serving without %s pool %r: %s", kind, pool, state.reason)
