@@ -19,6 +19,7 @@ from localdisk._proto.csi.v1 import ControllerStub, GetCapacityRequest
 from localdisk.backends.partition import PartitionBackend, PartitionPoolConfig
 from localdisk.discovery import Claims
 from localdisk.diskevents import DiskEvent, EventParser, follow_disk_events, monitor_argv
+from localdisk.errors import ConfigError
 from localdisk.manager import VolumeManager
 from localdisk.runner import CommandRunner
 from localdisk.sizes import MiB
@@ -111,7 +112,7 @@ def test_the_monitor_follows_udev_where_its_daemon_runs_and_the_kernel_elsewhere
     assert monitor_argv("off") is None
     assert monitor_argv("auto", udevadm="no-such-udevadm-here") is None
     assert config.parse({"node": {"disk_events": "off"}}).node.disk_events == "off"
-    with pytest.raises(config.ConfigError, match="disk_events"):
+    with pytest.raises(ConfigError, match="disk_events"):
         config.parse({"node": {"disk_events": "inotify"}})
 
 
