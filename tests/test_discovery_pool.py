@@ -147,6 +147,32 @@ async def test_doctor_shows_what_the_rules_would_find_without_writing() -> None:
 
 
 @needs_loop_devices
+async def test_doctor_says_what_set_up_would_make_an_lvm_pool_from() -> None:
+    """An LVM pool with rules whose VG is not made yet: doctor names the blank disks set-up would take (and says
+    to turn set-up on, or that nothing matches), instead of advising a vgcreate by hand. Nothing is written."""
+    async with loop_disks(2, 64 * MiB) as (blank, ext4):
+        await RUNNER.run(["mkfs.ext4", "-q", "-F", ext4])
+        before = {d: digest(d) for d in (blank, ext4)}
+        vg = "ld-doctor-" + Path(blank).name  # no such VG anywhere
+        rules = {"transport": "loop", "names": [Path(blank).name, Path(ext4).name]}
+
+        async def check(backend: str, **settings: Any) -> Any:
+            pools = {backend: {"bulk": {"volume_group": vg, "match": rules, **settings}}}
+            checks = {c.name: c for c in await run_checks(config.parse({"pools": pools}))}
+            return checks[f"pool {backend}/bulk"], checks[f"pool {backend}/bulk rules"]
+
+        made, found = await check("thin", thin_pool="pool", setup=True)
+        assert made.ok and made.detail == f"volume group {vg} not made yet: set-up makes it from {Path(blank).name}"
+        assert found.ok and "refused: carries ext4 signature(s)" in found.detail
+        off, _ = await check("lvm")
+        assert not off.ok and "set setup = true" in off.fix and "1 blank disk(s)" in off.detail
+        rules["names"] = [Path(ext4).name]
+        nothing, found = await check("lvm", setup=True)
+        assert not nothing.ok and not found.ok and "no disk the rules match is blank" in nothing.fix
+        assert {d: digest(d) for d in (blank, ext4)} == before
+
+
+@needs_loop_devices
 async def test_a_pool_with_no_matching_disk_is_down_and_comes_up_when_one_appears() -> None:
     async with growable_disk(8 * MiB) as (late, grow):
         backend = pool("later", [late], Claims(), rules={"min_size": "48Mi"}, setup=True)

@@ -157,14 +157,25 @@ async def _pools(runner: CommandRunner, config: NodeConfig) -> list[Check]:
         if pool.backend in ("lvm", "thin"):
             vg = str(settings.get("volume_group", ""))
             result = await _quiet(runner, ["vgs", "--noheadings", "-o", "vg_name", "--", vg])
-            checks.append(
-                Check(
-                    where,
-                    result,
-                    f"volume group {vg}" + ("" if result else " not found"),
-                    "" if result else f"create it: vgcreate {vg} <disks>",
-                )
-            )
+            rules = getattr(pool.config, "match", None)
+            if result or not isinstance(rules, DiskRules):
+                fix = f"create it: vgcreate {vg} <disks>"
+                checks.append(Check(where, result, f"volume group {vg}" + ("" if result else " not found"), fix))
+                continue
+            # Not made yet, but the pool finds its disks by rules: what set-up would make it from (read-only).
+            found = await survey(rules, f"{pool.backend} pool {pool.name!r}", runner, claims=claims)
+            blank = [f.disk.name for f in found.findings if f.state == "blank"]
+            if not settings.get("setup"):
+                fix = f"set setup = true to let localdisk make it from the blank disks matched, or vgcreate {vg}"
+                detail = f"volume group {vg} not found; the rules match {len(blank)} blank disk(s)"
+                checks.append(Check(where, False, detail, fix))
+            elif blank:
+                detail = f"volume group {vg} not made yet: set-up makes it from {', '.join(blank)}"
+                checks.append(Check(where, True, detail))
+            else:
+                fix = "no disk the rules match is blank: attach one, or see docs/deploy.md, LVM pools from rules"
+                checks.append(Check(where, False, f"volume group {vg} not made yet and nothing to make it from", fix))
+            checks.append(Check(f"{where} rules", bool(blank), summary(found, {}), "" if blank else fix))
         elif pool.backend == "partition":
             disks = [str(d) for d in settings.get("disks", [])]
             missing = [d for d in disks if not _is_block(d)]
