@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -135,11 +136,17 @@ def show(roots: Roots, name: str) -> None:
 
 
 def linear_pool(
-    vg: str, rules: dict[str, Any], *, roots: Roots = HOST, claims: Claims | None = None, **settings: Any
+    vg: str,
+    rules: dict[str, Any],
+    *,
+    roots: Roots = HOST,
+    claims: Claims | None = None,
+    runner: CommandRunner = RUNNER,
+    **settings: Any,
 ) -> RulesPool:
     config = LinearPoolConfig.model_validate({"volume_group": vg, "match": rules, **settings})
-    backend = LinearBackend("zt", config, Lvm(RUNNER), RUNNER)
-    return RulesPool(backend, config, RUNNER, claims=claims or Claims(), roots=roots)
+    backend = LinearBackend("zt", config, Lvm(runner), runner)
+    return RulesPool(backend, config, runner, claims=claims or Claims(), roots=roots)
 
 
 def thin_pool(vg: str, rules: dict[str, Any], **settings: Any) -> RulesPool:
@@ -170,6 +177,37 @@ async def test_setup_makes_a_tagged_vg_from_the_blank_disks_the_rules_select(dis
     finally:
         await pool.aclose()
     again = linear_pool(VG_A, {"names": names(disks), "min_size": "150M"})  # without setup: taken as it is
+    await again.open()
+    try:
+        assert set(again.discovered.values()) == {"used"}
+    finally:
+        await again.aclose()
+
+
+async def test_setup_works_with_lvms_devices_file_on(disks: list[Blank]) -> None:
+    """Where LVM keeps a devices file (`use_devicesfile = 1`, RHEL 9's default) and it lists none of the blank
+    disks, set-up still makes the VG, LVM adds its disks to the file, and the pool serves and reopens."""
+    big, _, middle = disks
+    system_dir = Path(os.environ.get("TMPDIR", "/tmp")) / "lvm-devicesfile"
+    shutil.rmtree(system_dir, ignore_errors=True)
+    shutil.copytree(os.environ.get("LVM_SYSTEM_DIR") or "/etc/lvm", system_dir)
+    conf = system_dir / "lvm.conf"
+    conf.write_text(conf.read_text().replace("use_devicesfile = 0", "use_devicesfile = 1"))
+    (system_dir / "devices").mkdir(exist_ok=True)
+    (system_dir / "devices" / "system.devices").write_text("")
+    runner = CommandRunner(default_timeout=120, env={"LVM_SYSTEM_DIR": str(system_dir)})
+    rules = {"names": [big.name, middle.name]}
+    pool = linear_pool(VG_A, rules, runner=runner, setup=True)
+    await pool.open()
+    try:
+        assert pool.discovered == {big.name: "used: made a PV now", middle.name: "used: made a PV now"}
+        listed = (system_dir / "devices" / "system.devices").read_text()
+        assert f"DEVNAME={big.device}" in listed and f"DEVNAME={middle.device}" in listed
+        volume = await pool.create_volume(VolumeSpec(name="zt-devfile", size_bytes=8 * MiB))
+        await pool.delete_volume(volume.ref.handle)
+    finally:
+        await pool.aclose()
+    again = linear_pool(VG_A, rules, runner=runner)
     await again.open()
     try:
         assert set(again.discovered.values()) == {"used"}
