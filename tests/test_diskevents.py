@@ -13,9 +13,18 @@ from pathlib import Path
 import anyio
 import pytest
 from grpclib.client import Channel
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
 
 from localdisk import config
-from localdisk._proto.csi.v1 import ControllerStub, GetCapacityRequest
+from localdisk._proto.csi.v1 import (
+    ControllerStub,
+    DeleteVolumeRequest,
+    GetCapacityRequest,
+    ListVolumesRequest,
+    NodeGetInfoRequest,
+    NodeStub,
+)
 from localdisk.backends.partition import PartitionBackend, PartitionPoolConfig
 from localdisk.discovery import Claims
 from localdisk.diskevents import DiskEvent, EventParser, follow_disk_events, monitor_argv
@@ -23,6 +32,7 @@ from localdisk.errors import ConfigError
 from localdisk.manager import VolumeManager
 from localdisk.runner import CommandRunner
 from localdisk.sizes import MiB
+from tests.csi_helpers import create_request
 from tests.loopdisks import loop_disks, needs_loop_devices
 from tests.sanity import running_server
 from tests.test_discovery_loop import growable_disk
@@ -180,3 +190,72 @@ async def test_a_served_pool_takes_a_new_disk_on_its_event(tmp_path: Path) -> No
             finally:
                 channel.close()
         assert "disk event (change " + Path(late).name in (tmp_path / "serve.log").read_text()
+
+
+@needs_loop_devices
+async def test_a_disk_that_dies_under_a_running_server_fails_only_its_pool(tmp_path: Path) -> None:
+    """Pool `one`'s only disk dies under `localdisk serve` (its size drops to 0, as when a disk is pulled and its
+    node stays): the calls that touch it are FAILED_PRECONDITION naming the disk, its capacity is 0, and pool `two`,
+    ListVolumes and the Node service go on. The disk comes back with its content: the pool is up again, with its
+    volume, without a restart."""
+    async with loop_disks(1, 64 * MiB) as (other,), growable_disk(64 * MiB) as (dying, grow):
+        config_file = tmp_path / "config.toml"
+        config_file.write_text(
+            f'[node]\nkubelet_dir = "{tmp_path / "kubelet"}"\npool_retry_seconds = 1\n\n'
+            + "".join(
+                f'[pools.partition.{pool}]\nsetup = true\n[pools.partition.{pool}.match]\ntransport = "loop"\n'
+                f'names = ["{Path(disk).name}"]\n\n'
+                for pool, disk in (("one", dying), ("two", other))
+            )
+        )
+        with running_server(tmp_path, config_file) as sock:
+            channel = Channel(path=str(sock))
+            try:
+                controller, node = ControllerStub(channel), NodeStub(channel)
+
+                async def create(pool: str, name: str) -> str:
+                    request = create_request(name, 8 * MiB, "partition")
+                    request.parameters["pool"] = pool
+                    made = (await controller.create_volume(request)).volume
+                    assert made is not None
+                    return made.volume_id
+
+                async def listed() -> set[str]:
+                    entries = (await controller.list_volumes(ListVolumesRequest())).entries
+                    return {e.volume.volume_id for e in entries if e.volume is not None}
+
+                async def capacity(pool: str) -> int:
+                    request = GetCapacityRequest(parameters={"backend": "partition", "pool": pool})
+                    return (await controller.get_capacity(request)).available_capacity
+
+                kept, theirs = await create("one", "pvc-on-one"), await create("two", "pvc-on-two")
+                content = Path(dying).read_bytes()
+                grow(0)  # the disk dies
+
+                with pytest.raises(GRPCError) as refused:
+                    await create("one", "pvc-one-after")
+                assert refused.value.status is Status.FAILED_PRECONDITION
+                assert f"{dying}) of partition pool 'one'" in (refused.value.message or "")
+                assert await capacity("one") == 0
+                with pytest.raises(GRPCError) as not_deleted:
+                    await controller.delete_volume(DeleteVolumeRequest(volume_id=kept))
+                assert not_deleted.value.status is Status.FAILED_PRECONDITION
+                assert await listed() == {theirs}  # the dead pool's volume is not offered, and not forgotten
+                assert (await create("two", "pvc-two-after")).startswith("partition:two:")
+                assert (await node.node_get_info(NodeGetInfoRequest())).node_id
+
+                grow(64 * MiB)  # the disk is back, as it was
+                with open(dying, "r+b") as device:
+                    device.write(content)
+                with anyio.fail_after(60):
+                    while kept not in await listed():
+                        nudge(dying)
+                        with anyio.move_on_after(2):
+                            while kept not in await listed():
+                                await anyio.sleep(0.1)
+                assert await capacity("one") > 0
+                await controller.delete_volume(DeleteVolumeRequest(volume_id=kept))
+            finally:
+                channel.close()
+        log = (tmp_path / "serve.log").read_text()
+        assert "Traceback" not in log and "partition pool 'one' went down" in log

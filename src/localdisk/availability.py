@@ -12,7 +12,9 @@ raising at start-up it answers
 
 while every other pool and the Node service go on. `VolumeManager.retry_unavailable` opens down pools again in the
 background, so a disk attached later comes up without a restart. A pool that is up goes down the same way when the
-background re-read of its state (`refresh_state`) finds it gone: its VG vanished, its only disk died.
+background re-read of its state (`refresh_state`) finds it gone (its VG vanished, its only disk died), or when any
+call finds its storage gone (`PoolGone`: a disk died or was pulled under it): that call is refused with the reason,
+and the listings and name lookups of every other pool's calls go on without it.
 
 A pool can also be *retired*: the node no longer serves it to new volumes (its node labels stopped selecting it,
 `VolumeManager.select`). It reports as down with that reason and capacity 0, and refuses creates, but keeps serving
@@ -23,13 +25,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from localdisk.backend import CachedState, PendingVolumes, UsesDisks, VolumeBackend
-from localdisk.errors import FailedPrecondition, LocalDiskError, NotFound
+from localdisk.errors import FailedPrecondition, LocalDiskError, NotFound, PoolGone
 from localdisk.model import Capacity, Features, PendingVolume, Snapshot, Volume, VolumeSpec
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 MAX_REASON = 400  # a reason is shown in statuses, metrics labels and events: keep it readable
 
 
@@ -136,60 +141,80 @@ class Available:
     # -- PendingVolumes, when the backend has them: none while down ---------------------------------------------
     async def pending_volumes(self) -> list[PendingVolume]:
         inner = self.inner
-        return await inner.pending_volumes() if isinstance(inner, PendingVolumes) and self.state.up else []
+        if not isinstance(inner, PendingVolumes):
+            return []
+        return await self._read(inner.pending_volumes, [])
 
     async def reclaim_pending(self, handle: str) -> bool:
         inner = self._need()
-        return await inner.reclaim_pending(handle) if isinstance(inner, PendingVolumes) else False
+        return await self._call(inner.reclaim_pending, handle) if isinstance(inner, PendingVolumes) else False
 
     # -- reads that have an answer while down ---------------------------------------------------------------------
     async def disks(self) -> tuple[str, ...]:
         """The disks the pool uses, when it is up and its backend can say; none otherwise."""
         inner = self.inner
-        return await inner.disks() if isinstance(inner, UsesDisks) and self.state.up else ()
+        return await self._read(inner.disks, ()) if isinstance(inner, UsesDisks) else ()
 
     async def capacity(self) -> Capacity:
-        if not self.state.up or self.retired is not None:
-            return Capacity(total_bytes=0, available_bytes=0, maximum_volume_bytes=0)
-        return await self.inner.capacity()
+        none = Capacity(total_bytes=0, available_bytes=0, maximum_volume_bytes=0)
+        return none if self.retired is not None else await self._read(self.inner.capacity, none)
 
     async def find_volume(self, name: str) -> Volume | None:
-        return await self.inner.find_volume(name) if self.state.up else None
+        return await self._read(lambda: self.inner.find_volume(name), None)
 
     async def list_volumes(self) -> list[Volume]:
-        return await self.inner.list_volumes() if self.state.up else []
+        return await self._read(self.inner.list_volumes, [])
 
     async def find_snapshot(self, name: str) -> Snapshot | None:
-        return await self.inner.find_snapshot(name) if self.state.up else None
+        return await self._read(lambda: self.inner.find_snapshot(name), None)
 
     async def list_snapshots(self) -> list[Snapshot]:
-        return await self.inner.list_snapshots() if self.state.up else []
+        return await self._read(self.inner.list_snapshots, [])
+
+    async def _read(self, read: Callable[[], Awaitable[T]], down: T) -> T:
+        """`read()` while the pool is up; `down` while it is down, or once the read found its storage gone."""
+        if not self.state.up:
+            return down
+        try:
+            return await read()
+        except PoolGone as exc:
+            self.fail(exc.message)
+            return down
 
     # -- everything else needs the pool -----------------------------------------------------------------------
     async def create_volume(self, spec: VolumeSpec) -> Volume:
         backend = self._need()
         if self.retired is not None:
-            existing = await backend.find_volume(spec.name)  # a retried create of a volume it already holds
+            existing = await self._call(backend.find_volume, spec.name)  # a retried create of a volume it holds
             if existing is None:
                 raise FailedPrecondition(
                     f"{self.kind} pool {self.pool!r} takes no new volumes on this node: {self.retired.reason}"
                 )
-        return await backend.create_volume(spec)
+        return await self._call(backend.create_volume, spec)
 
     async def delete_volume(self, handle: str) -> None:
-        await self._need().delete_volume(handle)
+        await self._call(self._need().delete_volume, handle)
 
     async def expand_volume(self, handle: str, size_bytes: int) -> Volume:
-        return await self._need().expand_volume(handle, size_bytes)
+        return await self._call(self._need().expand_volume, handle, size_bytes)
 
     async def get_volume(self, handle: str) -> Volume:
-        return await self._need().get_volume(handle)
+        return await self._call(self._need().get_volume, handle)
 
     async def create_snapshot(self, source_handle: str, name: str) -> Snapshot:
-        return await self._need().create_snapshot(source_handle, name)
+        return await self._call(self._need().create_snapshot, source_handle, name)
 
     async def delete_snapshot(self, handle: str) -> None:
-        await self._need().delete_snapshot(handle)
+        await self._call(self._need().delete_snapshot, handle)
 
     async def get_snapshot(self, handle: str) -> Snapshot:
-        return await self._need().get_snapshot(handle)
+        return await self._call(self._need().get_snapshot, handle)
+
+    async def _call(self, call: Callable[..., Awaitable[T]], *args: object) -> T:
+        """`call(*args)`; if it finds the pool's storage gone, the pool goes down with that reason and the call is
+        refused with it (FAILED_PRECONDITION)."""
+        try:
+            return await call(*args)
+        except PoolGone as exc:
+            self.fail(exc.message)
+            raise

@@ -43,6 +43,11 @@ class FailedPrecondition(LocalDiskError):
     """The object is in a state that forbids the operation (a volume with snapshots, a foreign filesystem)."""
 
 
+class PoolGone(FailedPrecondition):
+    """The storage under a running pool went away (a disk died or was pulled): the pool goes down with this message
+    (`localdisk.availability`), and calls that need it are refused until it is back; other pools go on."""
+
+
 class InsufficientCapacity(LocalDiskError):
     """The pool has no room for the request now; it may have later, once space is freed."""
 

@@ -94,6 +94,7 @@ from localdisk.errors import (
     LocalDiskError,
     NotFound,
     OutOfRange,
+    PoolGone,
     Unsupported,
 )
 from localdisk.model import Capacity, Features, ObjectRef, PendingVolume, Snapshot, Volume, VolumeSpec
@@ -531,6 +532,9 @@ class PartitionBackend:
                 raise FailedPrecondition(
                     f"disk {disk.configured} ({device}) of partition pool {self.pool!r} has lost its partition table"
                 ) from exc
+            gone = await anyio.to_thread.run_sync(unreadable, device)
+            if gone:
+                raise PoolGone(f"disk {disk.configured} ({device}) of partition pool {self.pool!r} {gone}") from exc
             raise
         except BaseException:
             disk.invalidate()
@@ -1176,3 +1180,20 @@ def _factory(pool: str, config: PoolConfig, runner: CommandRunner) -> PartitionB
 
 
 BACKEND = BackendSpec("partition", PartitionPoolConfig, _factory, "GPT partitions on whole disks")
+
+
+def unreadable(device: str) -> str | None:
+    """Why `device` cannot be read as a disk any more (gone, empty, I/O errors), or None if its first sector reads."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"is gone ({exc.strerror})"
+    try:
+        if os.lseek(fd, 0, os.SEEK_END) == 0:
+            return "has no space any more (0 bytes): the disk died or was pulled"
+        os.pread(fd, 512, 0)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    finally:
+        os.close(fd)
+    return None
