@@ -46,6 +46,7 @@ from localdisk.errors import (
     InsufficientCapacity,
     InvalidArgument,
     NotFound,
+    PoolGone,
 )
 from localdisk.sizes import GiB, MiB
 from tests.contract import ODD_NAMES
@@ -122,7 +123,7 @@ def test_fullreport_reads_one_vg_in_one_command() -> None:
 
 
 # -- classifiers -------------------------------------------------------------------------------------------------------
-NOT_FOUND = ["remove-not-found", "extend-not-found", "change-not-found", "vg-not-found", "pool-not-found"]
+NOT_FOUND = ["remove-not-found", "extend-not-found", "change-not-found", "pool-not-found"]
 NOT_FOUND += ["snapshot-origin-not-found"]
 
 
@@ -135,6 +136,7 @@ NOT_FOUND += ["snapshot-origin-not-found"]
         ("lv-exists", AlreadyExists),
         ("remove-in-use", Busy),
         ("bad-name", CommandFailed),
+        ("vg-not-found", PoolGone),  # a pool's commands name its own VG: the pool goes down, others go on
     ],
 )
 def test_classify_recorded_stderr(name: str, error: type[Exception]) -> None:
@@ -149,8 +151,8 @@ def test_classify_recorded_stderr(name: str, error: type[Exception]) -> None:
 def test_classified_message_names_the_command_and_drops_noise() -> None:
     stderr = '  WARNING: Sum of all thin volume sizes exceeds the pool.\n  Volume group "vg" not found\n'
     error = classify(["lvm", "fullreport", "--", "vg"], 5, stderr)
-    assert isinstance(error, NotFound)
-    assert error.message == 'lvm fullreport: Volume group "vg" not found'
+    assert isinstance(error, PoolGone)
+    assert error.message.startswith('lvm fullreport: Volume group "vg" not found: the volume group is gone')
 
 
 def test_unknown_failure_keeps_argv_and_stderr() -> None:

@@ -16,7 +16,7 @@ import pytest
 
 from localdisk.backends.lvmcmd import Lvm, classify, parse_report_json
 from localdisk.backends.lvmshell import Frame, Framer, ShellBroken, ShellExecutor, shell_line
-from localdisk.errors import CommandFailed, CommandTimeout, NotFound
+from localdisk.errors import CommandFailed, CommandTimeout, PoolGone
 from localdisk.runner import CommandRunner
 
 # What LVM 2.03.16 printed on the report pipe in the shell (recorded under UML, abridged to the fields we read).
@@ -167,7 +167,7 @@ async def test_host_shell_runs_commands_in_one_process(host_shell: ShellExecutor
 
 async def test_host_shell_failure_keeps_lvm_messages_for_the_classifiers(host_shell: ShellExecutor) -> None:
     lvm = Lvm(executor=host_shell)
-    with pytest.raises(NotFound, match="ldtest-none"):
+    with pytest.raises(PoolGone, match="ldtest-none"):  # a pool's own VG gone: the pool goes down
         await lvm.report("ldtest-none")
     result = await host_shell.run(["lvchange", "--addtag", "x", "--", "ldtest-none/x"])
     assert result.returncode == 5 and 'Volume group "ldtest-none" not found' in result.error_text

@@ -343,6 +343,43 @@ async def test_a_vanished_pv_refuses_new_volumes_and_keeps_the_others(disks: lis
         await backend.aclose()
 
 
+async def test_a_vg_that_vanishes_under_a_running_pool_fails_only_that_pool(disks: list[Blank]) -> None:
+    """A pool's whole VG vanishes under it (its only disk's label gone, as when the disk dies or is pulled): its
+    calls are FAILED_PRECONDITION saying the VG is gone and it goes down, while a second pool, ListVolumes and name
+    lookups across pools go on (before, LVM's "Volume group not found" was NOT_FOUND and broke every listing)."""
+    gone_vg = "ldzt-gone"
+    disk = disks[1]
+    await RUNNER.run(["lvm", "vgcreate", "-qq", "--", gone_vg, disk.device])
+    config = LinearPoolConfig.model_validate({"volume_group": gone_vg})
+    doomed = LinearBackend("doomed", config, Lvm(RUNNER), RUNNER)
+    survivor = linear_pool(VG_A, {"names": [disks[0].name]}, setup=True)
+    manager = VolumeManager({("lvm", "doomed"): doomed, ("lvm", "survivor"): survivor}, {})
+    await manager.open()
+    try:
+        lost = await manager.create_volume(CreateRequest("pvc-doomed", "lvm", "doomed", required_bytes=8 * MiB))
+        kept = await manager.create_volume(CreateRequest("pvc-kept", "lvm", "survivor", required_bytes=8 * MiB))
+        fd = os.open(disk.device, os.O_WRONLY)
+        try:
+            os.pwrite(fd, bytes(MiB), 0)  # the PV label, and with it the only copy of the VG's metadata on disk
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with pytest.raises(FailedPrecondition, match="the volume group is gone"):
+            await manager.create_volume(CreateRequest("pvc-after", "lvm", "doomed", required_bytes=8 * MiB))
+        assert not manager.pool_states()[("lvm", "doomed")].up
+        assert [v.id for v in await manager.list_volumes()] == [kept.id]
+        with pytest.raises(FailedPrecondition):
+            await manager.delete_volume(lost.id)
+        again = await manager.create_volume(CreateRequest("pvc-kept", "lvm", "survivor", required_bytes=8 * MiB))
+        assert again.id == kept.id  # the name lookup across pools passes the dead one by
+        await manager.delete_volume(kept.id)
+    finally:
+        await manager.aclose()
+        mapped = (await RUNNER.run(["dmsetup", "ls"], check=False)).text.split()
+        for name in [m for m in mapped if m.startswith(gone_vg.replace("-", "--") + "-")]:  # its LVs, still mapped
+            await RUNNER.run(["dmsetup", "remove", "--force", name], check=False)
+
+
 async def test_one_config_read_as_two_nodes_gives_each_its_own_pools(disks: list[Blank]) -> None:
     big, small, middle = disks
     text = f"""

@@ -20,7 +20,7 @@ from localdisk.backend import finish_despite_cancellation
 from localdisk.backends.lvmcmd import LogicalVolume, Lvm, VgReport
 from localdisk.backends.lvmlayout import LAYOUT_PARAMETERS
 from localdisk.backends.lvmview import PendingDrops, VgView, with_lv, with_tags, without_lv
-from localdisk.errors import AlreadyExists, Busy, FailedPrecondition, InvalidArgument, NotFound, Unsupported
+from localdisk.errors import AlreadyExists, Busy, FailedPrecondition, InvalidArgument, NotFound, PoolGone, Unsupported
 from localdisk.model import (
     Capacity,
     ContentSource,
@@ -198,7 +198,7 @@ class LvmBackend:
     async def open(self) -> None:
         try:
             report = await self.view.refresh()
-        except NotFound:
+        except (NotFound, PoolGone):
             raise FailedPrecondition(
                 f"{self.kind} pool {self.pool!r}: volume group {self.vg!r} not found on this node;"
                 f" create it or fix pools.{self.kind}.{self.pool}.volume_group"

@@ -30,6 +30,7 @@ from localdisk.errors import (
     InvalidArgument,
     LocalDiskError,
     NotFound,
+    PoolGone,
 )
 from localdisk.runner import CommandResult, CommandRunner
 
@@ -97,6 +98,7 @@ _NO_SPACE = re.compile(
     r"|free space in thin[- ]pool \S+ reached threshold|Thin pool \S+ is out of (data|metadata) space"
 )
 _EXISTS = re.compile(r"already exists in volume group")
+_VG_GONE = re.compile(r"Volume group \"[^\"]*\" not found")
 _IN_USE = re.compile(
     r" in use\b|Can't remove open logical volume|is used by another device"
     r"|remove ioctl on .* failed: Device or resource busy"
@@ -130,6 +132,8 @@ def classify(argv: Sequence[str], returncode: int | None, stderr: str) -> LocalD
     """The domain error for a failed LVM command (pure: decided from its stderr alone)."""
     command = " ".join(argv[:2])
     detail = _detail(stderr)
+    if _VG_GONE.search(stderr):  # every command of a pool names its own VG: the pool's storage is gone
+        return PoolGone(f"{command}: {detail}: the volume group is gone (its disks died or were removed?)")
     if is_not_found(stderr):
         return NotFound(f"{command}: {detail}")
     if is_insufficient_space(stderr):

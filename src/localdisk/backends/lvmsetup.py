@@ -38,7 +38,7 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Protocol
 
@@ -427,10 +427,11 @@ class RulesPool:
             " `vgreduce --removemissing`); volumes on its other disks keep working"
         )
 
-    async def _changing(self, change: Any) -> Any:
+    async def _changing(self, change: Callable[[], Awaitable[Any]]) -> Any:
+        """`change()`, unless the VG is partial (refused before anything starts) or LVM finds it so."""
         self._refuse_if_partial()
         try:
-            return await change
+            return await change()
         except CommandFailed as exc:
             if "PVs are missing" in exc.stderr or "physical volumes are missing" in exc.stderr:
                 self.missing_pvs = max(self.missing_pvs, 1)
@@ -439,14 +440,14 @@ class RulesPool:
 
     # -- the backend's calls ---------------------------------------------------------------------------------------
     async def create_volume(self, spec: VolumeSpec) -> Volume:
-        volume: Volume = await self._changing(self.inner.create_volume(spec))
+        volume: Volume = await self._changing(lambda: self.inner.create_volume(spec))
         return volume
 
     async def delete_volume(self, handle: str) -> None:
-        await self._changing(self.inner.delete_volume(handle))
+        await self._changing(lambda: self.inner.delete_volume(handle))
 
     async def expand_volume(self, handle: str, size_bytes: int) -> Volume:
-        volume: Volume = await self._changing(self.inner.expand_volume(handle, size_bytes))
+        volume: Volume = await self._changing(lambda: self.inner.expand_volume(handle, size_bytes))
         return volume
 
     async def get_volume(self, handle: str) -> Volume:
@@ -464,11 +465,11 @@ class RulesPool:
         return await self.inner.capacity()
 
     async def create_snapshot(self, source_handle: str, name: str) -> Snapshot:
-        snapshot: Snapshot = await self._changing(self.inner.create_snapshot(source_handle, name))
+        snapshot: Snapshot = await self._changing(lambda: self.inner.create_snapshot(source_handle, name))
         return snapshot
 
     async def delete_snapshot(self, handle: str) -> None:
-        await self._changing(self.inner.delete_snapshot(handle))
+        await self._changing(lambda: self.inner.delete_snapshot(handle))
 
     async def get_snapshot(self, handle: str) -> Snapshot:
         return await self.inner.get_snapshot(handle)
@@ -483,7 +484,7 @@ class RulesPool:
         return await self.inner.pending_volumes()
 
     async def reclaim_pending(self, handle: str) -> bool:
-        removed: bool = await self._changing(self.inner.reclaim_pending(handle))
+        removed: bool = await self._changing(lambda: self.inner.reclaim_pending(handle))
         return removed
 
     # -- layouts (`TakesParameters`) and disks (`UsesDisks`): the wrapped pool's ------------------------------------
