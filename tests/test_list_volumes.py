@@ -3,6 +3,7 @@ answer afresh says, page by page, and follow the volumes as they change."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator
 
 import pytest
@@ -12,7 +13,7 @@ from grpclib.exceptions import GRPCError
 from localdisk import parse_config
 from localdisk._proto.csi.v1 import ListVolumesRequest, ListVolumesResponse
 from localdisk.csi import convert
-from localdisk.manager import CreateRequest, VolumeManager
+from localdisk.manager import CreateRequest, IdOrder, VolumeManager
 from localdisk.model import ContentSource, ObjectRef, SourceKind, Volume
 from tests.csi_helpers import Csi, MiB, csi_for
 
@@ -102,3 +103,28 @@ def test_cache_stays_bounded() -> None:
         volumes = [Volume(ObjectRef("fake", "a", f"v{i}"), "n", (generation + 1) * MiB) for i in range(100)]
         entries.response(volumes, 0, 100, "")
         assert len(entries._cache) <= 2 * len(volumes) + 64 + len(volumes)
+
+
+def test_id_order_is_the_order_of_the_ids_through_changes() -> None:
+    """`IdOrder` (pools joined by ID prefix, each by handle, a pool's order reused while its handles stay) gives
+    exactly the IDs sorted, also for pools whose names sort differently from their prefixes ("a" < "a-b" but
+    "fake:a-b:" < "fake:a:") and for names holding a colon, where it sorts every ID."""
+    rng = random.Random(7)
+    order = IdOrder()
+    for pools in ([("fake", "a"), ("fake", "a-b"), ("fake", "a0"), ("lvm", "a")], [("fake", "a:b"), ("fake", "a")]):
+        listed: dict[tuple[str, str], list[Volume]] = {key: [] for key in pools}
+        for _ in range(60):
+            key = rng.choice(pools)
+            volumes = listed[key]
+            if volumes and rng.random() < 0.3:
+                volumes.pop(rng.randrange(len(volumes)))
+            elif volumes and rng.random() < 0.3:  # the same handles again, one volume changed
+                at = rng.randrange(len(volumes))
+                volumes[at] = Volume(volumes[at].ref, "changed", volumes[at].size_bytes + MiB)
+            else:
+                handle = rng.choice(["", "-", "0", "Z", "z", "ü"]) + str(rng.randrange(1000))
+                volumes.insert(rng.randrange(len(volumes) + 1), Volume(ObjectRef(*key, handle), handle, MiB))
+            for _ in range(2):  # the second time from the order found the first
+                arranged = order.arrange({k: list(v) for k, v in listed.items()})
+                everything = [v for vs in listed.values() for v in vs]
+                assert arranged == sorted(everything, key=lambda v: v.id)

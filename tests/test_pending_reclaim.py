@@ -205,6 +205,8 @@ async def burst(csi: Any, count: int, size: int, parallel: int, seed: int) -> di
                 outcome = "ok"
             except (TimeoutError, GRPCError) as exc:
                 outcome = type(exc).__name__ if isinstance(exc, TimeoutError) else exc.status.name
+                if isinstance(exc, GRPCError):
+                    print(f"pvc-burst-{index}: {exc.status.name} {exc.message}")
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
 
     async with anyio.create_task_group() as tasks:

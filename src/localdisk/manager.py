@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 import anyio
 
@@ -63,6 +64,42 @@ class CreateRequest:
     parameters: Mapping[str, str] = field(default_factory=dict)  # the backend's own (`BACKEND_PARAMETERS`)
 
 
+_HANDLE = attrgetter("ref.handle")
+
+
+class IdOrder:
+    """The volumes of every pool in the order of their IDs, cheaply when a pool lists the same handles as last time.
+
+    ListVolumes pages are slices of the whole listing in ID order, so every page sorted every volume again, making
+    each ID (`backend:pool:handle`) in a Python call: about 1.2 ms at 1000 volumes. A pool's volumes all share its ID
+    prefix (the backend names its volumes' refs after itself; IDs are routed back to it by them), so within a pool
+    ID order is handle order. Each pool's handles are read in C and compared with the last listing's; when they are
+    the same (no volume came or went: the usual case between pages) the order found then is applied again to the
+    volumes just listed, else the handles are sorted. The pools are joined in the order of their prefixes
+    `backend:pool:`, which is the order of the IDs because no prefix begins another: names hold no colon (if one
+    did, every ID is sorted). Holds one list of handles and one permutation per pool, for the pools last listed.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[str, str], tuple[list[str], list[int]]] = {}
+
+    def arrange(self, listed: Mapping[tuple[str, str], list[Volume]]) -> list[Volume]:
+        if any(":" in backend or ":" in pool for backend, pool in listed):
+            return sorted((v for volumes in listed.values() for v in volumes), key=lambda v: v.id)
+        known: dict[tuple[str, str], tuple[list[str], list[int]]] = {}
+        arranged: list[Volume] = []
+        for key in sorted(listed, key=lambda k: f"{k[0]}:{k[1]}:"):
+            volumes = listed[key]
+            handles = list(map(_HANDLE, volumes))
+            order = self._known.get(key)
+            if order is None or order[0] != handles:
+                order = (handles, sorted(range(len(handles)), key=handles.__getitem__))
+            known[key] = order
+            arranged += map(volumes.__getitem__, order[1])
+        self._known = known
+        return arranged
+
+
 class VolumeManager:
     def __init__(
         self,
@@ -80,6 +117,7 @@ class VolumeManager:
         self.pending_reclaimed: Counter[tuple[str, str]] = Counter()  # (backend, pool): leftovers removed
         self._pending_since: dict[str, float] = {}  # volume ID: when `reclaim_pending` first saw it pending
         self._guard = KeyedGuard()
+        self._id_order = IdOrder()
         self._runner: CommandRunner | None = None  # what `select` builds new pools with (set by from_config)
         self.pools_may_change = False  # `select` may add pools later: `keep_fresh` then waits for them
         self._sleepers: set[anyio.Event] = set()  # the background loops' pauses, cut short by `disks_changed`
@@ -305,10 +343,9 @@ class VolumeManager:
             return await backend.expand_volume(ref.handle, size)
 
     async def list_volumes(self) -> list[Volume]:
-        volumes: list[Volume] = []
-        for key in sorted(self.backends):
-            volumes.extend(await self.backends[key].list_volumes())
-        return sorted(volumes, key=lambda v: v.id)
+        """Every volume of every pool, in the order of their IDs (see `IdOrder`)."""
+        listed = {key: await self.backends[key].list_volumes() for key in sorted(self.backends)}
+        return self._id_order.arrange(listed)
 
     async def keep_fresh(self) -> None:
         """Until cancelled: re-read the cached state of every backend that keeps one, each at its own interval, and

@@ -2,20 +2,20 @@
 
 See `crashloop.py` for what the client does and checks. Why every cut converges, per backend:
 
-Partition backend (GPT names are the only state; `partition.py` holds the argument in its comments):
+Partition backend (GPT names are the only state; `partition.py` and `partdisk.py` hold the argument in their comments):
 - create: the partition is born pending (`lp-<key>`) and named in the same sfdisk write that creates it, so a kill
   leaves either no partition or a pending one, never an unnamed one. Pending partitions are invisible to lookups;
   a retried create of the same name and size resumes it (wipe, then rename to `ld-<key>`), and a server start drops
   every pending one (`open`). The rename is one table write: before it the volume does not exist for anyone, after
   it the create is done and its retry answers the same PARTUUID. A kill between sfdisk's table write and the
-  server's BLKPG call leaves the kernel behind the table, which `_settle` repairs on the next start
+  server's BLKPG call leaves the kernel behind the table, which `PoolDisk.settle` repairs on the next start
   (BLKPG, partition by partition).
 - delete: the partition is wiped and then removed (from the kernel, then the table); a kill before the table write
   leaves a ready volume, which the retried delete wipes again and removes (the restart re-adds it to the kernel);
   a kill after it leaves nothing, and deleting nothing succeeds.
 - expand: sfdisk rewrites the entry's size (one table write), then a BLKPG resize tells the kernel. A kill between
   the two leaves the table grown and the kernel not: the retry finds the volume already big enough and answers it,
-  and the restart that every kill implies runs `_settle`, which sees the kernel's size differ and resizes it.
+  and the restart that every kill implies runs `PoolDisk.settle`, which sees the kernel's size differ and resizes it.
   The end check compares every partition's kernel size with its table size.
 """
 
