@@ -70,3 +70,29 @@ async def test_observers_see_every_command() -> None:
     await runner.run(["true"])
     await runner.run(["false"], check=False)
     assert seen == [(["true"], True), (["false"], False)]
+
+
+async def test_a_child_cancelled_twice_natively_is_gone_before_the_call_ends(tmp_path: Path) -> None:
+    """grpclib cancels a handler's task natively twice (at its deadline, then at the client's reset). The second
+    cancellation must not cut short the wait for the killed child: the call ends only once the child is gone, so a
+    caller's lock is never released while a command it started (an sfdisk writing a table) may still write."""
+    import asyncio
+    import os
+
+    pidfile = tmp_path / "pid"
+
+    async def call() -> None:
+        await CommandRunner().run(["sh", "-c", f"echo $$ > {pidfile}; exec sleep 30"])
+
+    task = asyncio.ensure_future(call())
+    with anyio.fail_after(10):
+        while not pidfile.exists() or not pidfile.read_text().strip():
+            await anyio.sleep(0.01)
+    pid = int(pidfile.read_text())
+    task.cancel()
+    await asyncio.sleep(0)  # the first cancellation reaches the call: it kills the child and waits
+    task.cancel()
+    with anyio.fail_after(10), pytest.raises(asyncio.CancelledError):  # killed, not left to run its 30 s
+        await task
+    with pytest.raises(ProcessLookupError):  # not running, and not a zombie left to reap either
+        os.kill(pid, 0)
