@@ -31,6 +31,13 @@ SECONDS = float(os.environ.get("LOCALDISK_LAYOUT_SECONDS", "3000"))
 PARAMETERS = {"backend": "lvm", "pool": "dense", "mirrors": "2", "cache": "writethrough", "cacheSize": "8Mi"}
 
 
+async def all_lvs() -> str:
+    """Every LV of the VG, hidden ones too, with what tells a half-made cache or mirror: for a failure's message."""
+    fields = "lv_name,lv_attr,segtype,lv_size,pool_lv,lv_tags,devices"
+    result = await CommandRunner().run(["lvs", "-a", "-o", fields, "--", RAID_VG], check=False)
+    return f"lvs -a -o {fields}:\n{result.text}{result.error_text}"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(3300)
 async def test_mirrored_cached_volumes_survive_sigkill(tmp_path: Path) -> None:
@@ -55,12 +62,15 @@ async def test_mirrored_cached_volumes_survive_sigkill(tmp_path: Path) -> None:
         growth=(4 * MiB, 8 * MiB - 4096),
         max_live=5,  # 5 caches of 8 MiB on the 60 MiB SSD, 5 mirrors of up to ~28 MiB twice on 3 x 124 MiB
         parameters=PARAMETERS,
+        id_prefix="lvm:dense:",  # the loop is named lvm-layout; its IDs are those of lvm pool dense
     )
     try:
         [report] = await run_together([CrashLoop("lvm-layout", supervisor, LvmView(RAID_VG), settings)])
         print(report.summary())
+        if report.lost or report.leaked or report.problems:
+            print(await all_lvs())
         check(report, KILLS, seed)
         leftovers = [lv for lv in (await lvm.report(RAID_VG)).lvs if lv.startswith("ldc-")]
-        assert not leftovers, f"cache LVs left unattached: {leftovers}"
+        assert not leftovers, f"cache LVs left unattached: {leftovers}\n{await all_lvs()}"
     finally:
         await reset_vg(lvm, RAID_VG)
