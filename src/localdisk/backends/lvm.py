@@ -75,11 +75,11 @@ from localdisk.backends.lvmbase import (
     source_of,
 )
 from localdisk.backends.lvmcache import (
-    CACHE_OF_TAG,
     CACHE_PARAMETERS,
     DEFAULT_SHARE,
     CacheSpec,
     cache_name,
+    cache_owner,
     cache_tags,
     parse_cache,
 )
@@ -453,7 +453,11 @@ class LinearBackend(LvmBackend):
             report = await self.view.refresh()
             lv = report.lvs[lv.name]
         grown = await self._extend_origin(report, lv, size)
-        await self._attach_cache(lv.name, cache, grown)
+        try:
+            await self._attach_cache(lv.name, cache, grown)
+        except InsufficientCapacity as exc:  # no room to grow the cache: back at its old size, not left off
+            log.warning("volume %s/%s grew; its cache could not grow with it: %s", self.vg, lv.name, exc)
+            await self._attach_cache(lv.name, cache, grown, grow=False)
         return grown
 
     async def _before_ready(self, lv: str, spec: VolumeSpec) -> None:
@@ -462,9 +466,41 @@ class LinearBackend(LvmBackend):
             async with self._writing():
                 await self._attach_cache(lv, cache, self._rounded(spec))
 
-    async def _attach_cache(self, lv_name: str, cache: CacheSpec, volume_size: int) -> None:
-        """Make (or grow) volume `lv_name`'s cache LV on the fast PVs and attach it, unless it is attached already.
-        Under the pool's lock; every step can be repeated after a crash."""
+    async def _recover(self) -> None:
+        """Cache LVs a crash left detached (see `localdisk.backends.lvmcache`): a finished volume's is attached
+        again (grown as an expansion would have, or at its size if the fast PVs have no room), one whose volume is
+        gone or never wanted a cache is removed. A pending volume's is left to its create's retry or reclaim. An
+        attach that fails is logged and the volume served without its cache; the next start tries again."""
+        async with self._writing() as report:
+            for lv in list(report.lvs.values()):
+                owner = cache_owner(lv, OWNER_TAG, KIND_TAG)
+                volume = report.lv(owner) if owner else None
+                if owner is None or (volume is not None and not self._ready(volume, VOLUME)):
+                    continue
+                cache = CacheSpec.from_tags(volume.tags) if volume is not None else None
+                if volume is None or cache is None or volume.cached:
+                    log.warning("removing cache LV %s/%s: volume %s does not take it", self.vg, lv.name, owner)
+                    with contextlib.suppress(NotFound):
+                        await self.lvm.remove(self.vg, lv.name)
+                    self.view.invalidate()
+                    continue
+                log.warning(
+                    "volume %s/%s was found without its cache (a crash cut an expansion): attaching it again",
+                    self.vg,
+                    owner,
+                )
+                try:
+                    try:
+                        await self._attach_cache(owner, cache, volume.size)
+                    except InsufficientCapacity:
+                        await self._attach_cache(owner, cache, volume.size, grow=False)
+                except LocalDiskError as exc:
+                    self.view.invalidate()
+                    log.warning("volume %s/%s stays without its cache for now: %s", self.vg, owner, exc)
+
+    async def _attach_cache(self, lv_name: str, cache: CacheSpec, volume_size: int, *, grow: bool = True) -> None:
+        """Make (or grow, unless not `grow`) volume `lv_name`'s cache LV on the fast PVs and attach it, unless it is
+        attached already. Under the pool's lock; every step can be repeated after a crash."""
         report = await self.view.refresh()
         lv = report.lv(lv_name)
         if lv is None:
@@ -482,7 +518,7 @@ class LinearBackend(LvmBackend):
         else:
             if existing.active:  # dm-writecache takes only an inactive cache LV (an activated VG activated it)
                 await self.lvm.deactivate_lv(self.vg, name)
-            if existing.size < wanted and self.config.cache_on_expand == "grow":
+            if existing.size < wanted and self.config.cache_on_expand == "grow" and grow:
                 pvs = [pv.name for pv in eligible(pv_space(report.physical), self._cache_layout())]
                 await self.lvm.extend(self.vg, name, wanted, pvs)
         await self.lvm.attach_cache(self.vg, lv_name, name, cache.mode)
@@ -494,12 +530,14 @@ class LinearBackend(LvmBackend):
                 await self.lvm.detach_cache(self.vg, lv.name, keep=False)
             except LocalDiskError as exc:  # a cache SSD gone: lvremove below still removes both
                 log.warning("removing volume %s/%s: its cache could not be flushed: %s", self.vg, lv.name, exc)
-        await super()._remove(report, lv)
         leftover = report.lv(cache_name(lv.name))
-        if leftover is not None and OWNER_TAG in leftover.tags and CACHE_OF_TAG + lv.name in leftover.tags:
-            with contextlib.suppress(NotFound):  # a cache LV a crash left unattached
+        if leftover is not None and cache_owner(leftover, OWNER_TAG, KIND_TAG) == lv.name:
+            # A cache LV a crash left unattached, removed before its volume: a crash between the two lvremoves then
+            # leaves the volume, which the retried delete finds, not a cache LV that nothing names any more.
+            with contextlib.suppress(NotFound):
                 await self.lvm.remove(self.vg, leftover.name)
             self.view.invalidate()
+        await super()._remove(report, lv)
 
     async def _extend_origin(self, report: VgReport, lv: LogicalVolume, size: int) -> int:
         layout = Layout.from_tag(lv.tags)

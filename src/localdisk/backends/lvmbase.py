@@ -187,6 +187,9 @@ class LvmBackend:
     async def _before_ready(self, lv: str, spec: VolumeSpec) -> None:
         """The last step before a pending LV is handed out (attaching its cache); repeatable."""
 
+    async def _recover(self) -> None:
+        """At open, after activation: finish or undo what a crash left of a change to a finished volume."""
+
     def _abnormal(self, report: VgReport, lv: LogicalVolume) -> str | None:
         return None if lv.active else f"logical volume {self.vg}/{lv.name} is not active"
 
@@ -207,6 +210,7 @@ class LvmBackend:
         self.features = replace(self.features, alignment=self.extent, minimum_size=self.extent)
         await self._activate(report)
         self.view.invalidate()  # activation changed what the report said
+        await self._recover()
 
     async def aclose(self) -> None:
         await self.lvm.aclose()
