@@ -81,6 +81,7 @@ from localdisk.backends.lvmcache import (
     cache_name,
     cache_owner,
     cache_tags,
+    differs,
     parse_cache,
 )
 from localdisk.backends.lvmcmd import LogicalVolume, Lvm, VgReport, check_name, check_tags
@@ -112,6 +113,7 @@ from localdisk.backends.lvmview import (
 )
 from localdisk.blockdev import erase_signatures, zero_out
 from localdisk.errors import (
+    AlreadyExists,
     Busy,
     FailedPrecondition,
     InsufficientCapacity,
@@ -317,6 +319,15 @@ class LinearBackend(LvmBackend):
     def check_parameters(self, parameters: Mapping[str, str]) -> None:
         parse_layout(parameters, self.config.layout)
         self._cache(parameters)
+
+    async def check_same(self, volume: Volume, parameters: Mapping[str, str]) -> None:
+        """The layout and cache `parameters` ask for (over the pool's defaults) against those the volume's LV
+        records in its tags (no layout tag: a plain volume; no cache tag: no cache)."""
+        lv = (await self._report()).lv(volume.ref.handle)
+        layout, cache = parse_layout(parameters, self.config.layout), self._cache(parameters)
+        difference = differs(lv.tags, layout, cache) if lv is not None else None
+        if difference:
+            raise AlreadyExists(f"volume {volume.name!r} already exists {difference}")
 
     def _cache(self, parameters: Mapping[str, str]) -> CacheSpec | None:
         cache = parse_cache(parameters, self.config.cache, self.config.cache_size)

@@ -174,6 +174,9 @@ class LvmBackend:
         self.check_parameters(parameters)
         return await self.capacity()
 
+    async def check_same(self, volume: Volume, parameters: Mapping[str, str]) -> None:
+        """Nothing to compare: a thin volume has no layout of its own (any parameter is refused before)."""
+
     async def _create(self, report: VgReport, lv: str, spec: VolumeSpec) -> bool:
         """Create the LV for `spec`; True if it was created pending and needs `_grow` and `_zero`."""
         raise NotImplementedError

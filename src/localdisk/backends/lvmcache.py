@@ -25,7 +25,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from localdisk.backends.lvmcmd import CACHE_MODES, LogicalVolume
+from localdisk.backends.lvmlayout import Layout, same_layout
 from localdisk.errors import InvalidArgument
+from localdisk.sizes import human
 
 CACHE, CACHE_SIZE = "cache", "cacheSize"
 CACHE_PARAMETERS = frozenset({CACHE, CACHE_SIZE})
@@ -64,6 +66,27 @@ class CacheSpec:
                 number = int(amount[:-1])
                 return cls(mode, percent=number) if amount.endswith("p") else cls(mode, size=number)
         return None
+
+
+def describe_cache(cache: CacheSpec | None) -> str:
+    """`cache` in words, for a message: "no cache", "a writethrough cache of 256 MiB", "a writecache of 10%..."."""
+    if cache is None:
+        return "no cache"
+    amount = f"{cache.percent}% of the volume" if cache.percent else human(cache.size)
+    return f"a {cache.mode} cache of {amount}" if cache.mode != "writecache" else f"a writecache of {amount}"
+
+
+def differs(tags: Iterable[str], layout: Layout, cache: CacheSpec | None) -> str | None:
+    """How the volume whose LV carries `tags` differs from one of `layout` and `cache`, as the end of a sentence
+    ("as a raid1 volume with 2 copies; this request asks for a linear volume"), or None if it does not. The tags
+    record both (no layout tag: a plain volume anywhere; no cache tag: no cache)."""
+    tags = list(tags)
+    made, has = Layout.from_tag(tags) or Layout(), CacheSpec.from_tags(tags)
+    if not same_layout(made, layout):
+        return f"as a {made.describe()}; this request asks for a {layout.describe()}"
+    if has != cache:
+        return f"with {describe_cache(has)}; this request asks for {describe_cache(cache)}"
+    return None
 
 
 def _amount(text: str) -> tuple[int, int]:
