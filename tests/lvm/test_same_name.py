@@ -22,7 +22,7 @@ NAME = "pvc-mirrored"
 SAME = {"mirrors": "2", "pvTags": "hdd", "cache": "writethrough", "cacheSize": "8Mi"}
 
 
-def request(size: int = 16 * MiB, **parameters: str) -> CreateRequest:
+def request(parameters: dict[str, str], size: int = 16 * MiB) -> CreateRequest:
     return CreateRequest(name=NAME, backend="lvm", pool="dense", required_bytes=size, parameters=parameters)
 
 
@@ -32,9 +32,9 @@ async def test_a_create_of_an_existing_name_must_ask_for_its_layout_and_cache() 
     lvm = MemoryLvm(replace(volume, attr=CACHED, pool=cvol.name), cvol)
     manager = manager_for(await opened(lvm))
     [existing] = await manager.list_volumes()
-    assert await manager.create_volume(request(**SAME)) == existing
-    # the same, spelled otherwise: the pool's defaults, a size in bytes, LVM's default stripe size unnamed
-    assert await manager.create_volume(request(cache="writethrough", cacheSize="8388608")) == existing
+    assert await manager.create_volume(request(SAME)) == existing
+    # the same, spelled otherwise: the pool's defaults for the layout (2 copies on hdd), the cache size in bytes
+    assert await manager.create_volume(request({"cache": "writethrough", "cacheSize": "8388608"})) == existing
     refused = {
         "copies": {**SAME, "mirrors": "3"},
         "raid10 (2 stripes": {**SAME, "stripes": "2"},
@@ -46,8 +46,8 @@ async def test_a_create_of_an_existing_name_must_ask_for_its_layout_and_cache() 
     }
     for words, parameters in refused.items():
         with pytest.raises(AlreadyExists, match=re.escape(words)) as caught:
-            await manager.create_volume(request(**parameters))
+            await manager.create_volume(request(parameters))
         assert "already exists" in caught.value.message and NAME in caught.value.message
     assert lvm.calls == [], "a refused create changes nothing"
     with pytest.raises(AlreadyExists, match="outside the requested range"):  # the size, checked as before
-        await manager.create_volume(request(64 * MiB, **SAME))
+        await manager.create_volume(request(SAME, 64 * MiB))
