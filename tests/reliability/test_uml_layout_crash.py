@@ -4,8 +4,10 @@ A `localdisk serve` with an lvm pool on the sandbox's VG of tagged PVs (`--vg ld
 gets creates, expansions and deletes of raid1 volumes with a writethrough SSD cache, and is killed during them: in
 lvcreate of the mirror, while zeroing, between making the cache LV and attaching it, during the detach, extend and
 re-attach of an expansion, during the uncache and lvremove of a delete. Each step can be repeated (lvmcache.py), so
-a retried call converges. The end checks (crashloop.py) use `lvs`: exactly one LV per acknowledged volume, none
-pending, and no other LV of ours (a cache LV left unattached would show there as a leak).
+a retried call converges; what a retry cannot see (an expansion cut after the growth: its retry finds the size
+reached) the next start mends (the cache is attached again). The end checks (crashloop.py) use `lvs`: exactly one
+LV per acknowledged volume, none pending, and no other LV of ours (a cache LV left unattached would show there as a
+leak); on a failure they print `lvs -a` with segment types and tags.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ async def test_mirrored_cached_volumes_survive_sigkill(tmp_path: Path) -> None:
     )
     try:
         [report] = await run_together([CrashLoop("lvm-layout", supervisor, LvmView(RAID_VG), settings)])
-        print(report.summary())
+        print(f"{report.summary()}, seed {seed}")
         if report.lost or report.leaked or report.problems:
             print(await all_lvs())
         check(report, KILLS, seed)
