@@ -18,6 +18,7 @@ from localdisk.backends.lvmlayout import (
     max_volume,
     parse_layout,
     plan,
+    same_layout,
 )
 from localdisk.errors import InsufficientCapacity, InvalidArgument
 from localdisk.sandbox import VolumeGroupRequest
@@ -186,3 +187,14 @@ async def test_backend_parameters_go_only_to_a_backend_that_takes_them() -> None
     with pytest.raises(InvalidArgument, match="are for LVM pools"):
         await manager.capacity("fake", "p", {"mirrors": "2"})
     assert (await manager.capacity("fake", "p", {})).available_bytes > 0
+
+
+def test_layouts_that_make_the_same_volume_are_the_same() -> None:
+    """What a retried create is compared by (ALREADY_EXISTS otherwise): LVM's default stripe size named or not, PV
+    tags in any order."""
+    assert same_layout(Layout(stripes=2), Layout(stripes=2, stripe_size=64 * 1024))
+    assert same_layout(Layout(mirrors=2, pv_tags=("hdd", "ssd")), Layout(mirrors=2, pv_tags=("ssd", "hdd")))
+    assert not same_layout(Layout(stripes=2), Layout(stripes=2, stripe_size=128 * 1024))
+    assert not same_layout(Layout(stripes=2), Layout(stripes=3))
+    assert not same_layout(Layout(mirrors=2), Layout(mirrors=2, pv_tags=("hdd",)))
+    assert not same_layout(Layout(), Layout(mirrors=2))

@@ -76,6 +76,10 @@ class TakesParameters(Protocol):
     async def capacity_for(self, parameters: Mapping[str, str]) -> Capacity:
         """What volumes made with these parameters can get (GetCapacity of a StorageClass that sets them)."""
 
+    async def check_same(self, volume: Volume, parameters: Mapping[str, str]) -> None:
+        """`AlreadyExists` if existing `volume` was made otherwise than these parameters ask (a create of its name
+        with another layout): CSI's same name with incompatible parameters, as for a size outside the range."""
+
 
 @runtime_checkable
 class CachedState(Protocol):

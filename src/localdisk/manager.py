@@ -263,7 +263,11 @@ class VolumeManager:
         with self._guard.hold(f"name:{request.name}"):
             existing = await self.find_volume_by_name(request.name)
             if existing is not None:
-                return self._same_or_conflict(existing, backend, request)
+                volume = self._same_or_conflict(existing, backend, request)
+                inner = backend.inner if isinstance(backend, Available) else backend
+                if isinstance(inner, TakesParameters):
+                    await inner.check_same(volume, request.parameters)
+                return volume
             source_handle = None
             if request.source is not None:
                 source_handle, size = await self._check_source(backend, request.source, size, request.limit_bytes)

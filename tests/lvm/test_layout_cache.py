@@ -116,3 +116,38 @@ async def test_a_cache_lv_left_by_a_crash_is_found_and_removed(cached_pool: Line
     await lvm.detach_cache(RAID_VG, volume.ref.handle, keep=True)
     await manager.delete_volume(volume.id)
     assert not [lv for lv in (await lvm.report(RAID_VG)).lvs if not lv.startswith("[")]
+
+
+async def test_what_a_kill_leaves_of_a_cached_expansion_or_delete_is_mended_at_start(
+    cached_pool: LinearBackend, runner: CommandRunner, lvm: Lvm
+) -> None:
+    """An expansion killed after growing the volume, before the cache went back: the retry has nothing left to do
+    (the size is reached), so the next start attaches the cache again, grown with its share. A delete killed
+    between removing the volume and its detached cache LV (the order before the fix): the next start removes the
+    cache LV. The steps are the backend's own commands, run by hand up to where the kill would land."""
+    manager = manager_for(cached_pool)
+    [ssd] = await tagged(lvm, "ssd")
+    before = await pv_free(lvm)
+    volume = await manager.create_volume(ask(cached_pool, "pvc-cut", 40 * MiB, cache="writeback", cacheSize="25%"))
+    path = volume.device_path or ""
+    data = os.urandom(MiB)
+    write(path, data, 4 * MiB)  # dirty in the writeback cache until the detach flushes it
+    await lvm.detach_cache(RAID_VG, volume.ref.handle, keep=True)
+    await lvm.extend(RAID_VG, volume.ref.handle, 80 * MiB)  # ... and here the kill
+    assert (await manager.expand_volume(volume.id, 80 * MiB)).size_bytes == 80 * MiB  # the retry: nothing to do
+    assert not (await lvm.report(RAID_VG)).lvs[volume.ref.handle].cached
+    restarted = LinearBackend("hybrid", cached_pool.config, lvm, runner)
+    await restarted.open()
+    report = await lvm.report(RAID_VG)
+    assert report.lvs[volume.ref.handle].cached and cache_name(volume.ref.handle) not in report.lvs
+    assert before[ssd] - (await pv_free(lvm))[ssd] == 20 * MiB  # 25% of 80 MiB
+    assert read(path, MiB, 4 * MiB) == data
+    [listed] = await manager_for(restarted).list_volumes()
+    assert listed.id == volume.id and listed.size_bytes == 80 * MiB and listed.abnormal is None
+
+    await lvm.detach_cache(RAID_VG, volume.ref.handle, keep=True)
+    await lvm.remove(RAID_VG, volume.ref.handle)  # ... and here the kill
+    again = LinearBackend("hybrid", cached_pool.config, lvm, runner)
+    await again.open()
+    assert not [name for name in (await lvm.report(RAID_VG)).lvs if not name.startswith("[")]
+    assert await pv_free(lvm) == before

@@ -37,6 +37,7 @@ from localdisk.backends.lvmcmd import (
     parse_fullreport,
     parse_time,
 )
+from localdisk.backends.lvmthin import thin_use
 from localdisk.errors import (
     AlreadyExists,
     BackendFailure,
@@ -235,26 +236,26 @@ def _pool_report(data_percent: float, metadata_percent: float, thin_sizes: list[
 
 
 def test_thin_room_is_the_smaller_of_ratio_and_real_space() -> None:
-    use = backend.thin_use(_pool_report(25.0, 5.0, [GiB, GiB]), "pool", ratio=3.0, threshold=80.0)
+    use = thin_use(_pool_report(25.0, 5.0, [GiB, GiB]), "pool", ratio=3.0, threshold=80.0)
     assert (use.virtual_bytes, use.used_bytes) == (2 * GiB, GiB // 4)
     assert use.ratio_room == GiB and use.real_room == 3 * GiB // 4
     assert use.available(4 * MiB) == 3 * GiB // 4
     assert use.refusal(3 * GiB // 4, 4 * MiB, "vg/pool") is None
     assert "overprovision ratio 3" in (use.refusal(GiB, 4 * MiB, "vg/pool") or "")
-    tight = backend.thin_use(_pool_report(0.0, 5.0, [GiB, GiB]), "pool", ratio=2.5, threshold=80.0)
+    tight = thin_use(_pool_report(0.0, 5.0, [GiB, GiB]), "pool", ratio=2.5, threshold=80.0)
     assert tight.available(4 * MiB) == GiB // 2  # now the ratio binds
 
 
 @pytest.mark.parametrize(("data", "meta"), [(80.0, 1.0), (1.0, 80.0), (99.9, 99.9)])
 def test_thin_threshold_refuses_on_data_or_metadata(data: float, meta: float) -> None:
-    use = backend.thin_use(_pool_report(data, meta, []), "pool", ratio=10.0, threshold=80.0)
+    use = thin_use(_pool_report(data, meta, []), "pool", ratio=10.0, threshold=80.0)
     assert use.past_threshold and use.available(4 * MiB) == 0
     assert "past the 80% threshold" in (use.refusal(4 * MiB, 4 * MiB, "vg/pool") or "")
 
 
 def test_thin_use_needs_the_pool() -> None:
     with pytest.raises(FailedPrecondition, match="vg/other"):
-        backend.thin_use(_pool_report(0.0, 0.0, []), "other", 1.0, 90.0)
+        thin_use(_pool_report(0.0, 0.0, []), "other", 1.0, 90.0)
 
 
 # -- configuration ----------------------------------------------------------------------------------------------------

@@ -284,6 +284,7 @@ class Settings:
     max_live: int = 10
     snapshots: bool = False
     parameters: dict[str, str] = field(default_factory=dict)
+    id_prefix: str = ""  # what this loop's volume IDs start with (`lvm:dense:`); "" for the backend's name and ':'
 
 
 @dataclass
@@ -644,7 +645,7 @@ class CrashLoop:
             page = await self.call("list", lambda c, r=listing: c.list_volumes(r), set())  # type: ignore[misc]
             for entry in page.entries:
                 assert entry.volume is not None
-                if not entry.volume.volume_id.startswith(f"{self.backend}:"):
+                if not entry.volume.volume_id.startswith(self.settings.id_prefix or f"{self.backend}:"):
                     continue  # another loop's pool on the same server
                 assert entry.volume.volume_id not in listed, f"ListVolumes shows {entry.volume.volume_id} twice"
                 listed[entry.volume.volume_id] = entry.volume.capacity_bytes
@@ -674,7 +675,7 @@ class CrashLoop:
             listed_snaps = {
                 e.snapshot.snapshot_id: e.snapshot.source_volume_id
                 for e in snaps.entries
-                if e.snapshot and e.snapshot.snapshot_id.startswith(f"{self.backend}:")
+                if e.snapshot and e.snapshot.snapshot_id.startswith(self.settings.id_prefix or f"{self.backend}:")
             }
             for snap_id in sorted(set(wanted_snaps) - set(listed_snaps)):
                 report.lost.append(f"snapshot {snap_id} (acknowledged, not listed)")

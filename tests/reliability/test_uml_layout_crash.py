@@ -4,8 +4,10 @@ A `localdisk serve` with an lvm pool on the sandbox's VG of tagged PVs (`--vg ld
 gets creates, expansions and deletes of raid1 volumes with a writethrough SSD cache, and is killed during them: in
 lvcreate of the mirror, while zeroing, between making the cache LV and attaching it, during the detach, extend and
 re-attach of an expansion, during the uncache and lvremove of a delete. Each step can be repeated (lvmcache.py), so
-a retried call converges. The end checks (crashloop.py) use `lvs`: exactly one LV per acknowledged volume, none
-pending, and no other LV of ours (a cache LV left unattached would show there as a leak).
+a retried call converges; what a retry cannot see (an expansion cut after the growth: its retry finds the size
+reached) the next start mends (the cache is attached again). The end checks (crashloop.py) use `lvs`: exactly one
+LV per acknowledged volume, none pending, and no other LV of ours (a cache LV left unattached would show there as a
+leak); on a failure they print `lvs -a` with segment types and tags.
 """
 
 from __future__ import annotations
@@ -29,6 +31,13 @@ pytestmark = [pytest.mark.uml, pytest.mark.anyio]
 KILLS = int(os.environ.get("LOCALDISK_LAYOUT_KILLS", "50"))
 SECONDS = float(os.environ.get("LOCALDISK_LAYOUT_SECONDS", "3000"))
 PARAMETERS = {"backend": "lvm", "pool": "dense", "mirrors": "2", "cache": "writethrough", "cacheSize": "8Mi"}
+
+
+async def all_lvs() -> str:
+    """Every LV of the VG, hidden ones too, with what tells a half-made cache or mirror: for a failure's message."""
+    fields = "lv_name,lv_attr,segtype,lv_size,pool_lv,lv_tags,devices"
+    result = await CommandRunner().run(["lvs", "-a", "-o", fields, "--", RAID_VG], check=False)
+    return f"lvs -a -o {fields}:\n{result.text}{result.error_text}"
 
 
 @pytest.mark.slow
@@ -55,12 +64,15 @@ async def test_mirrored_cached_volumes_survive_sigkill(tmp_path: Path) -> None:
         growth=(4 * MiB, 8 * MiB - 4096),
         max_live=5,  # 5 caches of 8 MiB on the 60 MiB SSD, 5 mirrors of up to ~28 MiB twice on 3 x 124 MiB
         parameters=PARAMETERS,
+        id_prefix="lvm:dense:",  # the loop is named lvm-layout; its IDs are those of lvm pool dense
     )
     try:
         [report] = await run_together([CrashLoop("lvm-layout", supervisor, LvmView(RAID_VG), settings)])
-        print(report.summary())
+        print(f"{report.summary()}, seed {seed}")
+        if report.lost or report.leaked or report.problems:
+            print(await all_lvs())
         check(report, KILLS, seed)
         leftovers = [lv for lv in (await lvm.report(RAID_VG)).lvs if lv.startswith("ldc-")]
-        assert not leftovers, f"cache LVs left unattached: {leftovers}"
+        assert not leftovers, f"cache LVs left unattached: {leftovers}\n{await all_lvs()}"
     finally:
         await reset_vg(lvm, RAID_VG)

@@ -50,7 +50,7 @@ import logging
 import os
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
@@ -75,12 +75,13 @@ from localdisk.backends.lvmbase import (
     source_of,
 )
 from localdisk.backends.lvmcache import (
-    CACHE_OF_TAG,
     CACHE_PARAMETERS,
     DEFAULT_SHARE,
     CacheSpec,
     cache_name,
+    cache_owner,
     cache_tags,
+    differs,
     parse_cache,
 )
 from localdisk.backends.lvmcmd import LogicalVolume, Lvm, VgReport, check_name, check_tags
@@ -100,6 +101,7 @@ from localdisk.backends.lvmlayout import (
 )
 from localdisk.backends.lvmsetup import ThinRulesConfig, VgRulesConfig, with_rules
 from localdisk.backends.lvmshell import ShellExecutor
+from localdisk.backends.lvmthin import ThinUse, thin_use
 from localdisk.backends.lvmview import (
     LINEAR_ACTIVE,
     THIN_ACTIVE,
@@ -111,6 +113,7 @@ from localdisk.backends.lvmview import (
 )
 from localdisk.blockdev import erase_signatures, zero_out
 from localdisk.errors import (
+    AlreadyExists,
     Busy,
     FailedPrecondition,
     InsufficientCapacity,
@@ -149,67 +152,6 @@ __all__ = [  # the identity helpers live in lvmbase; tools and tests reach them 
     "source_of",
 ]
 SHELL_ENV = "LOCALDISK_LVM_SHELL"  # "0": one lvm process per command instead of the persistent shell
-
-
-# -- thin pool arithmetic (pure) --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ThinUse:
-    """What a thin pool holds and may still give, by the overprovision ratio and by its real free space."""
-
-    data_bytes: int  # the pool's real data size
-    used_bytes: int  # provisioned data blocks
-    virtual_bytes: int  # sum of the sizes of every thin LV in the pool (ours, foreign, snapshots)
-    data_percent: float
-    metadata_percent: float
-    ratio: float
-    threshold_percent: float
-
-    @property
-    def past_threshold(self) -> bool:
-        return self.data_percent >= self.threshold_percent or self.metadata_percent >= self.threshold_percent
-
-    @property
-    def ratio_room(self) -> int:
-        return max(int(self.data_bytes * self.ratio) - self.virtual_bytes, 0)
-
-    @property
-    def real_room(self) -> int:
-        return max(self.data_bytes - self.used_bytes, 0)
-
-    def available(self, extent: int) -> int:
-        if self.past_threshold:
-            return 0
-        return min(self.ratio_room, self.real_room) // extent * extent
-
-    def refusal(self, size: int, extent: int, where: str) -> str | None:
-        """Why a new thin LV of `size` virtual bytes must be refused, or None if it fits."""
-        if self.past_threshold:
-            return (
-                f"thin pool {where} is {self.data_percent:.1f}% full of data and {self.metadata_percent:.1f}% of"
-                f" metadata, past the {self.threshold_percent:g}% threshold; free space in it or extend it"
-            )
-        if size > self.available(extent):
-            return (
-                f"thin pool {where} can give {human(self.available(extent))} more ({human(self.ratio_room)} by the"
-                f" overprovision ratio {self.ratio:g}, {human(self.real_room)} really free); {human(size)} requested"
-            )
-        return None
-
-
-def thin_use(report: VgReport, pool: str, ratio: float, threshold: float) -> ThinUse:
-    found = report.lv(pool)
-    if found is None:
-        raise FailedPrecondition(f"thin pool {report.vg.name}/{pool} not found")
-    data_percent = found.data_percent or 0.0
-    return ThinUse(
-        data_bytes=found.size,
-        used_bytes=int(found.size * data_percent / 100),
-        virtual_bytes=sum(lv.size for lv in report.in_pool(pool)),
-        data_percent=data_percent,
-        metadata_percent=found.metadata_percent or 0.0,
-        ratio=ratio,
-        threshold_percent=threshold,
-    )
 
 
 # -- configuration ---------------------------------------------------------------------------------------------------
@@ -378,6 +320,15 @@ class LinearBackend(LvmBackend):
         parse_layout(parameters, self.config.layout)
         self._cache(parameters)
 
+    async def check_same(self, volume: Volume, parameters: Mapping[str, str]) -> None:
+        """The layout and cache `parameters` ask for (over the pool's defaults) against those the volume's LV
+        records in its tags (no layout tag: a plain volume; no cache tag: no cache)."""
+        lv = (await self._report()).lv(volume.ref.handle)
+        layout, cache = parse_layout(parameters, self.config.layout), self._cache(parameters)
+        difference = differs(lv.tags, layout, cache) if lv is not None else None
+        if difference:
+            raise AlreadyExists(f"volume {volume.name!r} already exists {difference}")
+
     def _cache(self, parameters: Mapping[str, str]) -> CacheSpec | None:
         cache = parse_cache(parameters, self.config.cache, self.config.cache_size)
         if cache is not None and not self.config.cache_pv_tags:
@@ -453,7 +404,11 @@ class LinearBackend(LvmBackend):
             report = await self.view.refresh()
             lv = report.lvs[lv.name]
         grown = await self._extend_origin(report, lv, size)
-        await self._attach_cache(lv.name, cache, grown)
+        try:
+            await self._attach_cache(lv.name, cache, grown)
+        except InsufficientCapacity as exc:  # no room to grow the cache: back at its old size, not left off
+            log.warning("volume %s/%s grew; its cache could not grow with it: %s", self.vg, lv.name, exc)
+            await self._attach_cache(lv.name, cache, grown, grow=False)
         return grown
 
     async def _before_ready(self, lv: str, spec: VolumeSpec) -> None:
@@ -462,9 +417,41 @@ class LinearBackend(LvmBackend):
             async with self._writing():
                 await self._attach_cache(lv, cache, self._rounded(spec))
 
-    async def _attach_cache(self, lv_name: str, cache: CacheSpec, volume_size: int) -> None:
-        """Make (or grow) volume `lv_name`'s cache LV on the fast PVs and attach it, unless it is attached already.
-        Under the pool's lock; every step can be repeated after a crash."""
+    async def _recover(self) -> None:
+        """Cache LVs a crash left detached (see `localdisk.backends.lvmcache`): a finished volume's is attached
+        again (grown as an expansion would have, or at its size if the fast PVs have no room), one whose volume is
+        gone or never wanted a cache is removed. A pending volume's is left to its create's retry or reclaim. An
+        attach that fails is logged and the volume served without its cache; the next start tries again."""
+        async with self._writing() as report:
+            for lv in list(report.lvs.values()):
+                owner = cache_owner(lv, OWNER_TAG, KIND_TAG)
+                volume = report.lv(owner) if owner else None
+                if owner is None or (volume is not None and not self._ready(volume, VOLUME)):
+                    continue
+                cache = CacheSpec.from_tags(volume.tags) if volume is not None else None
+                if volume is None or cache is None or volume.cached:
+                    log.warning("removing cache LV %s/%s: volume %s does not take it", self.vg, lv.name, owner)
+                    with contextlib.suppress(NotFound):
+                        await self.lvm.remove(self.vg, lv.name)
+                    self.view.invalidate()
+                    continue
+                log.warning(
+                    "volume %s/%s was found without its cache (a crash cut an expansion): attaching it again",
+                    self.vg,
+                    owner,
+                )
+                try:
+                    try:
+                        await self._attach_cache(owner, cache, volume.size)
+                    except InsufficientCapacity:
+                        await self._attach_cache(owner, cache, volume.size, grow=False)
+                except LocalDiskError as exc:
+                    self.view.invalidate()
+                    log.warning("volume %s/%s stays without its cache for now: %s", self.vg, owner, exc)
+
+    async def _attach_cache(self, lv_name: str, cache: CacheSpec, volume_size: int, *, grow: bool = True) -> None:
+        """Make (or grow, unless not `grow`) volume `lv_name`'s cache LV on the fast PVs and attach it, unless it is
+        attached already. Under the pool's lock; every step can be repeated after a crash."""
         report = await self.view.refresh()
         lv = report.lv(lv_name)
         if lv is None:
@@ -482,7 +469,7 @@ class LinearBackend(LvmBackend):
         else:
             if existing.active:  # dm-writecache takes only an inactive cache LV (an activated VG activated it)
                 await self.lvm.deactivate_lv(self.vg, name)
-            if existing.size < wanted and self.config.cache_on_expand == "grow":
+            if existing.size < wanted and self.config.cache_on_expand == "grow" and grow:
                 pvs = [pv.name for pv in eligible(pv_space(report.physical), self._cache_layout())]
                 await self.lvm.extend(self.vg, name, wanted, pvs)
         await self.lvm.attach_cache(self.vg, lv_name, name, cache.mode)
@@ -494,12 +481,14 @@ class LinearBackend(LvmBackend):
                 await self.lvm.detach_cache(self.vg, lv.name, keep=False)
             except LocalDiskError as exc:  # a cache SSD gone: lvremove below still removes both
                 log.warning("removing volume %s/%s: its cache could not be flushed: %s", self.vg, lv.name, exc)
-        await super()._remove(report, lv)
         leftover = report.lv(cache_name(lv.name))
-        if leftover is not None and OWNER_TAG in leftover.tags and CACHE_OF_TAG + lv.name in leftover.tags:
-            with contextlib.suppress(NotFound):  # a cache LV a crash left unattached
+        if leftover is not None and cache_owner(leftover, OWNER_TAG, KIND_TAG) == lv.name:
+            # A cache LV a crash left unattached, removed before its volume: a crash between the two lvremoves then
+            # leaves the volume, which the retried delete finds, not a cache LV that nothing names any more.
+            with contextlib.suppress(NotFound):
                 await self.lvm.remove(self.vg, leftover.name)
             self.view.invalidate()
+        await super()._remove(report, lv)
 
     async def _extend_origin(self, report: VgReport, lv: LogicalVolume, size: int) -> int:
         layout = Layout.from_tag(lv.tags)

@@ -174,6 +174,9 @@ class LvmBackend:
         self.check_parameters(parameters)
         return await self.capacity()
 
+    async def check_same(self, volume: Volume, parameters: Mapping[str, str]) -> None:
+        """Nothing to compare: a thin volume has no layout of its own (any parameter is refused before)."""
+
     async def _create(self, report: VgReport, lv: str, spec: VolumeSpec) -> bool:
         """Create the LV for `spec`; True if it was created pending and needs `_grow` and `_zero`."""
         raise NotImplementedError
@@ -186,6 +189,9 @@ class LvmBackend:
 
     async def _before_ready(self, lv: str, spec: VolumeSpec) -> None:
         """The last step before a pending LV is handed out (attaching its cache); repeatable."""
+
+    async def _recover(self) -> None:
+        """At open, after activation: finish or undo what a crash left of a change to a finished volume."""
 
     def _abnormal(self, report: VgReport, lv: LogicalVolume) -> str | None:
         return None if lv.active else f"logical volume {self.vg}/{lv.name} is not active"
@@ -207,6 +213,7 @@ class LvmBackend:
         self.features = replace(self.features, alignment=self.extent, minimum_size=self.extent)
         await self._activate(report)
         self.view.invalidate()  # activation changed what the report said
+        await self._recover()
 
     async def aclose(self) -> None:
         await self.lvm.aclose()

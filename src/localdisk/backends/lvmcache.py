@@ -12,7 +12,11 @@ then inconsistent. Use them only where that is acceptable (scratch data, a repli
 
 The volume records its cache request in a tag, so a retried create or an expansion finds what to make or keep. The
 cache LV carries the owner tag and names its volume, so a crash between making it and attaching it leaves nothing
-that the volume's create, delete or reclaim does not find.
+that the volume's create, delete or reclaim does not find. An expansion takes the cache off, grows the volume and
+puts the cache back: a crash after the growth leaves a volume of the new size, whose retried expansion has nothing
+left to do, beside its cache LV. So each start puts back the cache of every finished volume found without it
+(`cache_owner` names the volume of a cache LV found on its own), and removes a cache LV whose volume is gone (a
+delete removes the cache LV before the volume, so only an older crash leaves that).
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from localdisk.backends.lvmcmd import CACHE_MODES
+from localdisk.backends.lvmcmd import CACHE_MODES, LogicalVolume
+from localdisk.backends.lvmlayout import Layout, same_layout
 from localdisk.errors import InvalidArgument
+from localdisk.sizes import human
 
 CACHE, CACHE_SIZE = "cache", "cacheSize"
 CACHE_PARAMETERS = frozenset({CACHE, CACHE_SIZE})
@@ -62,6 +68,27 @@ class CacheSpec:
         return None
 
 
+def describe_cache(cache: CacheSpec | None) -> str:
+    """`cache` in words, for a message: "no cache", "a writethrough cache of 256 MiB", "a writecache of 10%..."."""
+    if cache is None:
+        return "no cache"
+    amount = f"{cache.percent}% of the volume" if cache.percent else human(cache.size)
+    return f"a {cache.mode} cache of {amount}" if cache.mode != "writecache" else f"a writecache of {amount}"
+
+
+def differs(tags: Iterable[str], layout: Layout, cache: CacheSpec | None) -> str | None:
+    """How the volume whose LV carries `tags` differs from one of `layout` and `cache`, as the end of a sentence
+    ("as a raid1 volume with 2 copies; this request asks for a linear volume"), or None if it does not. The tags
+    record both (no layout tag: a plain volume anywhere; no cache tag: no cache)."""
+    tags = list(tags)
+    made, has = Layout.from_tag(tags) or Layout(), CacheSpec.from_tags(tags)
+    if not same_layout(made, layout):
+        return f"as a {made.describe()}; this request asks for a {layout.describe()}"
+    if has != cache:
+        return f"with {describe_cache(has)}; this request asks for {describe_cache(cache)}"
+    return None
+
+
 def _amount(text: str) -> tuple[int, int]:
     """(bytes, percent) from `256Mi` or `10%`."""
     value = text.strip()
@@ -98,3 +125,13 @@ def cache_name(volume_lv: str) -> str:
 
 def cache_tags(volume_lv: str, owner_tag: str, kind_tag: str) -> list[str]:
     return [owner_tag, kind_tag + CACHE_KIND, CACHE_OF_TAG + volume_lv]
+
+
+def cache_owner(lv: LogicalVolume, owner_tag: str, kind_tag: str) -> str | None:
+    """The volume LV that `lv` is the detached cache LV of (by its name and its tags), or None if it is not one."""
+    if lv.hidden or not lv.name.startswith(CACHE_PREFIX) or owner_tag not in lv.tags:
+        return None
+    if kind_tag + CACHE_KIND not in lv.tags:
+        return None
+    volume = next((tag[len(CACHE_OF_TAG) :] for tag in lv.tags if tag.startswith(CACHE_OF_TAG)), None)
+    return volume if volume is not None and cache_name(volume) == lv.name else None

@@ -116,6 +116,17 @@ class Layout:
         return self.leg_extents(size, extent) * extent * self.legs
 
 
+def same_layout(one: Layout, other: Layout) -> bool:
+    """Whether two layouts make the same volume: LVM's default stripe size is 64 KiB whether it is named or not, and
+    the order of PV tags does not matter."""
+
+    def key(layout: Layout) -> tuple[int, int, int, frozenset[str]]:
+        size = (layout.stripe_size or DEFAULT_STRIPE_SIZE) if layout.stripes > 1 else 0
+        return layout.stripes, size, layout.mirrors, frozenset(layout.pv_tags)
+
+    return key(one) == key(other)
+
+
 def _positive_int(parameters: Mapping[str, str], key: str, default: int, limit: int) -> int:
     text = parameters.get(key)
     if text is None:

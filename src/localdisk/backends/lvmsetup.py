@@ -500,6 +500,9 @@ class RulesPool:
             return Capacity(total_bytes=0, available_bytes=0, maximum_volume_bytes=0)
         return await self.inner.capacity_for(parameters)
 
+    async def check_same(self, volume: Volume, parameters: Mapping[str, str]) -> None:
+        await self.inner.check_same(volume, parameters)
+
     async def disks(self) -> tuple[str, ...]:
         return await self.inner.disks()
 

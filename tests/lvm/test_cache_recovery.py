@@ -1,0 +1,71 @@
+"""What a SIGKILL leaves of a cached volume's cache changes, and how the lvm backend converges from it: on the host,
+with an LVM stand-in that keeps a VG in memory and changes it as the real commands would (the states are those the
+layout crash loop, `nox -s layout-crash`, met on real LVM: see `localdisk.backends.lvmcache`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from localdisk.backends.lvm import lv_name_for
+from localdisk.backends.lvmbase import VOLUME
+from localdisk.backends.lvmcache import CacheSpec, cache_name
+from localdisk.sizes import MiB
+from tests.contract import manager_for
+from tests.lvm.memory import VG, MemoryLvm, detached_cache, lv, opened, volume_lv
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_an_expansion_cut_after_the_growth_gets_its_cache_back_at_the_next_start() -> None:
+    """The expansion took the cache off and grew the volume, then was killed: its retry finds the size reached and
+    has nothing to do. The restart every kill implies attaches the cache again, grown as the expansion would have."""
+    share = CacheSpec("writethrough", percent=10)
+    volume = volume_lv("pvc-grown", 120 * MiB, share)
+    lvm = MemoryLvm(volume, detached_cache(volume, 8 * MiB))
+    backend = await opened(lvm)
+    ldc = cache_name(volume.name)
+    assert lvm.calls[-3:] == [
+        ("deactivate", ldc),
+        ("extend", ldc, str(12 * MiB)),
+        ("attach", volume.name, ldc, "writethrough"),
+    ]
+    assert lvm.lvs[volume.name].cached and ldc not in lvm.lvs
+    [listed] = await manager_for(backend).list_volumes()
+    assert listed.ref.handle == volume.name and listed.size_bytes == 120 * MiB and listed.abnormal is None
+
+
+async def test_a_cache_that_cannot_grow_goes_back_at_its_old_size() -> None:
+    volume = volume_lv("pvc-full-ssd", 120 * MiB, CacheSpec("writecache", percent=10))
+    lvm = MemoryLvm(volume, detached_cache(volume, 8 * MiB))
+    lvm.no_room_to_extend.add(cache_name(volume.name))
+    await opened(lvm)
+    assert lvm.calls[-1] == ("attach", volume.name, cache_name(volume.name), "writecache")
+    assert lvm.lvs[f"[{cache_name(volume.name)}_cvol]"].size == 8 * MiB
+
+
+async def test_a_cache_lv_whose_volume_is_gone_is_removed_at_start_and_nothing_else_is() -> None:
+    spec = CacheSpec("writethrough", size=8 * MiB)
+    gone = volume_lv("pvc-deleted", 16 * MiB, spec)
+    orphan = detached_cache(gone, 8 * MiB)
+    creating = volume_lv("pvc-creating", 16 * MiB, spec, pending=True)  # its create's retry (or reclaim) decides
+    creating_cache = detached_cache(creating, 8 * MiB)
+    foreign = lv(cache_name(lv_name_for(VOLUME, "someone")), 8 * MiB, [], "-wi-a-----")  # no owner tag: not ours
+    lvm = MemoryLvm(orphan, creating, creating_cache, foreign)
+    backend = await opened(lvm)
+    assert [call for call in lvm.calls if call[0] != "activate_vg"] == [("remove", orphan.name)]
+    assert set(lvm.lvs) == {creating.name, creating_cache.name, foreign.name}
+    assert await manager_for(backend).list_volumes() == []
+
+
+async def test_a_delete_removes_a_detached_cache_before_its_volume() -> None:
+    """So a kill between the two lvremoves leaves the volume, which the retried delete finds; the other way round
+    it would leave a cache LV that no volume names."""
+    volume = volume_lv("pvc-gone", 16 * MiB, CacheSpec("writethrough", size=8 * MiB))
+    lvm = MemoryLvm(volume, detached_cache(volume, 8 * MiB))
+    backend = await opened(lvm)
+    await backend.lvm.detach_cache(VG, volume.name, keep=True)  # as a kill during an expansion leaves it
+    backend.view.invalidate()
+    lvm.calls.clear()
+    await backend.delete_volume(volume.name)
+    assert lvm.calls == [("remove", cache_name(volume.name)), ("remove", volume.name)]
+    assert lvm.lvs == {}
