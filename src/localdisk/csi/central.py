@@ -126,6 +126,7 @@ class CentralControllerService(ControllerBase):
     @rpc
     async def create_volume(self, message: CreateVolumeRequest) -> CreateVolumeResponse:
         required, limit = checked_create(message, self.config)
+        _refuse_layouts(message.parameters)
         source = validate.content_source(message.volume_content_source)
         await self.cluster.ready()
         if source is not None and source.kind is SourceKind.SNAPSHOT:
@@ -303,4 +304,16 @@ class CentralControllerService(ControllerBase):
         return ListSnapshotsResponse(
             entries=[ListSnapshotsResponseEntry(snapshot=f) for f in found],
             next_token=str(end) if end < len(snapshots) else "",
+        )
+
+
+def _refuse_layouts(parameters: dict[str, str]) -> None:
+    """Layouts and caches (stripes, mirrors, pvTags, cache, cacheSize) are made only by `serve --role all` so far:
+    a LocalVolume does not carry them to its node agent, so they are refused rather than silently dropped."""
+    layout = sorted(validate.backend_parameters(parameters))
+    if layout:
+        raise InvalidArgument(
+            f"StorageClass parameter(s) {layout} (LVM layouts and caches) are not served by the cluster's central"
+            " controller yet: its node agents would make a plain volume; use a StorageClass without them, or the"
+            " single-process shape (serve --role all) on the node"
         )
