@@ -173,12 +173,16 @@ class VolumeManager:
     def disks_changed(self, why: str) -> None:
         """A disk appeared, went or changed (`localdisk.diskevents`, `why`): every pool that finds its disks by rules
         discovers again and every pool that is down is tried again now, not at their next interval."""
-        finding = [b for b in self.backends.values() if isinstance(b.inner, Discovers) and b.inner.finds_disks]
-        for backend in finding:
-            backend.inner.discover_soon()  # type: ignore[attr-defined]  # (the isinstance check above)
+        finding = self._finding_disks()
+        for pool in finding.values():
+            pool.discover_soon()
         log.info("%s: discovering again in %d pool(s), retrying those that are down", why, len(finding))
         for sleeper in self._sleepers:
             sleeper.set()
+
+    def _finding_disks(self) -> dict[Available, Discovers]:
+        """The pools that find their disks by rules: each served pool, and the backend in it that discovers."""
+        return {b: b.inner for b in self.backends.values() if isinstance(b.inner, Discovers) and b.inner.finds_disks}
 
     async def _pause(self, seconds: float) -> bool:
         """Sleep `seconds`, or less if `disks_changed` is called meanwhile; whether it was."""
@@ -374,9 +378,8 @@ class VolumeManager:
                         log.warning("%s failed: %s", what, exc)
             next_due = min((due[what] for what in jobs), default=anyio.current_time() + RETRY_INTERVAL)
             if await self._pause(max(next_due - anyio.current_time(), 0.05)):  # a disk event: discover now
-                for backend in self.backends.values():
-                    if isinstance(backend.inner, Discovers) and backend.inner.finds_disks:
-                        due.pop(_refresh_job(backend), None)
+                for backend in self._finding_disks():
+                    due.pop(_refresh_job(backend), None)
 
     def _fresh_jobs(self) -> dict[str, tuple[float, Callable[[], Awaitable[object]]]]:
         jobs: dict[str, tuple[float, Callable[[], Awaitable[object]]]] = {

@@ -132,10 +132,7 @@ async def _run_process(
                     with contextlib.suppress(anyio.BrokenResourceError):  # it exited without reading it all
                         await process.stdin.send(input)
             await process.wait()
-    except BaseException:
-        await _reap(process, args)
-        raise
-    finally:
+    finally:  # also when cancelled: the child is killed and gone before the call ends
         await _reap(process, args)
         for stream in (process.stdin, process.stdout, process.stderr):
             if stream is not None:

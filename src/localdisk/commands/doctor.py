@@ -159,7 +159,7 @@ async def _pools(runner: CommandRunner, config: NodeConfig) -> list[Check]:
             result = await _quiet(runner, ["vgs", "--noheadings", "-o", "vg_name", "--", vg])
             rules = getattr(pool.config, "match", None)
             if result or not isinstance(rules, DiskRules):
-                fix = f"create it: vgcreate {vg} <disks>"
+                fix = "" if result else f"create it: vgcreate {vg} <disks>"
                 checks.append(Check(where, result, f"volume group {vg}" + ("" if result else " not found"), fix))
                 continue
             # Not made yet, but the pool finds its disks by rules: what set-up would make it from (read-only).
