@@ -9,6 +9,7 @@ import pytest
 from localdisk.backends.lvm import lv_name_for
 from localdisk.backends.lvmbase import VOLUME
 from localdisk.backends.lvmcache import CacheSpec, cache_name
+from localdisk.backends.lvmcmd import PhysicalVolume
 from localdisk.sizes import MiB
 from tests.contract import manager_for
 from tests.lvm.memory import VG, MemoryLvm, detached_cache, lv, opened, volume_lv
@@ -69,3 +70,20 @@ async def test_a_delete_removes_a_detached_cache_before_its_volume() -> None:
     await backend.delete_volume(volume.name)
     assert lvm.calls == [("remove", cache_name(volume.name)), ("remove", volume.name)]
     assert lvm.lvs == {}
+
+
+async def test_capacity_with_a_fixed_size_cache_counts_the_caches_the_ssd_holds() -> None:
+    """Four HDDs with room for two 2-way mirrors of 60 MiB, one SSD with 64 MiB free: caches of 24 MiB fit twice (both
+    mirrors), of 40 MiB once (one mirror: capacity is one volume's), of 80 MiB never (nothing)."""
+    lvm = MemoryLvm()
+    hdds = [PhysicalVolume(f"/dev/ubd{d}", 128 * MiB, 64 * MiB, frozenset({"hdd"}), "a--") for d in "abcd"]
+    lvm.physical = (*hdds, PhysicalVolume("/dev/ubde", 128 * MiB, 64 * MiB, frozenset({"ssd"}), "a--"))
+    backend = await opened(lvm)
+    plain = await backend.capacity_for({})
+    # room for more than one mirror
+    assert plain.maximum_volume_bytes > 0 and plain.available_bytes > plain.maximum_volume_bytes
+    expected = {"24Mi": (plain.available_bytes, 2), "40Mi": (plain.maximum_volume_bytes, 1), "80Mi": (0, 0)}
+    for size, (room, caches) in expected.items():
+        capacity = await backend.capacity_for({"cache": "writethrough", "cacheSize": size})
+        assert (capacity.available_bytes, capacity.details["caches_that_fit"]) == (room, caches), size
+        assert capacity.maximum_volume_bytes == (plain.maximum_volume_bytes if caches else 0), size

@@ -569,7 +569,8 @@ class LinearBackend(LvmBackend):
     async def capacity_for(self, parameters: Mapping[str, str]) -> Capacity:
         """What volumes of the layout `parameters` ask for can get, from each PV's free space: in total, filling the
         PVs one largest volume after another, and in one volume. 0 if the VG cannot make that layout at all. With a
-        cache, also bounded by the room on the cache PVs (a share of 10% of 6 GiB free makes at most 60 GiB)."""
+        cache, also bounded by the room on the cache PVs: a share of 10% of 6 GiB free makes at most 60 GiB; a fixed
+        size of 2 GiB makes at most 3 caches, so at most 3 of the largest volumes."""
         layout = parse_layout(parameters, self.config.layout)
         cache = self._cache(parameters)
         report = await self._report()
@@ -591,8 +592,10 @@ class LinearBackend(LvmBackend):
             if cache.percent:
                 fits = cache_room * 100 // cache.percent // self.extent * self.extent
                 room, largest = min(room, fits), min(largest, fits)
-            elif cache_room < cache.bytes_for(self.extent, self.extent):
-                room = largest = 0
+            else:
+                caches = cache_room // cache.bytes_for(self.extent, self.extent)
+                details["caches_that_fit"] = caches
+                room, largest = min(room, caches * largest), largest if caches else 0
         return Capacity(total, room, largest, details)
 
 
