@@ -10,6 +10,7 @@ from localdisk.backends.lvm import lv_name_for
 from localdisk.backends.lvmbase import VOLUME
 from localdisk.backends.lvmcache import CacheSpec, cache_name
 from localdisk.backends.lvmcmd import PhysicalVolume
+from localdisk.errors import BackendFailure
 from localdisk.sizes import MiB
 from tests.contract import manager_for
 from tests.lvm.memory import VG, MemoryLvm, detached_cache, lv, opened, volume_lv
@@ -87,3 +88,24 @@ async def test_capacity_with_a_fixed_size_cache_counts_the_caches_the_ssd_holds(
         capacity = await backend.capacity_for({"cache": "writethrough", "cacheSize": size})
         assert (capacity.available_bytes, capacity.details["caches_that_fit"]) == (room, caches), size
         assert capacity.maximum_volume_bytes == (plain.maximum_volume_bytes if caches else 0), size
+
+
+async def test_an_expansion_whose_cache_failed_to_go_back_gets_it_back_on_its_retry() -> None:
+    """The cache came off and the volume grew, then attaching the cache again failed: the expansion answers the error,
+    and its retry (which finds the size reached) puts the cache back instead of leaving the volume uncached until
+    the next start."""
+    volume = volume_lv("pvc-retried", 40 * MiB, CacheSpec("writeback", size=8 * MiB))
+    lvm = MemoryLvm(volume, detached_cache(volume, 8 * MiB))
+    backend = await opened(lvm)
+    assert lvm.lvs[volume.name].cached
+    lvm.attach_failures = 1
+    with pytest.raises(BackendFailure, match="cannot attach"):
+        await backend.expand_volume(volume.name, 60 * MiB)
+    assert lvm.lvs[volume.name].size == 60 * MiB and not lvm.lvs[volume.name].cached
+    grown = await backend.expand_volume(volume.name, 60 * MiB)
+    assert grown.size_bytes == 60 * MiB and lvm.lvs[volume.name].cached
+    assert lvm.calls[-1] == ("attach", volume.name, cache_name(volume.name), "writeback")
+    # a retry that has nothing left to do changes nothing
+    calls = len(lvm.calls)
+    await backend.expand_volume(volume.name, 60 * MiB)
+    assert len(lvm.calls) == calls

@@ -411,6 +411,22 @@ class LinearBackend(LvmBackend):
             await self._attach_cache(lv.name, cache, grown, grow=False)
         return grown
 
+    async def _expanded(self, lv: LogicalVolume) -> None:
+        """The retry of an expansion whose cache did not go back on (an error or a kill after the growth) puts it
+        back, as the next start would; failing, it is logged and the volume, whole on its own PVs, served uncached."""
+        cache = CacheSpec.from_tags(lv.tags)
+        if cache is None or lv.cached:
+            return
+        log.warning("volume %s/%s grew earlier without its cache going back on: attaching it again", self.vg, lv.name)
+        try:
+            try:
+                await self._attach_cache(lv.name, cache, lv.size)
+            except InsufficientCapacity:
+                await self._attach_cache(lv.name, cache, lv.size, grow=False)
+        except LocalDiskError as exc:
+            self.view.invalidate()
+            log.warning("volume %s/%s stays without its cache for now: %s", self.vg, lv.name, exc)
+
     async def _before_ready(self, lv: str, spec: VolumeSpec) -> None:
         cache = self._cache(spec.parameters)
         if cache is not None:
