@@ -472,3 +472,33 @@ async def test_a_pool_opened_again_waits_for_a_call_still_holding_its_disk() -> 
             assert backend._disks == [disk] and "wipefs" in ran  # then it goes on, with the same disk and lock
         finally:
             await backend.aclose()
+
+
+@needs_loop_devices
+@pytest.mark.anyio
+async def test_a_lone_create_places_on_a_young_view_and_a_change_behind_its_back_costs_one_retry() -> None:
+    """With the view young, a create alone on its disk runs two table writes and no read (the baseline runs three
+    processes); a partition made behind localdisk's back where the view saw room makes sfdisk refuse, the create
+    answers Busy (ABORTED) and its retry, on a fresh read, goes elsewhere."""
+    ran: list[list[str]] = []
+    watched = CommandRunner(default_timeout=60, observers=[lambda argv, _seconds, _ok: ran.append(list(argv))])
+    async with loop_disks(1, DISK) as disks:
+        backend = PartitionBackend("test", PartitionPoolConfig(disks=tuple(disks)), watched, view_max_age=30.0)
+        manager = VolumeManager({("partition", "test"): backend}, {"partition": "test"})
+        async with manager.session():
+            await manager.create_volume(request("pvc-first", 4 * MiB))
+            ran.clear()
+            await manager.create_volume(request("pvc-second", 4 * MiB))
+            spawned = [argv[0] for argv in ran if argv[0] != "BLKZEROOUT"]  # the wipe is an ioctl, not a process
+            assert spawned == ["sfdisk", "sfdisk"], ran
+            assert not any("--json" in argv for argv in ran)
+            # someone else takes the place the view would give the next volume
+            outsider = f"start={9 * MiB // 512}, size={4 * MiB // 512}, name=outsider\n".encode()  # entry 3, 9 MiB
+            await runner.run(["sfdisk", "--append", "--no-reread", "--no-tell-kernel", disks[0]], input=outsider)
+            with pytest.raises(Busy, match="changed behind localdisk's back"):
+                await manager.create_volume(request("pvc-third", 8 * MiB))
+            third = await manager.create_volume(request("pvc-third", 8 * MiB))
+            table = await read_table(disks[0])
+            placed = {p.name: p.start * 512 for p in table.partitions}
+            assert placed["outsider"] == 9 * MiB and table.by_uuid(third.ref.handle) is not None
+            assert sorted(placed.values()) == sorted(set(placed.values()))

@@ -15,7 +15,7 @@ import pytest
 
 from localdisk import CreateRequest
 from localdisk.backends.partition import PENDING_PREFIX, READY_PREFIX, PartitionBackend, volume_key
-from localdisk.errors import CommandFailed
+from localdisk.errors import Busy, CommandFailed
 from localdisk.runner import CommandResult, CommandRunner
 from localdisk.sizes import MiB
 from tests.contract import manager_for
@@ -74,9 +74,8 @@ async def test_own_changes_are_visible_at_once_and_reads_spawn_nothing() -> None
         manager = manager_for(backend)
         free = (await backend.capacity()).available_bytes
         volume = await manager.create_volume(request("pvc-cached", 8 * MiB))
-        # One table read (under the disk's lock), one write to create, the wipe (in-process), one write to rename:
-        # nothing else.
-        assert commands.take() == ["sfdisk --json", "sfdisk --append", "BLKZEROOUT --ends", "sfdisk --part-label"]
+        # A lone create on a young view: one write to create, the wipe (in-process), one write to rename; no read.
+        assert commands.take() == ["sfdisk --append", "BLKZEROOUT --ends", "sfdisk --part-label"]
         assert await backend.list_volumes() == [volume]
         assert (await backend.capacity()).available_bytes == free - 8 * MiB
         assert await backend.find_volume("pvc-cached") == volume
@@ -104,7 +103,11 @@ async def test_change_behind_its_back_shows_up_after_the_max_age() -> None:
         await runner.run(["parted", "--script", "--", disk, "mkpart", "theirs", "1MiB", "9MiB"])
         assert (await backend.capacity()).available_bytes == free  # answered from the view
         assert backend._disks[0].reads == reads
-        # A change re-reads its disk under the lock first: the new volume goes beside their partition, not on it.
+        # A lone create places on the young view: sfdisk refuses the place (and entry) their partition took, the
+        # create answers Busy and drops the view; its retry reads afresh and goes beside their partition, not on it.
+        with pytest.raises(Busy, match="changed behind localdisk's back"):
+            await manager_for(backend).create_volume(request("pvc-beside", 4 * MiB))
+        assert (await read_table(disk)).partitions[0].name == "theirs"
         volume = await manager_for(backend).create_volume(request("pvc-beside", 4 * MiB))
         starts = {p.name: p.start * 512 for p in (await read_table(disk)).partitions}
         assert starts == {"theirs": 1 * MiB, READY_PREFIX + volume_key("pvc-beside"): 9 * MiB}

@@ -1,11 +1,11 @@
 """Group commit of partition creates on one disk: the creates waiting for the disk's lock share its table writes.
 
-Each write of a GPT rewrites the whole table, and a create is three table changes (a pending partition, its wipe,
-its ready name), so creates arriving together would otherwise queue for the disk's lock one by one. Instead each
-create queues an `Order` on the disk, and whichever create takes the lock next carries out every order queued by
-then (`group_create`): one read, one `sfdisk --append` of all their pending partitions, their wipes, and one write
-naming them all ready (`PoolDisk.name_ready`). Each partition still goes through the same states (pending, wiped,
-ready), so a crash anywhere leaves what a crash of a single create leaves.
+Each write of a GPT rewrites the whole table, and a create is three table changes (a pending partition, its wipe, its
+ready name), so creates arriving together would otherwise queue for the disk's lock one by one. Instead each create
+queues an `Order` on the disk, and whichever create takes the lock next carries out every order queued by then
+(`group_create`): one read (none for a lone create while the view is young), one `sfdisk --append` of all their pending
+partitions, their wipes, and one write naming them all ready (`PoolDisk.name_ready`). Each partition still goes through
+the same states (pending, wiped, ready), so a crash anywhere leaves what a crash of a single create leaves.
 
 An order ends with its partition (table and entry), None when the disk had no room for it, or "resume" when a
 pending partition of its name is there already, which the backend's single-create path finishes.
@@ -23,7 +23,7 @@ import anyio
 from localdisk.backends.gpt import Partition, Table, best_fit
 from localdisk.backends.partdisk import PoolDisk, wipe
 from localdisk.backends.partnames import PENDING_PREFIX, READY_PREFIX, is_ready
-from localdisk.errors import LocalDiskError
+from localdisk.errors import Busy, CommandFailed, LocalDiskError
 from localdisk.runner import CommandRunner
 
 Resume = Literal["resume"]
@@ -89,8 +89,14 @@ async def _commit(runner: CommandRunner, disk: PoolDisk, orders: list[Order], ow
 
 
 async def _commit_orders(runner: CommandRunner, disk: PoolDisk, orders: list[Order], alignment: int) -> None:
-    """One read, one write creating every new partition (pending), their wipes, one write naming them ready."""
-    table = await disk.read(runner)
+    """One read, one write creating every new partition (pending), their wipes, one write naming them ready.
+
+    A lone create decides on the disk's view while it is young (`PoolDisk.cached`, which holds every change of ours)
+    instead of reading the table again: sfdisk refuses an entry or a range that is taken on the disk, so a view made
+    stale by a change behind localdisk's back costs one refused create (ABORTED: its retry reads afresh), never a
+    partition. A group reads, as its ready-naming write is the whole table (`PoolDisk.name_ready`)."""
+    viewed = disk.cached() if len(orders) == 1 else None
+    table = viewed or await disk.read(runner)
     made: list[tuple[Order, Partition]] = []
     for order in orders:
         ready, pending = READY_PREFIX + order.key, PENDING_PREFIX + order.key
@@ -114,7 +120,14 @@ async def _commit_orders(runner: CommandRunner, disk: PoolDisk, orders: list[Ord
             order.placed = True
     if not made:
         return
-    table = await disk.append(runner, table, [part for _, part in made])
+    try:
+        table = await disk.append(runner, table, [part for _, part in made])
+    except CommandFailed as exc:
+        if viewed is None:
+            raise
+        raise Busy(
+            f"the partition table of disk {disk.configured} changed behind localdisk's back ({exc.message}); retry"
+        ) from exc
     await disk.settle_parts(runner, table, [part for _, part in made])
     # Space freed by localdisk was zeroed when its volume was deleted, so only stale signatures can be left
     # here (from before the disk joined the pool). Erasing them is cheap and stops the node from mounting an

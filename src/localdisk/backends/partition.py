@@ -19,12 +19,13 @@ The backend is split in four modules along what a reader looks for:
 
 Each disk's table is kept as a cached view, read again once older than the pool's `view_max_age_seconds` (in the
 background by the server's `VolumeManager.keep_fresh`, so GetCapacity, ListVolumes and lookups by name spawn no
-process). Every change re-reads its disk under the lock first, so a decision that takes space or destroys data is
-never made on a stale view; a change made behind localdisk's back therefore shows up at once to the next change of
-that disk and within the max age to reads. The kernel's partition nodes (sysfs) are mapped once per table, not once
-per volume. A backend constructed directly (tests, tools) reads on every call unless given `view_max_age`. Zeroing
-a deleted volume, which can take minutes, runs outside the disk's lock.
-"""
+process). Every change re-reads its disk under the lock first, so a decision that destroys data is never made on a stale
+view; a change made behind localdisk's back therefore shows up at once to the next change of that disk and within the
+max age to reads. The exception is a lone create (`partgroup`), which places its partition on a young view: sfdisk
+refuses a place or an entry taken on the disk, so a stale view costs a refused create, never data. The kernel's
+partition nodes (sysfs) are mapped once per table, not once per volume. A backend constructed directly (tests, tools)
+reads on every call unless given `view_max_age`. Zeroing a deleted volume, which can take minutes, runs outside the
+disk's lock."""
 
 from __future__ import annotations
 
