@@ -9,7 +9,7 @@ the lvm backend on it, with the zeroing of a new volume (a write to its device n
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import cast
 
 from localdisk.backends.lvm import LinearBackend, LinearPoolConfig
@@ -25,13 +25,24 @@ RAID = "rwi-a-r---"
 LINEAR = "-wi-a-----"
 
 
+@dataclass(frozen=True)
+class Created:
+    lv: str
+    size: int
+    stripes: int
+    stripe_size: int
+    mirrors: int
+    pvs: tuple[str, ...]
+
+
 class PvLvm:
     def __init__(self, pvs: Iterable[tuple[str, int, str]]) -> None:
         """`pvs`: (device, size, tag) of each PV."""
         self.physical = {d: PhysicalVolume(d, size, size, frozenset({tag}), "a--") for d, size, tag in pvs}
         self.lvs: dict[str, LogicalVolume] = {}
         self.taken: dict[str, dict[str, int]] = {}  # LV -> PV -> bytes
-        self.calls: list[tuple[object, ...]] = []
+        self.created: list[Created] = []
+        self.removed: list[str] = []
 
     async def report(self, vg: str) -> VgReport:
         pvs = tuple(self.physical.values())
@@ -58,7 +69,7 @@ class PvLvm:
         pvs: Sequence[str] = (),
         active: bool = True,
     ) -> None:
-        self.calls.append(("lvcreate", lv, size, stripes, stripe_size, mirrors, tuple(pvs)))
+        self.created.append(Created(lv, size, stripes, stripe_size, mirrors, tuple(pvs)))
         layout = Layout(stripes, stripe_size, mirrors)
         taken: dict[str, int] = {}
         if layout.plain:  # LVM spreads it over the PVs it is given (any, if none), the freest first
@@ -88,7 +99,7 @@ class PvLvm:
             self.lvs[name] = replace(old, tags=old.tags - {tag})
 
     async def remove(self, vg: str, name: str) -> None:
-        self.calls.append(("lvremove", name))
+        self.removed.append(name)
         if name not in self.lvs:
             raise NotFound(f"logical volume {vg}/{name} not found")
         del self.lvs[name]
