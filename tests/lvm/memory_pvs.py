@@ -1,9 +1,10 @@
 """A VG of several PVs held in memory, for host tests that make laid-out volumes with the real lvm backend.
 
 `PvLvm` answers the `Lvm` calls a create and a delete of a thick volume make (lvcreate with stripes, mirrors and the
-PVs the backend planned, the pending tag's removal, lvremove), taking each leg's extents from its PV as LVM would
-(a RAID image one extent more, for its metadata), so the next report's `pvs` shows what is left. `MemoryLinear` is
-the lvm backend on it, with the zeroing of a new volume (a write to its device node) left out.
+PVs the backend planned, the pending tag's removal, a cache LV attached and detached, lvremove), taking each leg's
+extents from its PV as LVM would (a RAID image one extent more, for its metadata), so the next report's `pvs` shows
+what is left. `MemoryLinear` is the lvm backend on it, with the zeroing of a new volume (a write to its device node)
+left out.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ VG = "ldpvs"
 EXTENT = 4 * MiB
 RAID = "rwi-a-r---"
 LINEAR = "-wi-a-----"
+CACHED = "Cwi-a-C---"
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,23 @@ class PvLvm:
         self.lvs[lv] = LogicalVolume(
             lv, "", layout.rounded(size, EXTENT), frozenset(tags), attr, "", "", None, None, None, f"/dev/{vg}/{lv}"
         )
+
+    async def deactivate_lv(self, vg: str, name: str) -> None:
+        old = self.lvs[name]
+        self.lvs[name] = replace(old, attr=old.attr[:4] + "-" + old.attr[5:])
+
+    async def attach_cache(self, vg: str, name: str, cachevol: str, mode: str) -> None:
+        """The cache LV hidden inside its volume (`[ldc-..._cvol]`), which keeps the cache's extents."""
+        hidden = f"[{cachevol}_cvol]"
+        self.lvs[hidden] = replace(self.lvs.pop(cachevol), name=hidden)
+        self.taken[hidden] = self.taken.pop(cachevol)
+        self.lvs[name] = replace(self.lvs[name], attr=CACHED, pool=hidden)
+
+    async def detach_cache(self, vg: str, name: str, *, keep: bool) -> None:
+        volume = self.lvs[name]
+        assert not keep, "not needed here"
+        await self.remove(vg, volume.pool)
+        self.lvs[name] = replace(volume, attr=LINEAR, pool="")
 
     async def drop_tag(self, vg: str, lvs: Sequence[str], tag: str) -> None:
         for name in lvs:

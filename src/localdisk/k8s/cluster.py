@@ -319,7 +319,8 @@ class ClusterVolumes:
             found = self.volumes.get(volume_id)
             if found is None:
                 return True
-            if found.error is not None and found.deleting:
+            if found.error is not None and found.deleting and found.phase == "Deleting":
+                # the node's answer to the deletion; an error a failed create left (phase Failed) is none
                 raise error_from_status(found.error, f"node {found.node}")
             return None
 
@@ -482,7 +483,7 @@ class ClusterVolumes:
             found = self.snapshots.get(snapshot_id)
             if found is None:
                 return True
-            if found.error is not None and found.deleting:
+            if found.error is not None and found.deleting and found.phase == "Deleting":
                 raise error_from_status(found.error, f"node {found.node}")
             return None
 
