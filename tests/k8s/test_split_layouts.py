@@ -10,6 +10,7 @@ as they change, and the errors are those of the single-process shape.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
@@ -215,6 +216,75 @@ async def test_layouts_and_caches_go_from_the_central_controller_to_the_node_tha
                 await until("the capacities to be back", capacities_match)
             group.cancel_scope.cancel()
     finally:
+        for path in (f"/apis/{GROUP}/{VERSION}/localnodes/{NODE}", f"/api/v1/nodes/{NODE}"):
+            try:
+                api.delete(path)
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+
+
+def _replace(api: controlplane.Api, crd: dict[str, Any]) -> None:
+    path = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd['metadata']['name']}"
+    version = api.get(path)["metadata"]["resourceVersion"]
+    api.request("PUT", path, {**crd, "metadata": {**crd["metadata"], "resourceVersion": version}})
+
+
+async def test_a_crd_that_would_drop_the_layout_makes_the_create_fail_before_any_object(plane: ControlPlane) -> None:
+    """A cluster whose LocalVolume CRD is older than layouts prunes spec.layout: its node would make a plain volume.
+    The controller asks with a dry run first and answers FAILED_PRECONDITION, writing nothing."""
+    api = plane.admin
+    [current] = [d for d in deploy("crds.yaml") if d["metadata"]["name"] == "localvolumes.localdisk.csi.io"]
+    old = copy.deepcopy(current)
+    spec = old["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    for key in ("layout", "cache"):
+        del spec["properties"][key]
+    spec["x-kubernetes-validations"] = [r for r in spec["x-kubernetes-validations"] if "layout" not in r["rule"]]
+    spec["x-kubernetes-validations"] = [r for r in spec["x-kubernetes-validations"] if "cache" not in r["rule"]]
+    api.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}})
+    kubeconfig = plane.node_agent_kubeconfig(NODE)
+    lvm = PvLvm([(f"/dev/sd{c}", HDD, "hdd") for c in "ab"])
+    manager = manager_for(await opened(lvm))
+    try:
+        _replace(api, old)
+        probe = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "LocalVolume",
+            "metadata": {"name": "probe"},
+            "spec": {"name": "probe", "node": NODE, "backend": "lvm", "layout": {"mirrors": 2}},
+        }
+        wait_for(  # the API server takes the new schema a moment after the write
+            "the old CRD to prune spec.layout",
+            lambda: "layout" not in api.request("POST", f"{VOLUMES}?dryRun=All", probe)["spec"] or None,
+            30,
+        )
+        k8s = await connect(str(kubeconfig))
+        async with k8s, anyio.create_task_group() as group:
+            group.start_soon(NodeAgent(k8s, manager, AgentSettings(NODE, heartbeat=0.5, resync=5.0)).run)
+            async with Channel(path=str(plane.work / "controller.sock")) as channel:
+                stub = ControllerStub(channel)
+
+                async def reported() -> bool | None:
+                    answer = await stub.get_capacity(
+                        GetCapacityRequest(
+                            parameters={"backend": "lvm", "mirrors": "2"},
+                            accessible_topology=Topology(segments={TOPOLOGY_KEY: NODE}),
+                        )
+                    )
+                    return answer.available_capacity > 0 or None
+
+                await until("the node's report", reported)
+                with pytest.raises(GRPCError) as refused:
+                    await stub.create_volume(_request("pvc-old-crd", 64 * MiB, mirrors="2"))
+                assert refused.value.status is Status.FAILED_PRECONDITION
+                assert "drops spec.layout" in str(refused.value.message)
+                with pytest.raises(ApiError) as absent:
+                    api.get(f"{VOLUMES}/pvc-old-crd")
+                assert absent.value.status == 404
+                assert lvm.created == []
+            group.cancel_scope.cancel()
+    finally:
+        _replace(api, current)
         for path in (f"/apis/{GROUP}/{VERSION}/localnodes/{NODE}", f"/api/v1/nodes/{NODE}"):
             try:
                 api.delete(path)

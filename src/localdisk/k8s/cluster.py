@@ -245,7 +245,10 @@ class ClusterVolumes:
             if existing.error is not None and existing.handle is None:
                 since = await self._retry(VOLUMES, name)
         else:
-            since = await self._create(VOLUMES, self._volume_body(name, request))
+            body = self._volume_body(name, request)
+            if not request.layout.empty:
+                await self._check_kept(body)
+            since = await self._create(VOLUMES, body)
         settled = await self._until(
             lambda: self._settled_volume(name), f"volume {request.csi_name!r}", plural=VOLUMES, name=name, since=since
         )
@@ -271,6 +274,28 @@ class ClusterVolumes:
                 raise AlreadyExists(
                     f"volume {request.csi_name!r} already exists with {size} bytes, outside the requested range"
                 )
+
+    async def _check_kept(self, body: dict[str, Any]) -> None:
+        """`FailedPrecondition` if the API server would drop the layout or cache from the object's spec (a
+        LocalVolume CRD older than layouts prunes the fields it does not know): its node would make a plain volume.
+        Asked with a dry run, so nothing is written before the answer."""
+        try:
+            made = await self.custom.create_cluster_custom_object(
+                GROUP, VERSION, VOLUMES, body, dry_run="All", _request_timeout=REQUEST_TIMEOUT
+            )
+        except TRANSIENT as exc:
+            if is_status(exc, 409):
+                return  # a concurrent attempt made it: that one was checked
+            if is_status(exc, 422, 400):
+                raise InvalidArgument(f"the API server refused the volume object: {getattr(exc, 'body', exc)}") from exc
+            raise
+        kept = {key: made.get("spec", {}).get(key) for key in ("layout", "cache")}
+        if kept != {key: body["spec"].get(key) for key in ("layout", "cache")}:
+            raise FailedPrecondition(
+                "the LocalVolume CustomResourceDefinition of this cluster drops spec.layout and spec.cache (it is older"
+                " than LVM layouts in the cluster shape), so the node would make a plain volume; apply"
+                " examples/deploy/crds.yaml"
+            )
 
     def _same_layout(self, existing: VolumeObject, request: VolumeRequest) -> None:
         """The layout and cache asked for against those the object holds: the same when spelled the same, or when
