@@ -449,3 +449,26 @@ async def test_csi_partition_volume_refuses_snapshots() -> None:
             assert "partition" in (info.value.message or "") and "snapshot" in (info.value.message or "")
             await csi.controller.delete_volume(DeleteVolumeRequest(volume_id=created.volume_id))
             assert await manager.list_volumes() == []
+
+
+@needs_loop_devices
+@pytest.mark.anyio
+async def test_a_pool_opened_again_waits_for_a_call_still_holding_its_disk() -> None:
+    """A pool that went down is opened again by the background retry; a call from before may still be changing a
+    disk's table under that disk's lock. The open takes the same lock, so two table writes never interleave."""
+    ran: list[str] = []
+    watched = CommandRunner(default_timeout=60, observers=[lambda argv, _seconds, _ok: ran.append(argv[0])])
+    async with loop_disks(1, DISK) as disks:
+        backend = PartitionBackend("test", PartitionPoolConfig(disks=tuple(disks)), watched)
+        await backend.open()
+        try:
+            [disk] = backend._disks
+            ran.clear()
+            # the lock: the call from before the pool went down, still writing
+            async with anyio.create_task_group() as group, disk.lock:
+                group.start_soon(backend.open)
+                await anyio.wait_all_tasks_blocked()
+                assert ran == []  # the open waits: nothing read or written on the disk meanwhile
+            assert backend._disks == [disk] and "wipefs" in ran  # then it goes on, with the same disk and lock
+        finally:
+            await backend.aclose()

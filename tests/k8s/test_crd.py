@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from localdisk import errors
-from localdisk._proto.csi.v1 import Topology, TopologyRequirement
-from localdisk.csi.central import _nodes
+from localdisk._proto.csi.v1 import ListVolumesRequest, Topology, TopologyRequirement
+from localdisk.csi.central import CentralControllerService, _nodes
 from localdisk.k8s.cluster import ClusterVolumes, NodeReport, VolumeRequest
 from localdisk.k8s.crd import (
     ADOPTED,
@@ -164,3 +164,34 @@ def test_an_adopted_object_knows_its_on_disk_id_before_its_status_is_written() -
         "spec": {"name": "s", "node": "n1", "sourceVolume": "pvc-1"},
     }
     assert SnapshotObject.of(snapshot).handle == "thin:p:s1"
+
+
+@pytest.mark.anyio
+async def test_list_pages_follow_the_watch_without_sorting_every_page() -> None:
+    """The central controller's ListVolumes pages by name; the order is made again only after the cache changed."""
+    cluster = ClusterVolumes(api=None)
+    cluster.synced.set()
+
+    def watched(name: str, handle: str | None) -> None:
+        status = {"handle": handle, "phase": "Ready"} if handle else {}
+        cluster._store("localvolumes", "ADDED", {"metadata": {"name": name}, "spec": {}, "status": status})
+
+    async def walk() -> list[str]:
+        found, token = [], ""
+        while True:
+            page = await central.list_volumes(ListVolumesRequest(max_entries=2, starting_token=token))
+            found += [e.volume.volume_id for e in page.entries if e.volume is not None]
+            if not (token := page.next_token):
+                return found
+
+    for name in ("v3", "v1", "v5", "v2"):
+        watched(name, f"h-{name}")
+    watched("v4", None)  # not made yet: not listed
+    central = CentralControllerService(cluster)
+    assert await walk() == ["v1", "v2", "v3", "v5"]
+    first = central._listing()
+    assert central._listing() is first  # unchanged: the same order, not sorted again
+    watched("v4", "h-v4")
+    assert await walk() == ["v1", "v2", "v3", "v4", "v5"]
+    cluster._store("localvolumes", "DELETED", {"metadata": {"name": "v2"}})
+    assert await walk() == ["v1", "v3", "v4", "v5"]

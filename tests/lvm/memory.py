@@ -12,7 +12,7 @@ from localdisk.backends.lvmbase import KIND_TAG, OWNER_TAG, PENDING_TAG, VOLUME
 from localdisk.backends.lvmcache import CacheSpec, cache_name, cache_tags
 from localdisk.backends.lvmcmd import LogicalVolume, Lvm, PhysicalVolume, VgReport, VolumeGroup
 from localdisk.backends.lvmlayout import Layout
-from localdisk.errors import InsufficientCapacity, NotFound
+from localdisk.errors import BackendFailure, InsufficientCapacity, NotFound
 from localdisk.runner import CommandRunner
 from localdisk.sizes import MiB
 
@@ -34,6 +34,7 @@ class MemoryLvm:
         self.lvs = {v.name: v for v in lvs}
         self.calls: list[tuple[str, ...]] = []
         self.no_room_to_extend: set[str] = set()
+        self.attach_failures = 0  # attaches that fail (as lvconvert exiting 5) before one succeeds
         pvs = [("/dev/ubda", "hdd"), ("/dev/ubdb", "hdd"), ("/dev/ubdc", "ssd")]
         self.physical = tuple(PhysicalVolume(d, 128 * MiB, 64 * MiB, frozenset({t}), "a--") for d, t in pvs)
 
@@ -67,6 +68,9 @@ class MemoryLvm:
 
     async def attach_cache(self, vg: str, name: str, cachevol: str, mode: str) -> None:
         self.calls.append(("attach", name, cachevol, mode))
+        if self.attach_failures:
+            self.attach_failures -= 1
+            raise BackendFailure(f"lvconvert: cannot attach {cachevol} to {name}")
         cache = self.lvs.pop(cachevol)
         assert not cache.active, "dm-writecache takes only an inactive cache LV"
         hidden = f"[{cachevol}_cvol]"

@@ -9,6 +9,8 @@ import pytest
 from localdisk.backends.lvm import lv_name_for
 from localdisk.backends.lvmbase import VOLUME
 from localdisk.backends.lvmcache import CacheSpec, cache_name
+from localdisk.backends.lvmcmd import PhysicalVolume
+from localdisk.errors import BackendFailure
 from localdisk.sizes import MiB
 from tests.contract import manager_for
 from tests.lvm.memory import VG, MemoryLvm, detached_cache, lv, opened, volume_lv
@@ -69,3 +71,41 @@ async def test_a_delete_removes_a_detached_cache_before_its_volume() -> None:
     await backend.delete_volume(volume.name)
     assert lvm.calls == [("remove", cache_name(volume.name)), ("remove", volume.name)]
     assert lvm.lvs == {}
+
+
+async def test_capacity_with_a_fixed_size_cache_counts_the_caches_the_ssd_holds() -> None:
+    """Four HDDs with room for two 2-way mirrors of 60 MiB, one SSD with 64 MiB free: caches of 24 MiB fit twice (both
+    mirrors), of 40 MiB once (one mirror: capacity is one volume's), of 80 MiB never (nothing)."""
+    lvm = MemoryLvm()
+    hdds = [PhysicalVolume(f"/dev/ubd{d}", 128 * MiB, 64 * MiB, frozenset({"hdd"}), "a--") for d in "abcd"]
+    lvm.physical = (*hdds, PhysicalVolume("/dev/ubde", 128 * MiB, 64 * MiB, frozenset({"ssd"}), "a--"))
+    backend = await opened(lvm)
+    plain = await backend.capacity_for({})
+    # room for more than one mirror
+    assert plain.maximum_volume_bytes > 0 and plain.available_bytes > plain.maximum_volume_bytes
+    expected = {"24Mi": (plain.available_bytes, 2), "40Mi": (plain.maximum_volume_bytes, 1), "80Mi": (0, 0)}
+    for size, (room, caches) in expected.items():
+        capacity = await backend.capacity_for({"cache": "writethrough", "cacheSize": size})
+        assert (capacity.available_bytes, capacity.details["caches_that_fit"]) == (room, caches), size
+        assert capacity.maximum_volume_bytes == (plain.maximum_volume_bytes if caches else 0), size
+
+
+async def test_an_expansion_whose_cache_failed_to_go_back_gets_it_back_on_its_retry() -> None:
+    """The cache came off and the volume grew, then attaching the cache again failed: the expansion answers the error,
+    and its retry (which finds the size reached) puts the cache back instead of leaving the volume uncached until
+    the next start."""
+    volume = volume_lv("pvc-retried", 40 * MiB, CacheSpec("writeback", size=8 * MiB))
+    lvm = MemoryLvm(volume, detached_cache(volume, 8 * MiB))
+    backend = await opened(lvm)
+    assert lvm.lvs[volume.name].cached
+    lvm.attach_failures = 1
+    with pytest.raises(BackendFailure, match="cannot attach"):
+        await backend.expand_volume(volume.name, 60 * MiB)
+    assert lvm.lvs[volume.name].size == 60 * MiB and not lvm.lvs[volume.name].cached
+    grown = await backend.expand_volume(volume.name, 60 * MiB)
+    assert grown.size_bytes == 60 * MiB and lvm.lvs[volume.name].cached
+    assert lvm.calls[-1] == ("attach", volume.name, cache_name(volume.name), "writeback")
+    # a retry that has nothing left to do changes nothing
+    calls = len(lvm.calls)
+    await backend.expand_volume(volume.name, 60 * MiB)
+    assert len(lvm.calls) == calls

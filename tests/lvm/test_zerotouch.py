@@ -105,6 +105,7 @@ async def disks() -> AsyncIterator[list[Blank]]:
     found = blank_disks()
     if len(found) < 3:
         pytest.skip(f"needs three blank sandbox disks: pass {' '.join(BLANK_ARGS)} to localdisk sandbox run")
+    found = found[:3]  # `nox -s zerotouch-crash` attaches a fourth disk for its crash loop
     await reset_disks(found)
     yield found
     await reset_disks(found)

@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -284,6 +285,7 @@ class Settings:
     max_live: int = 10
     snapshots: bool = False
     parameters: dict[str, str] = field(default_factory=dict)
+    variants: tuple[dict[str, str], ...] = ()  # over `parameters`, one per volume by its name (its retries ask alike)
     id_prefix: str = ""  # what this loop's volume IDs start with (`lvm:dense:`); "" for the backend's name and ':'
 
 
@@ -313,15 +315,17 @@ class Report:
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
     median_start_seconds: float = 0.0
+    variants: Counter[str] = field(default_factory=Counter)  # acknowledged creates per variant of the parameters
 
     def summary(self) -> str:
         ops = sum(self.operations.values())
+        made = f", creates by variant {dict(self.variants)}" if self.variants else ""
         return (
             f"[{self.backend}] {self.kills} kills during RPCs + {self.startup_kills} during start-up,"
             f" {self.restarts} restarts, {ops} operations acknowledged ({dict(self.operations)}), {self.rpcs} RPCs"
             f" sent, answers {dict(self.answers)}, {self.live} volumes + {self.snapshots} snapshots live at the end,"
             f" {self.deleted} deleted, lost {len(self.lost)}, leaked {len(self.leaked)}, {self.seconds:.0f}s,"
-            f" median server start {self.median_start_seconds:.2f}s"
+            f" median server start {self.median_start_seconds:.2f}s{made}"
         )
 
     def to_json(self) -> str:
@@ -332,6 +336,7 @@ class Report:
         raw = json.loads(text)
         raw["operations"] = Counter(raw["operations"])
         raw["answers"] = Counter(raw["answers"])
+        raw["variants"] = Counter(raw.get("variants", {}))
         return cls(**raw)
 
 
@@ -526,8 +531,15 @@ class CrashLoop:
             name=name,
             capacity_range=CapacityRange(required_bytes=size),
             volume_capabilities=[CAPABILITY],
-            parameters=self.settings.parameters,
+            parameters=self._parameters(name),
         )
+
+    def _parameters(self, name: str) -> dict[str, str]:
+        return {**self.settings.parameters, **self._variant(name)}
+
+    def _variant(self, name: str) -> dict[str, str]:
+        variants = self.settings.variants
+        return variants[zlib.crc32(name.encode("utf-8", "surrogatepass")) % len(variants)] if variants else {}
 
     # -- operations -------------------------------------------------------------------------------------------
     async def create(self) -> None:
@@ -546,6 +558,8 @@ class CrashLoop:
         assert all(other.id != volume.volume_id for other in self.live.values()), f"{name}: ID handed out twice"
         self.live[name] = Live(volume.volume_id, volume.capacity_bytes, size)
         self.report.operations["create"] += 1
+        if self.settings.variants:
+            self.report.variants[",".join(f"{k}={v}" for k, v in self._variant(name).items())] += 1
         if self.report.kills > kills_before and self.rng.random() < 0.5:
             await self.delete(name)  # the PVC went away while its create was in flight: provisioner clean-up
 

@@ -1,13 +1,13 @@
 """SIGKILL crash loop through laid-out, cached volumes on real LVM in the UML sandbox (`nox -s layout-crash`, not CI).
 
-A `localdisk serve` with an lvm pool on the sandbox's VG of tagged PVs (`--vg ldtest-raid:128Mx3@hdd,64M@ssd`)
-gets creates, expansions and deletes of raid1 volumes with a writethrough SSD cache, and is killed during them: in
-lvcreate of the mirror, while zeroing, between making the cache LV and attaching it, during the detach, extend and
-re-attach of an expansion, during the uncache and lvremove of a delete. Each step can be repeated (lvmcache.py), so
-a retried call converges; what a retry cannot see (an expansion cut after the growth: its retry finds the size
-reached) the next start mends (the cache is attached again). The end checks (crashloop.py) use `lvs`: exactly one
-LV per acknowledged volume, none pending, and no other LV of ours (a cache LV left unattached would show there as a
-leak); on a failure they print `lvs -a` with segment types and tags.
+A `localdisk serve` with an lvm pool on the sandbox's VG of tagged PVs (`--vg ldtest-raid:128Mx3@hdd,64M@ssd`) gets
+creates, expansions and deletes of raid1 volumes with an SSD cache (writethrough, writeback or writecache, chosen per
+volume), and is killed during them: in lvcreate of the mirror, while zeroing, between making the cache LV and attaching
+it, during the detach, extend and re-attach of an expansion, during the uncache and lvremove of a delete. Each step can
+be repeated (lvmcache.py), so a retried call converges; what a retry cannot see (an expansion cut after the growth: its
+retry finds the size reached) the next start mends (the cache is attached again). The end checks (crashloop.py) use
+`lvs`: exactly one LV per acknowledged volume, none pending, and no other LV of ours (a cache LV left unattached would
+show there as a leak); on a failure they print `lvs -a` with segment types and tags.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from tests.reliability.views import LvmView
 pytestmark = [pytest.mark.uml, pytest.mark.anyio]
 KILLS = int(os.environ.get("LOCALDISK_LAYOUT_KILLS", "50"))
 SECONDS = float(os.environ.get("LOCALDISK_LAYOUT_SECONDS", "3000"))
-PARAMETERS = {"backend": "lvm", "pool": "dense", "mirrors": "2", "cache": "writethrough", "cacheSize": "8Mi"}
+PARAMETERS = {"backend": "lvm", "pool": "dense", "mirrors": "2", "cacheSize": "8Mi"}
+CACHES = ({"cache": "writethrough"}, {"cache": "writeback"}, {"cache": "writecache"})  # each volume one, by name
 
 
 async def all_lvs() -> str:
@@ -64,6 +65,7 @@ async def test_mirrored_cached_volumes_survive_sigkill(tmp_path: Path) -> None:
         growth=(4 * MiB, 8 * MiB - 4096),
         max_live=5,  # 5 caches of 8 MiB on the 60 MiB SSD, 5 mirrors of up to ~28 MiB twice on 3 x 124 MiB
         parameters=PARAMETERS,
+        variants=CACHES,
         id_prefix="lvm:dense:",  # the loop is named lvm-layout; its IDs are those of lvm pool dense
     )
     try:

@@ -409,6 +409,22 @@ class LinearBackend(LvmBackend):
             await self._attach_cache(lv.name, cache, grown, grow=False)
         return grown
 
+    async def _expanded(self, lv: LogicalVolume) -> None:
+        """The retry of an expansion whose cache did not go back on (an error or a kill after the growth) puts it
+        back, as the next start would; failing, it is logged and the volume, whole on its own PVs, served uncached."""
+        cache = CacheSpec.from_tags(lv.tags)
+        if cache is None or lv.cached:
+            return
+        log.warning("volume %s/%s grew earlier without its cache going back on: attaching it again", self.vg, lv.name)
+        try:
+            try:
+                await self._attach_cache(lv.name, cache, lv.size)
+            except InsufficientCapacity:
+                await self._attach_cache(lv.name, cache, lv.size, grow=False)
+        except LocalDiskError as exc:
+            self.view.invalidate()
+            log.warning("volume %s/%s stays without its cache for now: %s", self.vg, lv.name, exc)
+
     async def _before_ready(self, lv: str, spec: VolumeSpec) -> None:
         cache = self._cache(spec.parameters)
         if cache is not None:
@@ -586,7 +602,8 @@ class LinearBackend(LvmBackend):
     async def capacity_for(self, parameters: Mapping[str, str]) -> Capacity:
         """What volumes of the layout `parameters` ask for can get (`PoolSpace.capacity`, which the cluster's
         controller computes from the same figures): in total, and in one volume; 0 if the VG cannot make that layout
-        at all."""
+        at all. With a cache, also bounded by the room on the cache PVs: a share of 10% of 6 GiB free makes at most
+        60 GiB; a fixed size of 2 GiB makes at most 3 caches, so at most 3 of the largest volumes."""
         report = await self._report()
         answer = self._space(report).capacity(parameters)
         layout, _ = self._space(report).resolve(parameters)
@@ -595,6 +612,8 @@ class LinearBackend(LvmBackend):
         details["eligible_pvs"] = answer.eligible_pvs
         if answer.cache_room is not None:
             details["cache_room_bytes"] = answer.cache_room
+        if answer.caches_that_fit is not None:
+            details["caches_that_fit"] = answer.caches_that_fit
         return Capacity(answer.total, answer.available, answer.largest, details)
 
 

@@ -150,6 +150,10 @@ class LvmBackend:
         """The size LVM gives the volume `spec` asks for."""
         return align_up(spec.size_bytes, self.extent)
 
+    async def _expanded(self, lv: LogicalVolume) -> None:
+        """An expansion found `lv` at the size asked for already (a retry): finish what an earlier try left undone
+        (under the pool's lock). Nothing to finish here."""
+
     async def _extend(self, report: VgReport, lv: LogicalVolume, size: int) -> int:
         """Grow `lv` to `size` bytes (under the pool's lock); its new size."""
         self._check_room(report, size - lv.size)
@@ -409,6 +413,7 @@ class LvmBackend:
             lv = self._get(report, handle, VOLUME)
             volume = self._volume(report, lv)
             if size_bytes <= lv.size:
+                await self._expanded(lv)
                 return volume
             size = await self._extend(report, lv, size_bytes)
         return replace(volume, size_bytes=size)

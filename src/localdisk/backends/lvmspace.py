@@ -153,6 +153,7 @@ class LayoutCapacity:
     largest: int
     eligible_pvs: int
     cache_room: int | None = None  # the largest cache the cache PVs can hold, when a cache is asked for
+    caches_that_fit: int | None = None  # how many caches of a fixed size they hold
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,8 @@ class PoolSpace:
     def capacity(self, request: LayoutRequest | Mapping[str, str]) -> LayoutCapacity:
         """What volumes of the request can get, from each PV's free space: in total, filling the PVs one largest
         volume after another, and in one volume. 0 if the pool cannot make that layout at all. With a cache, also
-        bounded by the room on the cache PVs (a share of 10% of 6 GiB free makes at most 60 GiB)."""
+        bounded by the room on the cache PVs: a share of 10% of 6 GiB free makes at most 60 GiB; a fixed size of
+        2 GiB makes at most 3 caches, so at most 3 of the largest volumes."""
         layout, cache = self.resolve(request)
         chosen = eligible(self.pvs, layout)
         budget = self.free * layout.stripes // layout.legs  # the pool's spare is kept whatever the layout
@@ -209,15 +211,16 @@ class PoolSpace:
             return LayoutCapacity(total, 0, 0, len(chosen))
         room = min(available(layout, self.pvs, self.extent), budget // self.extent * self.extent)
         largest = min(max_volume(layout, self.pvs, self.extent), room)
-        cache_room = None
+        cache_room = caches = None
         if cache is not None:
             cache_room = max_volume(Layout(pv_tags=self.cache_pv_tags), self.pvs, self.extent)
             if cache.percent:
                 fits = cache_room * 100 // cache.percent // self.extent * self.extent
                 room, largest = min(room, fits), min(largest, fits)
-            elif cache_room < cache.bytes_for(self.extent, self.extent):
-                room = largest = 0
-        return LayoutCapacity(total, room, largest, len(chosen), cache_room)
+            else:
+                caches = cache_room // cache.bytes_for(self.extent, self.extent)
+                room, largest = min(room, caches * largest), largest if caches else 0
+        return LayoutCapacity(total, room, largest, len(chosen), cache_room, caches)
 
     def same(self, one: LayoutRequest, other: LayoutRequest) -> bool:
         """Whether two requests make the same volume here (the backend's `check_same`: the pool's defaults for what

@@ -176,6 +176,7 @@ class PartitionBackend:
             snapshots=False, clones=False, expansion=True, alignment=ALIGNMENT, minimum_size=MiB, default_size=GiB
         )
         self._disks: list[PoolDisk] = []
+        self._every_disk: dict[str, PoolDisk] = {}  # by path, every disk this pool has used: see `_disk`
         # Key -> CSI name for names seen by this process. The disks keep only the key, so after a restart a volume
         # is listed under its GPT name until CreateVolume (whose retries always look the name up) shows it again.
         self._names: dict[str, str] = {}
@@ -192,7 +193,15 @@ class PartitionBackend:
         self._summary = ""
 
     def _disk(self, path: str) -> PoolDisk:
-        return PoolDisk(path, self._max_age, self._owner, self.config.settle_timeout_seconds)
+        """The disk at `path`: the same object, so the same lock, for as long as this pool lives. A pool that went
+        down (a table read failed) and is opened again must not write a table beside a call from before that still
+        runs under the old lock: two sfdisk writes interleaved can leave neither GPT header whole."""
+        disk = self._every_disk.get(path)
+        if disk is None:
+            disk = self._every_disk[path] = PoolDisk(
+                path, self._max_age, self._owner, self.config.settle_timeout_seconds
+            )
+        return disk
 
     # -- lifecycle --------------------------------------------------------------------------------------------------
     async def open(self) -> None:

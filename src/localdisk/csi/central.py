@@ -84,6 +84,7 @@ def _nodes(requirement: TopologyRequirement | None) -> list[str]:
 class CentralControllerService(ControllerBase):
     def __init__(self, cluster: ClusterVolumes, config: NodeConfig | None = None) -> None:
         self.cluster = cluster
+        self._listed: tuple[int, list[VolumeObject]] = (-1, [])  # `_listing` at a count of the cluster's changes
         self.config = config or NodeConfig()
 
     def _volume(self, volume: VolumeObject) -> CsiVolume:
@@ -199,12 +200,19 @@ class CentralControllerService(ControllerBase):
     @rpc
     async def list_volumes(self, message: ListVolumesRequest) -> ListVolumesResponse:
         await self.cluster.ready()
-        volumes = sorted((v for v in self.cluster.volumes.values() if v.handle is not None), key=lambda v: v.name)
+        volumes = self._listing()
         start, end = page_bounds(len(volumes), message.max_entries, message.starting_token)
         return ListVolumesResponse(
             entries=[ListVolumesResponseEntry(volume=self._volume(v)) for v in volumes[start:end]],
             next_token=str(end) if end < len(volumes) else "",
         )
+
+    def _listing(self) -> list[VolumeObject]:
+        """The volumes with a handle, by name: sorted again only after the cache changed, not for every page."""
+        if self._listed[0] != self.cluster.changes:
+            volumes = sorted((v for v in self.cluster.volumes.values() if v.handle is not None), key=lambda v: v.name)
+            self._listed = (self.cluster.changes, volumes)
+        return self._listed[1]
 
     @rpc
     async def get_capacity(self, message: GetCapacityRequest) -> GetCapacityResponse:

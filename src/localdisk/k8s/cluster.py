@@ -109,6 +109,7 @@ class ClusterVolumes:
         self._changed = anyio.Event()
         self._pacers: dict[str, Pacer] = {}
         self._relists = 0  # a relist replaces the cache with the newest state of every object
+        self.changes = 0  # counts every change to the caches: what was derived from them at the same count holds
         self._recent: dict[tuple[str, str], deque[str]] = {}  # the last resourceVersions the watch showed, per object
 
     def _pacer(self, plural: str) -> Pacer:
@@ -128,6 +129,7 @@ class ClusterVolumes:
         async def on_relist(items: list[Any]) -> None:
             cache = self._cache(plural)
             cache.clear()
+            self.changes += 1
             self._recent = {key: seen for key, seen in self._recent.items() if key[0] != plural}
             self._relists += 1
             for item in items:
@@ -159,6 +161,7 @@ class ClusterVolumes:
     def _store(self, plural: str, kind: str, item: dict[str, Any]) -> None:
         name = item["metadata"]["name"]
         cache = self._cache(plural)
+        self.changes += 1
         recent = self._recent.setdefault((plural, name), deque(maxlen=32))
         recent.append(str(item["metadata"].get("resourceVersion", "")))
         if kind == "DELETED":
@@ -214,6 +217,7 @@ class ClusterVolumes:
             if not is_status(exc, 404):
                 return False
             self._cache(plural).pop(name, None)
+            self.changes += 1
             return True
         self._store(plural, "MODIFIED", item)
         return True
