@@ -123,6 +123,7 @@ CASES = [
     {"pvTags": "hdd", "mirrors": "2"},
     {"cache": "writethrough", "cacheSize": "10%"},
     {"cache": "writecache", "cacheSize": "8Mi", "mirrors": "2"},
+    {"cache": "writeback", "cacheSize": "48Mi"},  # the SSD holds two such caches: two of the largest volumes
     {"cache": "writeback", "cacheSize": "512Mi"},  # more than the SSD holds: nothing
 ]
 
