@@ -93,9 +93,10 @@ class LayoutRequest:
             mode = parameters[CACHE].strip().lower()
             parse_cache({k: v for k, v in parameters.items() if k in {CACHE, CACHE_SIZE}}, None, DEFAULT_CACHE_SIZE)
         if CACHE_SIZE in parameters:
+            # checked and read as the size of some cache, whatever the mode the pool or the parameters give
             amount = parse_cache({CACHE: "writethrough", CACHE_SIZE: parameters[CACHE_SIZE]}, None, "")
-            assert amount is not None
-            size, percent = (None, amount.percent) if amount.percent else (amount.size, None)
+            if amount is not None:
+                size, percent = (None, amount.percent) if amount.percent else (amount.size, None)
         return cls(stripes, stripe_size, mirrors, pv_tags, mode, size, percent)
 
     def parameters(self) -> dict[str, str]:
