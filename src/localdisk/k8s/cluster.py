@@ -587,8 +587,9 @@ class ClusterVolumes:
         if space is None:
             raise InvalidArgument(
                 f"{found.backend} pool {found.pool!r} on node {node} makes no LVM layouts or caches (parameters"
-                f" {sorted(layout.parameters())}): it is not a thick LVM pool, or its node agent is older than layouts"
-                " in LocalVolumes"
+                f" {sorted(layout.parameters())}): it reports no PVs, being no thick LVM pool, or its node agent"
+                " (or the LocalNode CRD, which would drop status.pools[].layoutSpace) is older than layouts in the"
+                " cluster shape"
             )
         space.check(layout, f"{found.backend} pool {found.pool!r} on node {node}")
 
