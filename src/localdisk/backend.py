@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import anyio
 
@@ -79,6 +79,16 @@ class TakesParameters(Protocol):
     async def check_same(self, volume: Volume, parameters: Mapping[str, str]) -> None:
         """`AlreadyExists` if existing `volume` was made otherwise than these parameters ask (a create of its name
         with another layout): CSI's same name with incompatible parameters, as for a size outside the range."""
+
+
+@runtime_checkable
+class DescribesLayouts(Protocol):
+    """A backend whose layouts can be planned away from its node (the thick LVM backend): it describes its space
+    (each PV's free space and tags, its defaults) in bounded JSON, which a node agent reports to the cluster's
+    controller, and from which that controller answers GetCapacity and chooses nodes for a StorageClass's layout
+    (`localdisk.backends.lvmspace`)."""
+
+    async def layout_space(self) -> dict[str, Any]: ...
 
 
 @runtime_checkable

@@ -14,12 +14,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from operator import attrgetter
+from typing import Any
 
 import anyio
 
 from localdisk import registry
 from localdisk.availability import Available, PoolState
-from localdisk.backend import CachedState, PendingVolumes, TakesParameters, VolumeBackend
+from localdisk.backend import CachedState, DescribesLayouts, PendingVolumes, TakesParameters, VolumeBackend
 from localdisk.config import PENDING_GRACE, NodeConfig
 from localdisk.discovery import Discovers
 from localdisk.errors import AlreadyExists, Busy, InvalidArgument, NotFound, OutOfRange, Unsupported
@@ -454,6 +455,15 @@ class VolumeManager:
         if isinstance(found, Available) and not found.up:
             return Capacity(total_bytes=0, available_bytes=0, maximum_volume_bytes=0)
         return await inner.capacity_for(parameters)
+
+    async def layout_space(self, backend: str, pool: str | None = None) -> dict[str, Any] | None:
+        """The pool's space for planning layouts elsewhere (`DescribesLayouts`), or None: a pool that has none (not a
+        thick LVM pool) or is down or takes no new volumes."""
+        found = self.backend(backend, pool)
+        if isinstance(found, Available) and (not found.up or found.retired is not None):
+            return None
+        inner = found.inner if isinstance(found, Available) else found
+        return await inner.layout_space() if isinstance(inner, DescribesLayouts) else None
 
     @staticmethod
     def _check_parameters(backend: VolumeBackend, parameters: Mapping[str, str]) -> TakesParameters:

@@ -853,16 +853,22 @@ def test_pools_follow_the_labels_of_their_node_without_a_restart(split: Split) -
         wait_for("the fast pool to be up", lambda: fast_pool() if (fast_pool() or {}).get("up") else None, 60)
         kept = anyio.run(create, "pvc-fast-kept")
 
-        async def create_mirrored() -> None:  # a layout the agents cannot carry yet: refused, not dropped
+        async def create_mirrored() -> None:  # a layout a pool without PVs cannot make: refused, not dropped
             async with Channel(path=str(plane.work / "controller.sock")) as channel:
-                request = create_request("pvc-fast-mirrored", 64 * MiB, "fake", "fast")
+                request = create_request(
+                    "pvc-fast-mirrored",
+                    64 * MiB,
+                    "fake",
+                    "fast",
+                    accessibility_requirements=TopologyRequirement(preferred=[Topology(segments={TOPOLOGY_KEY: "n4"})]),
+                )
                 request.parameters["mirrors"] = "2"
                 await ControllerStub(channel).create_volume(request)
 
         with pytest.raises(GRPCError) as layout_refused:
             anyio.run(create_mirrored)
         assert layout_refused.value.status is Status.INVALID_ARGUMENT
-        assert "['mirrors']" in str(layout_refused.value.message)
+        assert "fake pool 'fast' on node n4 makes no LVM layouts" in str(layout_refused.value.message)
 
         # unlabelled: it takes no new volumes, reports why, and keeps serving the one it holds
         api.patch("/api/v1/nodes/n4", {"metadata": {"labels": {"localdisk.test/disk": None}}})

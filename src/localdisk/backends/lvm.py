@@ -52,7 +52,7 @@ import weakref
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -90,17 +90,15 @@ from localdisk.backends.lvmlayout import (
     MAX_MIRRORS,
     MAX_STRIPES,
     Layout,
-    available,
-    check_fits,
     check_layout,
     eligible,
-    max_volume,
     parse_layout,
     plan,
     pv_space,
 )
 from localdisk.backends.lvmsetup import ThinRulesConfig, VgRulesConfig, with_rules
 from localdisk.backends.lvmshell import ShellExecutor
+from localdisk.backends.lvmspace import PoolSpace
 from localdisk.backends.lvmthin import ThinUse, thin_use
 from localdisk.backends.lvmview import (
     LINEAR_ACTIVE,
@@ -582,37 +580,41 @@ class LinearBackend(LvmBackend):
                 figures[key] = figures.get(key, 0) + value
         return figures
 
+    def _space(self, report: VgReport) -> PoolSpace:
+        """The pool's space as the planner sees it (`lvmspace`): its node agent reports it to the cluster's
+        controller, which answers the same layouts from it."""
+        return PoolSpace(
+            extent=self.extent,
+            vg_free=report.vg.free,
+            pvs=tuple(pv_space(report.physical)),
+            spare=self.config.spare_bytes,
+            defaults=self.config.layout,
+            cache_mode=self.config.cache,
+            cache_size=self.config.cache_size,
+            cache_pv_tags=self.config.cache_pv_tags,
+            pool=self.pool,
+        )
+
+    async def layout_space(self) -> dict[str, Any]:
+        """`DescribesLayouts`: the pool's space in JSON (`PoolSpace.to_json`), from the cached VG report."""
+        return self._space(await self._report()).to_json()
+
     async def capacity_for(self, parameters: Mapping[str, str]) -> Capacity:
-        """What volumes of the layout `parameters` ask for can get, from each PV's free space: in total, filling the
-        PVs one largest volume after another, and in one volume. 0 if the VG cannot make that layout at all. With a
-        cache, also bounded by the room on the cache PVs: a share of 10% of 6 GiB free makes at most 60 GiB; a fixed
-        size of 2 GiB makes at most 3 caches, so at most 3 of the largest volumes."""
-        layout = parse_layout(parameters, self.config.layout)
-        cache = self._cache(parameters)
+        """What volumes of the layout `parameters` ask for can get (`PoolSpace.capacity`, which the cluster's
+        controller computes from the same figures): in total, and in one volume; 0 if the VG cannot make that layout
+        at all. With a cache, also bounded by the room on the cache PVs: a share of 10% of 6 GiB free makes at most
+        60 GiB; a fixed size of 2 GiB makes at most 3 caches, so at most 3 of the largest volumes."""
         report = await self._report()
-        pvs = pv_space(report.physical)
-        budget = self._free(report) * layout.stripes // layout.legs  # the pool's spare is kept whatever the layout
-        total = sum(pv.size for pv in eligible(pvs, layout)) * layout.stripes // layout.legs
+        answer = self._space(report).capacity(parameters)
+        layout, _ = self._space(report).resolve(parameters)
         details = {"vg_size": report.vg.size, "vg_free": report.vg.free, "spare_bytes": self.config.spare_bytes}
         details |= {"extent_size": report.vg.extent_size, "legs": layout.legs, **self._health(report)}
-        details["eligible_pvs"] = len(eligible(pvs, layout))
-        try:
-            check_fits(layout, pvs, self.extent, f"volume group {self.vg}")
-        except InvalidArgument:
-            return Capacity(total, 0, 0, details)
-        room = min(available(layout, pvs, self.extent), budget // self.extent * self.extent)
-        largest = min(max_volume(layout, pvs, self.extent), room)
-        if cache is not None:
-            cache_room = max_volume(self._cache_layout(), pvs, self.extent)
-            details["cache_room_bytes"] = cache_room
-            if cache.percent:
-                fits = cache_room * 100 // cache.percent // self.extent * self.extent
-                room, largest = min(room, fits), min(largest, fits)
-            else:
-                caches = cache_room // cache.bytes_for(self.extent, self.extent)
-                details["caches_that_fit"] = caches
-                room, largest = min(room, caches * largest), largest if caches else 0
-        return Capacity(total, room, largest, details)
+        details["eligible_pvs"] = answer.eligible_pvs
+        if answer.cache_room is not None:
+            details["cache_room_bytes"] = answer.cache_room
+        if answer.caches_that_fit is not None:
+            details["caches_that_fit"] = answer.caches_that_fit
+        return Capacity(answer.total, answer.available, answer.largest, details)
 
 
 class ThinBackend(LvmBackend):

@@ -5,6 +5,11 @@ the requested topology (the scheduler's choice comes first among the preferred s
 it and waits for that node's agent to answer in the object's status (`localdisk.k8s.cluster`). The volume ID is the
 object's name. ControllerExpandVolume asks the node the same way, so a PV is only resized once the space exists on
 the disk; GetCapacity answers from the LocalNode objects the agents keep fresh.
+
+LVM layouts and caches (StorageClass `stripes`, `mirrors`, `pvTags`, `cache`, ...) are checked here as the node's
+backend checks them, travel in the LocalVolume's spec to the node, and are planned from the PVs each node reports
+(`localdisk.backends.lvmspace`): GetCapacity answers what a volume of that layout can get, and a node is chosen only
+if its PVs have room for it.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from localdisk._proto.csi.v1 import (
 )
 from localdisk._proto.csi.v1 import Snapshot as CsiSnapshot
 from localdisk._proto.csi.v1 import Volume as CsiVolume
+from localdisk.backends.lvmspace import LayoutRequest
 from localdisk.config import NodeConfig
 from localdisk.csi import TOPOLOGY_KEY, convert, validate
 from localdisk.csi.controller import checked_create, modified_limits, page_bounds, requested_limits
@@ -96,10 +102,21 @@ class CentralControllerService(ControllerBase):
             accessible_topology=[convert.topology(volume.node)],
         )
 
-    def _place(self, message: CreateVolumeRequest, required: int, source: ContentSource | None) -> str:
+    def _place(
+        self, message: CreateVolumeRequest, required: int, source: ContentSource | None, layout: LayoutRequest
+    ) -> str:
         """The node for a new volume: the source's node for a clone or a restore, else the first node of the
-        topology whose pool reports room for it (the selected node, normally), else the first one (its agent then
-        answers with the truth: no room)."""
+        topology whose pool reports room for it in its layout (the selected node, normally), else the first one (its
+        agent then answers with the truth: no room). `InvalidArgument` if the chosen node's pool can never make the
+        layout."""
+        backend, pool = message.parameters.get("backend", ""), message.parameters.get("pool") or None
+        node = self._choose(message, required, source, layout)
+        self.cluster.check_layout(node, backend, pool, layout)
+        return node
+
+    def _choose(
+        self, message: CreateVolumeRequest, required: int, source: ContentSource | None, layout: LayoutRequest
+    ) -> str:
         allowed = _nodes(message.accessibility_requirements)
         if source is not None:
             if source.kind is SourceKind.SNAPSHOT:
@@ -119,7 +136,7 @@ class CentralControllerService(ControllerBase):
             )
         backend, pool = message.parameters.get("backend", ""), message.parameters.get("pool") or None
         for node in allowed:
-            _, largest = self.cluster.capacity(node, backend, pool)
+            _, largest = self.cluster.capacity(node, backend, pool, layout)
             if largest >= required:
                 return node
         return allowed[0]
@@ -127,14 +144,14 @@ class CentralControllerService(ControllerBase):
     @rpc
     async def create_volume(self, message: CreateVolumeRequest) -> CreateVolumeResponse:
         required, limit = checked_create(message, self.config)
-        _refuse_layouts(message.parameters)
+        layout = LayoutRequest.from_parameters(validate.backend_parameters(message.parameters))
         source = validate.content_source(message.volume_content_source)
         await self.cluster.ready()
         if source is not None and source.kind is SourceKind.SNAPSHOT:
             source = ContentSource(source.kind, await self.cluster.snapshot_by_handle(source.id))
         elif source is not None:
             source = ContentSource(source.kind, await self.cluster.by_handle(source.id))
-        node = self._place(message, required, source)
+        node = self._place(message, required, source, layout)
         volume = await self.cluster.create_volume(
             VolumeRequest(
                 csi_name=message.name,
@@ -147,6 +164,7 @@ class CentralControllerService(ControllerBase):
                 source_kind=source.kind.value if source else None,
                 source_name=source.id if source else None,
                 io_limits=requested_limits(message).to_json(),
+                layout=layout,
             )
         )
         return CreateVolumeResponse(volume=self._volume(volume))
@@ -201,12 +219,13 @@ class CentralControllerService(ControllerBase):
         for cap in message.volume_capabilities:
             validate.check_capability(cap)
         validate.check_parameters(message.parameters)
+        layout = LayoutRequest.from_parameters(validate.backend_parameters(message.parameters))
         await self.cluster.ready()
         backend, pool = message.parameters.get("backend", ""), message.parameters.get("pool") or None
         topology = message.accessible_topology
         node = topology.segments.get(TOPOLOGY_KEY) if topology is not None else None
         nodes = [node] if node else sorted(self.cluster.nodes)
-        answers = [self.cluster.capacity(n, backend, pool) for n in nodes]
+        answers = [self.cluster.capacity(n, backend, pool, layout) for n in nodes]
         return GetCapacityResponse(
             available_capacity=sum(a for a, _ in answers), maximum_volume_size=max((m for _, m in answers), default=0)
         )
@@ -312,16 +331,4 @@ class CentralControllerService(ControllerBase):
         return ListSnapshotsResponse(
             entries=[ListSnapshotsResponseEntry(snapshot=f) for f in found],
             next_token=str(end) if end < len(snapshots) else "",
-        )
-
-
-def _refuse_layouts(parameters: dict[str, str]) -> None:
-    """Layouts and caches (stripes, mirrors, pvTags, cache, cacheSize) are made only by `serve --role all` so far:
-    a LocalVolume does not carry them to its node agent, so they are refused rather than silently dropped."""
-    layout = sorted(validate.backend_parameters(parameters))
-    if layout:
-        raise InvalidArgument(
-            f"StorageClass parameter(s) {layout} (LVM layouts and caches) are not served by the cluster's central"
-            " controller yet: its node agents would make a plain volume; use a StorageClass without them, or the"
-            " single-process shape (serve --role all) on the node"
         )

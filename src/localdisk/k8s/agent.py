@@ -2,8 +2,9 @@
 
 It watches the LocalVolume and LocalSnapshot objects labelled for its node only, and reconciles each through the
 `VolumeManager` it shares with the Node service: create, grow, snapshot, delete, each outcome written into the
-object's status. It keeps the LocalNode object of its node fresh (pools, capacity, largest volume, health) with a
-heartbeat, which is what GetCapacity answers from.
+object's status. It keeps the LocalNode object of its node fresh (pools, capacity, largest volume, health, and the
+PVs of its thick LVM pools, from which the controller plans layouts) with a heartbeat, which is what GetCapacity
+answers from.
 
 Reconciling is level-based: an object is looked at whenever it changes and every `resync` seconds, and what to do is
 derived from the object alone (spec against status), so an agent killed half-way finishes the job after a restart
@@ -374,6 +375,7 @@ class NodeAgent:
                         limit_bytes=volume.limit_bytes,
                         source=await self._source(volume),
                         encrypted=volume.encrypted,
+                        parameters=volume.layout.parameters(),  # the LVM layout and cache, as the StorageClass said
                     )
                 )
                 log.info("volume %s created as %s (%d bytes)", volume.name, created.id, created.size_bytes)
@@ -572,10 +574,12 @@ class NodeAgent:
         for (kind, pool), backend in sorted(self.manager.backends.items()):
             state = states[(kind, pool)]
             available = largest = 0
+            space = None
             if state.up:
                 try:
                     capacity = await self.manager.capacity(kind, pool)
                     available, largest = capacity.available_bytes, capacity.maximum_volume_bytes
+                    space = await self.manager.layout_space(kind, pool)
                 except LocalDiskError as exc:
                     log.warning("capacity of %s pool %r: %s", kind, pool, exc.message)
             reports.append(
@@ -590,6 +594,7 @@ class NodeAgent:
                     snapshots=backend.features.snapshots,
                     clones=backend.features.clones,
                     disks=await backend.disks(),
+                    layout_space=space,
                 )
             )
         return reports

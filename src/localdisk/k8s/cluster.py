@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import anyio
 from kubernetes_asyncio import client
 
+from localdisk.backends.lvmspace import LayoutRequest, PoolSpace
 from localdisk.errors import AlreadyExists, Busy, FailedPrecondition, InvalidArgument, NotFound
 from localdisk.k8s.client import REQUEST_TIMEOUT, is_status
 from localdisk.k8s.crd import (
@@ -67,6 +68,7 @@ class VolumeRequest:
     source_kind: str | None = None
     source_name: str | None = None
     io_limits: dict[str, int] = field(default_factory=dict)  # `localdisk.qos` parameter names: readIOPS, ...
+    layout: LayoutRequest = field(default_factory=LayoutRequest)  # the StorageClass's LVM layout and cache
 
 
 @dataclass(frozen=True)
@@ -242,11 +244,15 @@ class ClusterVolumes:
                 await self._delete(VOLUMES, name)
                 raise Busy(f"volume {request.csi_name!r}: clearing the failed attempt on node {existing.node}; retry")
             self._same_or_conflict(existing, request)
+            self._same_layout(existing, request)
             since = ""
             if existing.error is not None and existing.handle is None:
                 since = await self._retry(VOLUMES, name)
         else:
-            since = await self._create(VOLUMES, self._volume_body(name, request))
+            body = self._volume_body(name, request)
+            if not request.layout.empty:
+                await self._check_kept(body)
+            since = await self._create(VOLUMES, body)
         settled = await self._until(
             lambda: self._settled_volume(name), f"volume {request.csi_name!r}", plural=VOLUMES, name=name, since=since
         )
@@ -273,6 +279,41 @@ class ClusterVolumes:
                     f"volume {request.csi_name!r} already exists with {size} bytes, outside the requested range"
                 )
 
+    async def _check_kept(self, body: dict[str, Any]) -> None:
+        """`FailedPrecondition` if the API server would drop the layout or cache from the object's spec (a
+        LocalVolume CRD older than layouts prunes the fields it does not know): its node would make a plain volume.
+        Asked with a dry run, so nothing is written before the answer."""
+        try:
+            made = await self.custom.create_cluster_custom_object(
+                GROUP, VERSION, VOLUMES, body, dry_run="All", _request_timeout=REQUEST_TIMEOUT
+            )
+        except TRANSIENT as exc:
+            if is_status(exc, 409):
+                return  # a concurrent attempt made it: that one was checked
+            if is_status(exc, 422, 400):
+                raise InvalidArgument(f"the API server refused the volume object: {getattr(exc, 'body', exc)}") from exc
+            raise
+        kept = {key: made.get("spec", {}).get(key) for key in ("layout", "cache")}
+        if kept != {key: body["spec"].get(key) for key in ("layout", "cache")}:
+            raise FailedPrecondition(
+                "the LocalVolume CustomResourceDefinition of this cluster drops spec.layout and spec.cache (it is older"
+                " than LVM layouts in the cluster shape), so the node would make a plain volume; apply"
+                " examples/deploy/crds.yaml"
+            )
+
+    def _same_layout(self, existing: VolumeObject, request: VolumeRequest) -> None:
+        """The layout and cache asked for against those the object holds: the same when spelled the same, or when
+        they make the same volume in the pool as its node reports it (the pool's defaults for what one leaves out)."""
+        if existing.layout == request.layout:
+            return
+        space = self._space(existing.node, existing.backend, existing.pool)
+        if space is None or not space.same(existing.layout, request.layout):
+            raise AlreadyExists(
+                f"volume {request.csi_name!r} already exists with another layout or cache"
+                f" ({existing.layout.parameters() or 'the pool defaults'}; this request asks for"
+                f" {request.layout.parameters() or 'the pool defaults'})"
+            )
+
     @staticmethod
     def _volume_body(name: str, request: VolumeRequest) -> dict[str, Any]:
         spec: dict[str, Any] = {
@@ -289,6 +330,7 @@ class ClusterVolumes:
             spec["source"] = {"kind": request.source_kind, "name": request.source_name}
         if request.io_limits:
             spec["ioLimits"] = dict(request.io_limits)
+        spec.update(request.layout.spec())  # layout and cache: only when the StorageClass asks for one
         return {
             "apiVersion": API_VERSION,
             "kind": "LocalVolume",
@@ -306,7 +348,8 @@ class ClusterVolumes:
             found = self.volumes.get(volume_id)
             if found is None:
                 return True
-            if found.error is not None and found.deleting:
+            if found.error is not None and found.deleting and found.phase == "Deleting":
+                # the node's answer to the deletion; an error a failed create left (phase Failed) is none
                 raise error_from_status(found.error, f"node {found.node}")
             return None
 
@@ -469,7 +512,7 @@ class ClusterVolumes:
             found = self.snapshots.get(snapshot_id)
             if found is None:
                 return True
-            if found.error is not None and found.deleting:
+            if found.error is not None and found.deleting and found.phase == "Deleting":
                 raise error_from_status(found.error, f"node {found.node}")
             return None
 
@@ -483,19 +526,72 @@ class ClusterVolumes:
 
     # -- capacity ---------------------------------------------------------------------------------------------------
 
-    def capacity(self, node: str, backend: str, pool: str | None) -> tuple[int, int]:
-        """(available, largest volume) of `node` for a StorageClass: 0 when the node is unknown, silent for longer
-        than `stale_after`, or lacks the pool."""
+    def _fresh(self, node: str) -> NodeReport | None:
         report = self.nodes.get(node)
-        if report is None or not report.fresh(self.settings.stale_after):
+        return report if report is not None and report.fresh(self.settings.stale_after) else None
+
+    def _space(self, node: str, backend: str, pool: str | None) -> PoolSpace | None:
+        report = self.nodes.get(node)
+        found = report.pool(backend, pool) if report is not None else None
+        return found.space() if found is not None else None
+
+    def capacity(
+        self, node: str, backend: str, pool: str | None, layout: LayoutRequest | None = None
+    ) -> tuple[int, int]:
+        """(available, largest volume) of `node` for a StorageClass: 0 when the node is unknown, silent for longer
+        than `stale_after`, or lacks the pool. With a `layout`, what volumes of that layout get, planned from the
+        pool's PVs as the node reports them (`PoolSpace.capacity`, the numbers the node itself would answer); 0 from
+        a pool that reports no PVs (not a thick LVM pool) or cannot make that layout."""
+        report = self._fresh(node)
+        if report is None:
             return 0, 0
+        laid_out = layout is not None and not layout.empty
         if not backend:
             up = [p for p in report.pools if p.up]
+            if laid_out:
+                answers = [self._layout_capacity(p, layout) for p in up]
+                return sum(a for a, _ in answers), max((m for _, m in answers), default=0)
             return sum(p.available_bytes for p in up), max((p.maximum_volume_bytes for p in up), default=0)
         found = report.pool(backend, pool)
         if found is None or not found.up:
             return 0, 0
+        if laid_out:
+            return self._layout_capacity(found, layout)
         return found.available_bytes, found.maximum_volume_bytes
+
+    @staticmethod
+    def _layout_capacity(pool: PoolReport, layout: LayoutRequest | None) -> tuple[int, int]:
+        space = pool.space()
+        if space is None or layout is None:
+            return 0, 0
+        try:
+            answer = space.capacity(layout)
+        except InvalidArgument:  # what this pool cannot take (a cache without cache PVs): nothing here
+            return 0, 0
+        return answer.available, answer.largest
+
+    def check_layout(self, node: str, backend: str, pool: str | None, layout: LayoutRequest) -> None:
+        """Before a volume of `layout` is asked of `node`: `InvalidArgument` if its pool can never make it (too few
+        PVs, no cache PVs, not a thick LVM pool), as the node's backend would answer; `Busy` while the node has not
+        reported lately (only a report proves its agent carries layouts to its disks, not a plain volume). A pool
+        that is unknown or down is left for the node to answer."""
+        if layout.empty:
+            return
+        report = self._fresh(node)
+        if report is None:
+            raise Busy(f"node {node} has not reported its pools lately; a volume with a layout waits for that; retry")
+        found = report.pool(backend, pool)
+        if found is None or not found.up:
+            return
+        space = found.space()
+        if space is None:
+            raise InvalidArgument(
+                f"{found.backend} pool {found.pool!r} on node {node} makes no LVM layouts or caches (parameters"
+                f" {sorted(layout.parameters())}): it reports no PVs, being no thick LVM pool, or its node agent"
+                " (or the LocalNode CRD, which would drop status.pools[].layoutSpace) is older than layouts in the"
+                " cluster shape"
+            )
+        space.check(layout, f"{found.backend} pool {found.pool!r} on node {node}")
 
     def features(self) -> tuple[bool, bool]:
         """Whether any node offers snapshots, clones."""

@@ -1,12 +1,13 @@
 """localdisk's custom resources: where the controller and the node agents meet.
 
 - `LocalVolume` (cluster-scoped): one per volume. The controller writes its spec (the CSI name, node, backend,
-  pool, size asked, content source, encryption) when CreateVolume or ControllerExpandVolume arrives; the agent of
-  that node creates or grows the volume and writes the outcome into its status (phase, on-disk handle, size, or an
-  error with a reason). The CSI volume ID is the object's name.
+  pool, size asked, content source, encryption, LVM layout and cache) when CreateVolume or ControllerExpandVolume
+  arrives; the agent of that node creates or grows the volume and writes the outcome into its status (phase, on-disk
+  handle, size, or an error with a reason). The CSI volume ID is the object's name.
 - `LocalSnapshot` (cluster-scoped): the same for snapshots; the snapshot ID is its name.
 - `LocalNode` (cluster-scoped, named after the node): what one node agent has (pools, capacity, largest volume,
-  health) and a heartbeat; GetCapacity answers from it.
+  health; for a thick LVM pool its PVs' free space and tags, from which layouts are planned) and a heartbeat;
+  GetCapacity answers from it.
 
 Objects are named after their CSI name (`object_name`), so a retried CreateVolume finds the object its first attempt
 made. Each volume and snapshot carries the finalizer `FINALIZER`, removed by the node agent only once the volume is
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from localdisk import errors
+from localdisk.backends.lvmspace import LayoutRequest, PoolSpace
 
 GROUP = "localdisk.csi.io"
 VERSION = "v1alpha1"
@@ -124,6 +126,9 @@ class VolumeObject:
     """spec.ioLimits: the I/O limits asked for (`localdisk.qos` parameter names: readIOPS, ...)."""
     applied_io_limits: dict[str, int] | None = None
     """status.ioLimits: the limits the node agent has recorded and applied (None before it has answered)."""
+    layout: LayoutRequest = field(default_factory=LayoutRequest)
+    """spec.layout and spec.cache: the LVM layout and cache asked for (empty: the pool's defaults; also what an object
+    written before layouts travelled reads as)."""
 
     @classmethod
     def of(cls, obj: dict[str, Any]) -> VolumeObject:
@@ -152,6 +157,7 @@ class VolumeObject:
             finalizers=tuple(meta.get("finalizers") or ()),
             io_limits=_limits(spec.get("ioLimits")) or {},
             applied_io_limits=_limits(status.get("ioLimits")),
+            layout=LayoutRequest.from_spec(spec.get("layout"), spec.get("cache")),
         )
 
     @property
@@ -221,8 +227,14 @@ class PoolReport:
     snapshots: bool
     clones: bool
     disks: tuple[str, ...] = ()
+    layout_space: dict[str, Any] | None = None
+    """A thick LVM pool's PVs and defaults (`lvmspace.PoolSpace`, JSON), from which the controller plans layouts."""
+
+    def space(self) -> PoolSpace | None:
+        return PoolSpace.from_json(self.layout_space, self.pool) if self.layout_space is not None else None
 
     def to_json(self) -> dict[str, Any]:
+        extra = {"layoutSpace": self.layout_space} if self.layout_space is not None else {}
         return {
             "backend": self.backend,
             "pool": self.pool,
@@ -234,6 +246,7 @@ class PoolReport:
             "snapshots": self.snapshots,
             "clones": self.clones,
             "disks": list(self.disks),
+            **extra,
         }
 
     @classmethod
@@ -249,4 +262,5 @@ class PoolReport:
             snapshots=bool(item.get("snapshots")),
             clones=bool(item.get("clones")),
             disks=tuple(str(d) for d in item.get("disks") or ()),
+            layout_space=item.get("layoutSpace") or None,
         )
