@@ -59,6 +59,20 @@ def check(report: Report, kills: int, seed: int) -> None:
     assert "INTERNAL" not in report.answers, f"INTERNAL answers {again}: {report.messages}"
 
 
+def keep_table_areas(disks: list[str], where: Path) -> str:
+    """Copy the first and last 2 MiB of each disk (protective MBR, both GPT headers and entry arrays) beside the
+    server's log, so a failure's tables can be read after the loop devices are gone; says where."""
+    for index, disk in enumerate(disks):
+        fd = os.open(disk, os.O_RDONLY)
+        try:
+            size = os.lseek(fd, 0, os.SEEK_END)
+            (where / f"disk{index}-head.img").write_bytes(os.pread(fd, 2 * MiB, 0))
+            (where / f"disk{index}-tail.img").write_bytes(os.pread(fd, 2 * MiB, max(size - 2 * MiB, 0)))
+        finally:
+            os.close(fd)
+    return f"the disks' table areas are kept in {where}"
+
+
 @needs_loop_devices
 @pytest.mark.slow
 @pytest.mark.timeout(900)
@@ -78,7 +92,8 @@ async def test_partition_pool_survives_sigkill(tmp_path: Path) -> None:
         try:
             report = await loop.run()
         except AssertionError as exc:
-            raise AssertionError(f"seed {run_seed} (LOCALDISK_CRASH_SEED reproduces it): {exc}") from exc
+            kept = keep_table_areas(disks, tmp_path)
+            raise AssertionError(f"seed {run_seed} (LOCALDISK_CRASH_SEED reproduces it; {kept}): {exc}") from exc
         finally:
             supervisor.close()
     record(report, "crash partition")
