@@ -4,16 +4,24 @@ layout crash loop, `nox -s layout-crash`, met on real LVM: see `localdisk.backen
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+from typing import cast
+
 import pytest
 
-from localdisk.backends.lvm import lv_name_for
+from localdisk.backends.lvm import LinearBackend, LinearPoolConfig, lv_name_for
 from localdisk.backends.lvmbase import VOLUME
-from localdisk.backends.lvmcache import CacheSpec, cache_name
-from localdisk.backends.lvmcmd import PhysicalVolume
-from localdisk.errors import BackendFailure
+from localdisk.backends.lvmcache import FAST_TAG, CacheSpec, cache_name
+from localdisk.backends.lvmcmd import Lvm, PhysicalVolume
+from localdisk.backends.lvmlayout import eligible
+from localdisk.discovery import DiskRules, Roots
+from localdisk.errors import BackendFailure, InvalidArgument
+from localdisk.runner import CommandRunner
 from localdisk.sizes import MiB
 from tests.contract import manager_for
 from tests.lvm.memory import VG, MemoryLvm, detached_cache, lv, opened, volume_lv
+from tests.test_discovery import _disk
 
 pytestmark = pytest.mark.anyio
 
@@ -109,3 +117,26 @@ async def test_an_expansion_whose_cache_failed_to_go_back_gets_it_back_on_its_re
     calls = len(lvm.calls)
     await backend.expand_volume(volume.name, 60 * MiB)
     assert len(lvm.calls) == calls
+
+
+async def test_fast_pvs_found_by_rules_on_their_disks_hold_the_caches(tmp_path: Path) -> None:
+    """`cache_match` (rules on the disks beneath the PVs, here `rotational = false`) makes the SSD's PV a cache PV
+    without any LVM tag: caches are planned on it alone, and counted on its free space."""
+    for name, dev, rotational in (("ubda", "98:0", True), ("ubdb", "98:16", True), ("ubdc", "98:32", False)):
+        _disk(tmp_path, name, f"virtual/ubd/{name}", size=128 * MiB, dev=dev, rotational=rotational)
+    roots = Roots(sys=tmp_path / "sys", dev=tmp_path / "dev", udev_data=tmp_path / "udev", proc=tmp_path / "proc")
+    lvm = MemoryLvm()
+    lvm.physical = tuple(replace(pv, tags=frozenset()) for pv in lvm.physical)  # no tags at all
+    config = LinearPoolConfig(volume_group=VG, cache_match=DiskRules(rotational=False))
+    backend = LinearBackend("dense", config, cast(Lvm, lvm), CommandRunner(), roots=roots)
+    await backend.open()
+    report = await backend.view.get()
+    assert [pv.name for pv in eligible(backend._pvs(report), backend._cache_layout())] == ["/dev/ubdc"]
+    capacity = await backend.capacity_for({"cache": "writethrough", "cacheSize": "24Mi"})
+    assert (capacity.details["cache_room_bytes"], capacity.details["caches_that_fit"]) == (64 * MiB, 2)
+    assert (await backend.layout_space())["cachePvTags"] == [FAST_TAG]  # the cluster's controller plans alike
+    # the same pool without the rules has no fast PVs: a cache is refused, not put anywhere
+    plain = LinearBackend("dense", LinearPoolConfig(volume_group=VG), cast(Lvm, lvm), CommandRunner(), roots=roots)
+    await plain.open()
+    with pytest.raises(InvalidArgument, match="no fast PVs"):
+        await plain.capacity_for({"cache": "writethrough"})

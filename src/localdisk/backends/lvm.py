@@ -78,6 +78,7 @@ from localdisk.backends.lvmcache import (
     CACHE_PARAMETERS,
     DEFAULT_SHARE,
     CacheSpec,
+    FastPvs,
     cache_name,
     cache_owner,
     cache_tags,
@@ -90,6 +91,7 @@ from localdisk.backends.lvmlayout import (
     MAX_MIRRORS,
     MAX_STRIPES,
     Layout,
+    PvSpace,
     check_layout,
     eligible,
     parse_layout,
@@ -110,6 +112,7 @@ from localdisk.backends.lvmview import (
     without_lv,
 )
 from localdisk.blockdev import erase_signatures, zero_out
+from localdisk.discovery import HOST, DiskRules, Roots
 from localdisk.errors import (
     AlreadyExists,
     Busy,
@@ -197,6 +200,9 @@ class LinearPoolConfig(VgRulesConfig):
 
     cache_pv_tags: tuple[str, ...] = ()
     """The fast PVs (by tag) that hold SSD caches of volumes that ask for one (`cache` parameter)."""
+    cache_match: DiskRules | None = None
+    """The fast PVs by rules on their disks (the rules of disk discovery, e.g. `rotational = false`), besides those
+    tagged `cache_pv_tags`: no `pvchange --addtag` needed, also for PVs a zero-touch pool adds itself."""
     cache: Literal["writethrough", "writeback", "writecache"] | None = None
     """Default cache of the pool's volumes (StorageClass `cache` overrides; `none` for none)."""
     cache_size: str = f"{DEFAULT_SHARE}%"
@@ -210,8 +216,11 @@ class LinearPoolConfig(VgRulesConfig):
             parse_cache({}, self.cache, self.cache_size)
         except InvalidArgument as exc:
             raise ValueError(exc.message) from None
-        if self.cache and not self.cache_pv_tags:
-            raise ValueError("a default cache needs cache_pv_tags: the tags of the fast PVs that hold caches")
+        if self.cache and not self.cache_pv_tags and self.cache_match is None:
+            raise ValueError(
+                "a default cache needs cache_pv_tags or cache_match: the tags of, or rules for, the fast PVs that hold"
+                " caches"
+            )
         return self
 
     @property
@@ -242,11 +251,19 @@ class LinearBackend(LvmBackend):
     _takes_extents = True
 
     def __init__(
-        self, pool: str, config: LinearPoolConfig, lvm: Lvm, runner: CommandRunner, *, view_max_age: float = 0.0
+        self,
+        pool: str,
+        config: LinearPoolConfig,
+        lvm: Lvm,
+        runner: CommandRunner,
+        *,
+        view_max_age: float = 0.0,
+        roots: Roots = HOST,
     ) -> None:
         features = Features(snapshots=False, clones=False)
         super().__init__(pool, config.volume_group, lvm, runner, features, view_max_age)
         self.config = config
+        self.fast = FastPvs(config.cache_match, roots)
 
     def _belongs(self, lv: LogicalVolume) -> bool:
         # A cached volume names its cache in pool_lv; a thin LV its thin pool.
@@ -286,7 +303,7 @@ class LinearBackend(LvmBackend):
         """A cached volume whose missing PVs are all cache PVs (VG metadata keeps a lost PV's tags)."""
         missing = [pv for pv in report.physical if pv.missing]
         fast = set(self.config.cache_pv_tags)
-        return lv.cached and bool(missing) and all(pv.tags & fast for pv in missing)
+        return lv.cached and bool(missing) and all(pv.tags & fast or self.fast.fast(pv.name) for pv in missing)
 
     @staticmethod
     def _mirrored(lv: LogicalVolume) -> bool:
@@ -329,14 +346,19 @@ class LinearBackend(LvmBackend):
 
     def _cache(self, parameters: Mapping[str, str]) -> CacheSpec | None:
         cache = parse_cache(parameters, self.config.cache, self.config.cache_size)
-        if cache is not None and not self.config.cache_pv_tags:
+        if cache is not None and not self._cache_layout().pv_tags:
             raise InvalidArgument(
-                f"lvm pool {self.pool!r} has no fast PVs for caches; set pools.lvm.{self.pool}.cache_pv_tags"
+                f"lvm pool {self.pool!r} has no fast PVs for caches; set pools.lvm.{self.pool}.cache_pv_tags or"
+                " cache_match"
             )
         return cache
 
     def _cache_layout(self) -> Layout:
-        return Layout(pv_tags=self.config.cache_pv_tags)
+        return Layout(pv_tags=self.fast.tags(self.config.cache_pv_tags))
+
+    def _pvs(self, report: VgReport) -> list[PvSpace]:
+        """The report's PVs as the planner sees them: those `cache_match` finds fast carry `FAST_TAG`."""
+        return self.fast.mark(pv_space(report.physical))
 
     def _layout(self, spec: VolumeSpec) -> Layout:
         return parse_layout(spec.parameters, self.config.layout)
@@ -347,7 +369,7 @@ class LinearBackend(LvmBackend):
     def _plan(self, report: VgReport, layout: Layout, size: int) -> list[str]:
         """The PVs for a new volume (`lvmlayout.plan`), within the VG's free space less the pool's spare."""
         where = f"volume group {self.vg}"
-        pvs = plan(layout, pv_space(report.physical), size, self.extent, where)
+        pvs = plan(layout, self._pvs(report), size, self.extent, where)
         if layout.footprint(size, self.extent) > self._free(report):
             self._check_room(report, layout.footprint(size, self.extent))
         return pvs
@@ -361,7 +383,7 @@ class LinearBackend(LvmBackend):
         cache = self._cache(spec.parameters)
         if cache is not None:
             size = cache.bytes_for(layout.rounded(spec.size_bytes, self.extent), self.extent)
-            plan(self._cache_layout(), pv_space(report.physical), size, self.extent, f"the cache PVs of {self.vg}")
+            plan(self._cache_layout(), self._pvs(report), size, self.extent, f"the cache PVs of {self.vg}")
 
     async def _create(self, report: VgReport, lv: str, spec: VolumeSpec) -> bool:
         # The tags go into the same lvcreate: a crash can then never leave an LV of ours without them (it would
@@ -475,16 +497,14 @@ class LinearBackend(LvmBackend):
         name, wanted = cache_name(lv_name), cache.bytes_for(volume_size, self.extent)
         existing = report.lv(name)
         if existing is None:
-            pvs = plan(
-                self._cache_layout(), pv_space(report.physical), wanted, self.extent, f"the cache PVs of {self.vg}"
-            )
+            pvs = plan(self._cache_layout(), self._pvs(report), wanted, self.extent, f"the cache PVs of {self.vg}")
             tags = cache_tags(lv_name, OWNER_TAG, KIND_TAG)
             await self.lvm.create_linear(self.vg, name, wanted, tags, wipe=False, pvs=pvs, active=False)
         else:
             if existing.active:  # dm-writecache takes only an inactive cache LV (an activated VG activated it)
                 await self.lvm.deactivate_lv(self.vg, name)
             if existing.size < wanted and self.config.cache_on_expand == "grow" and grow:
-                pvs = [pv.name for pv in eligible(pv_space(report.physical), self._cache_layout())]
+                pvs = [pv.name for pv in eligible(self._pvs(report), self._cache_layout())]
                 await self.lvm.extend(self.vg, name, wanted, pvs)
         await self.lvm.attach_cache(self.vg, lv_name, name, cache.mode)
         self.view.invalidate()
@@ -513,7 +533,7 @@ class LinearBackend(LvmBackend):
         # that some layout of that growth fits at all.
         grown = layout.rounded(size, self.extent)
         self._check_room(report, layout.footprint(grown - lv.size, self.extent))
-        eligible_pvs = [pv.name for pv in eligible(pv_space(report.physical), layout)] if layout.pv_tags else []
+        eligible_pvs = [pv.name for pv in eligible(self._pvs(report), layout)] if layout.pv_tags else []
         if layout.pv_tags and not eligible_pvs:
             raise InsufficientCapacity(f"volume group {self.vg} has no PV tagged {' or '.join(layout.pv_tags)} left")
         await self.lvm.extend(self.vg, lv.name, grown, eligible_pvs)
@@ -586,12 +606,12 @@ class LinearBackend(LvmBackend):
         return PoolSpace(
             extent=self.extent,
             vg_free=report.vg.free,
-            pvs=tuple(pv_space(report.physical)),
+            pvs=tuple(self._pvs(report)),
             spare=self.config.spare_bytes,
             defaults=self.config.layout,
             cache_mode=self.config.cache,
             cache_size=self.config.cache_size,
-            cache_pv_tags=self.config.cache_pv_tags,
+            cache_pv_tags=self._cache_layout().pv_tags,
             pool=self.pool,
         )
 

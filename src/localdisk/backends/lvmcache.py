@@ -1,9 +1,11 @@
 """SSD caches in front of thick (HDD) volumes: dm-cache in writethrough or writeback mode, or dm-writecache.
 
-A pool names its fast PVs by tag (`cache_pv_tags`); a StorageClass asks for a cache with `cache` (`writethrough`,
-`writeback`, `writecache`, or `none`) and `cacheSize` (bytes like `256Mi`, or a share of the volume like `10%`). The
-cache is an LV of its own on the fast PVs, `ldc-` and the volume's hash, made inactive (dm-writecache takes only an
-inactive one) and then attached with `lvconvert --type cache|writecache --cachevol`, which hides it inside the volume.
+A pool names its fast PVs by tag (`cache_pv_tags`), or by rules on the disks beneath them (`cache_match`, the rules of
+disk discovery: `rotational = false`, `transport = "nvme"`, ...); a StorageClass asks for a cache with `cache`
+(`writethrough`, `writeback`, `writecache`, or `none`) and `cacheSize` (bytes like `256Mi`, or a share of the volume
+like `10%`). The cache is an LV of its own on the fast PVs, `ldc-` and the volume's hash, made inactive (dm-writecache
+takes only an inactive one) and then attached with `lvconvert --type cache|writecache --cachevol`, which hides it inside
+the volume.
 
 Writethrough: every write reaches the HDD before it completes, so losing the SSD loses nothing (the cache is dropped
 with `lvconvert --uncache`, which works with the SSD gone). Writeback and writecache: a write completes once it is on
@@ -21,11 +23,14 @@ delete removes the cache LV before the volume, so only an older crash leaves tha
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from localdisk.backends.lvmcmd import CACHE_MODES, LogicalVolume
-from localdisk.backends.lvmlayout import Layout, same_layout
+from localdisk.backends.lvmlayout import Layout, PvSpace, same_layout
+from localdisk.discovery import HOST, DiskRules, Roots, SysDisk, scan
 from localdisk.errors import InvalidArgument
 from localdisk.sizes import human
 
@@ -35,6 +40,7 @@ CACHE_TAG = "localdisk.csi.io/cache="  # on the volume: what cache it has (mode.
 CACHE_OF_TAG = "localdisk.csi.io/cache-of="  # on a cache LV: the volume it is for
 CACHE_KIND = "cache"
 CACHE_PREFIX = "ldc-"
+FAST_TAG = "localdisk.csi.io/fast"  # never written to LVM: given in memory to the PVs `cache_match` finds fast
 MIN_CACHE = 8 * 1024 * 1024  # dm-cache keeps its metadata in the cache LV too
 DEFAULT_SHARE = 10  # percent of the volume, when cacheSize is not given
 
@@ -135,3 +141,40 @@ def cache_owner(lv: LogicalVolume, owner_tag: str, kind_tag: str) -> str | None:
         return None
     volume = next((tag[len(CACHE_OF_TAG) :] for tag in lv.tags if tag.startswith(CACHE_OF_TAG)), None)
     return volume if volume is not None and cache_name(volume) == lv.name else None
+
+
+class FastPvs:
+    """The PVs whose disks match a pool's `cache_match` rules, seen by the planner as tagged `FAST_TAG`.
+
+    A PV on a partition counts as its disk; one on a device-mapper device (a crypt mapping) or a disk sysfs does not
+    show matches nothing. What a PV's disk is never changes while it is a PV, so each PV is looked up once (sysfs
+    only, no process) and remembered, also for when it goes missing (its cache is then known to be lost)."""
+
+    def __init__(self, rules: DiskRules | None, roots: Roots = HOST) -> None:
+        self.rules = rules
+        self.roots = roots
+        self._known: dict[str, bool] = {}
+
+    def tags(self, configured: Sequence[str]) -> tuple[str, ...]:
+        """The tags that make a PV a cache PV: the configured ones, and `FAST_TAG` when rules are given."""
+        return (*configured, *((FAST_TAG,) if self.rules is not None else ()))
+
+    def mark(self, pvs: Sequence[PvSpace]) -> list[PvSpace]:
+        """`pvs` with `FAST_TAG` added to those on a matching disk."""
+        if self.rules is None:
+            return list(pvs)
+        if unknown := [pv.name for pv in pvs if pv.name not in self._known]:
+            self._learn(unknown)
+        return [replace(pv, tags=pv.tags | {FAST_TAG}) if self._known[pv.name] else pv for pv in pvs]
+
+    def fast(self, name: str) -> bool:
+        return self._known.get(name, False)
+
+    def _learn(self, names: Iterable[str]) -> None:
+        assert self.rules is not None
+        disks: dict[str, SysDisk] = {}
+        for disk in scan(self.roots):
+            disks.update({disk.name: disk, **dict.fromkeys(disk.partitions, disk)})
+        for name in names:
+            found = disks.get(Path(os.path.realpath(name)).name)
+            self._known[name] = found is not None and self.rules.mismatch(found) is None
