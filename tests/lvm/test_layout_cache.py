@@ -13,6 +13,7 @@ import pytest
 from localdisk.backends.lvm import LinearBackend, LinearPoolConfig
 from localdisk.backends.lvmcache import CACHE_OF_TAG, cache_name
 from localdisk.backends.lvmcmd import Lvm
+from localdisk.discovery import DiskRules
 from localdisk.errors import InsufficientCapacity, InvalidArgument
 from localdisk.runner import CommandRunner
 from localdisk.sizes import MiB
@@ -151,3 +152,24 @@ async def test_what_a_kill_leaves_of_a_cached_expansion_or_delete_is_mended_at_s
     await again.open()
     assert not [name for name in (await lvm.report(RAID_VG)).lvs if not name.startswith("[")]
     assert await pv_free(lvm) == before
+
+
+async def test_fast_pvs_found_by_rules_hold_the_cache_without_any_tag(runner: CommandRunner, lvm: Lvm) -> None:
+    """`cache_match` on real disks: the only PV under 100 MiB is the SSD's (the sandbox's disks are sized so), and the
+    cache lands there although the pool names no cache tag."""
+    config = LinearPoolConfig(volume_group=RAID_VG, pv_tags=("hdd",), cache_match=DiskRules(max_size=100 * MiB))
+    backend = LinearBackend("hybrid", config, lvm, runner)
+    await backend.open()
+    try:
+        before = await pv_free(lvm)
+        [ssd] = await tagged(lvm, "ssd")
+        volume = await manager_for(backend).create_volume(ask(backend, "pvc-ruled", 24 * MiB, cache="writethrough"))
+        assert (await lvm.report(RAID_VG)).lvs[volume.ref.handle].cached
+        after = await pv_free(lvm)
+        assert before[ssd] - after[ssd] == 8 * MiB  # the cache (10% of 24 MiB, at least 8 MiB), on the SSD
+        assert sum(before.values()) - sum(after.values()) == 32 * MiB
+        await manager_for(backend).delete_volume(volume.id)
+        assert await pv_free(lvm) == before
+    finally:
+        await backend.aclose()
+        await reset_vg(lvm, RAID_VG)

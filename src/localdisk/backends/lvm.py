@@ -1,5 +1,9 @@
 """The `lvm` and `thin` backends: one logical volume per CSI volume, in a configured VG or thin pool.
 
+This module holds the thick backend (`LinearBackend`) and both pools' factories; the thin backend is in
+`localdisk.backends.lvmthin`, what both share in `lvmbase`, the cached VG view in `lvmview`, layouts in `lvmlayout`
+and `lvmspace`, caches in `lvmcache`.
+
 Everything localdisk knows about a volume is on the disk, in LV tags, so a restarted or reinstalled node finds its
 volumes again and nothing is lost with a side database:
 
@@ -50,13 +54,10 @@ import logging
 import os
 import weakref
 from collections.abc import Mapping
-from dataclasses import replace
-from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from localdisk import crypt
 from localdisk.backend import VolumeBackend
 from localdisk.backends.lvmbase import (
     ENCRYPTED_TAG,
@@ -64,13 +65,14 @@ from localdisk.backends.lvmbase import (
     KIND_TAG,
     OWNER_TAG,
     PENDING_TAG,
-    PREFIXES,
     SNAPSHOT,
     VOLUME,
     LvmBackend,
     decode_name,
     identity_tags,
     lv_name_for,
+    lvm_name,
+    lvm_tags,
     name_tags,
     source_of,
 )
@@ -85,7 +87,7 @@ from localdisk.backends.lvmcache import (
     differs,
     parse_cache,
 )
-from localdisk.backends.lvmcmd import LogicalVolume, Lvm, VgReport, check_name, check_tags
+from localdisk.backends.lvmcmd import LogicalVolume, Lvm, VgReport
 from localdisk.backends.lvmlayout import (
     LAYOUT_PARAMETERS,
     MAX_MIRRORS,
@@ -98,25 +100,21 @@ from localdisk.backends.lvmlayout import (
     plan,
     pv_space,
 )
-from localdisk.backends.lvmsetup import ThinRulesConfig, VgRulesConfig, with_rules
+from localdisk.backends.lvmsetup import VgRulesConfig, with_rules
 from localdisk.backends.lvmshell import ShellExecutor
 from localdisk.backends.lvmspace import PoolSpace
-from localdisk.backends.lvmthin import ThinUse, thin_use
+from localdisk.backends.lvmthin import ThinBackend, ThinPoolConfig
 from localdisk.backends.lvmview import (
     LINEAR_ACTIVE,
-    THIN_ACTIVE,
     VIEW_MAX_AGE,
     new_lv,
     with_lv,
-    with_tags,
-    without_lv,
 )
 from localdisk.blockdev import erase_signatures, zero_out
 from localdisk.discovery import HOST, DiskRules, Roots
 from localdisk.errors import (
     AlreadyExists,
     Busy,
-    FailedPrecondition,
     InsufficientCapacity,
     InvalidArgument,
     LocalDiskError,
@@ -125,7 +123,6 @@ from localdisk.errors import (
 from localdisk.model import (
     Capacity,
     Features,
-    Snapshot,
     Volume,
     VolumeSpec,
 )
@@ -156,20 +153,6 @@ SHELL_ENV = "LOCALDISK_LVM_SHELL"  # "0": one lvm process per command instead of
 
 
 # -- configuration ---------------------------------------------------------------------------------------------------
-def _lvm_name(value: str) -> str:
-    try:
-        return check_name(value)
-    except InvalidArgument as exc:
-        raise ValueError(exc.message) from None
-
-
-def _lvm_tags(value: tuple[str, ...]) -> tuple[str, ...]:
-    try:
-        return tuple(check_tags(value))
-    except InvalidArgument as exc:
-        raise ValueError(exc.message) from None
-
-
 class LinearPoolConfig(VgRulesConfig):
     volume_group: str
     """The VG whose free extents become volumes."""
@@ -186,9 +169,9 @@ class LinearPoolConfig(VgRulesConfig):
     pv_tags: tuple[str, ...] = ()
     """Default PV tags (`pvTags`): volumes go only on PVs carrying one of them (`pvchange --addtag hdd /dev/sdb`)."""
 
-    _check_vg = field_validator("volume_group")(_lvm_name)
+    _check_vg = field_validator("volume_group")(lvm_name)
 
-    _check_tags = field_validator("pv_tags", "cache_pv_tags")(_lvm_tags)
+    _check_tags = field_validator("pv_tags", "cache_pv_tags")(lvm_tags)
 
     @model_validator(mode="after")
     def _check_layout(self) -> LinearPoolConfig:
@@ -227,21 +210,6 @@ class LinearPoolConfig(VgRulesConfig):
     def layout(self) -> Layout:
         """The layout a volume gets when its StorageClass sets none."""
         return Layout(self.stripes, self.stripe_size_bytes if self.stripes > 1 else 0, self.mirrors, self.pv_tags)
-
-
-class ThinPoolConfig(ThinRulesConfig):
-    volume_group: str
-    thin_pool: str
-    """The thin pool LV in `volume_group`; it must have zeroing on (`lvcreate -Z y` / `lvchange -Z y`)."""
-    view_max_age_seconds: Annotated[float, Field(ge=0)] = VIEW_MAX_AGE
-    """How long GetCapacity and ListVolumes may answer from the cached VG report, so also how late they see the
-    pool's data use grow with writes (0: read LVM on every call)."""
-    overprovision_ratio: Annotated[float, Field(ge=1.0)] = 10.0
-    """How many times its real data size the pool may promise in thin volumes and snapshots."""
-    threshold_percent: Annotated[float, Field(gt=0, le=100)] = 90.0
-    """New volumes and snapshots are refused once the pool's data or metadata use reaches this percentage."""
-
-    _check_names = field_validator("volume_group", "thin_pool")(_lvm_name)
 
 
 class LinearBackend(LvmBackend):
@@ -637,182 +605,7 @@ class LinearBackend(LvmBackend):
         return Capacity(answer.total, answer.available, answer.largest, details)
 
 
-class ThinBackend(LvmBackend):
-    """Thin LVs in one thin pool, with snapshots and clones, overprovisioned up to a ratio and a use threshold."""
-
-    kind = "thin"
-    _discard_header = True  # see `localdisk.crypt.erase`: a clone's header blocks may be its origin's
-
-    def __init__(
-        self, pool: str, config: ThinPoolConfig, lvm: Lvm, runner: CommandRunner, *, view_max_age: float = 0.0
-    ) -> None:
-        features = Features(snapshots=True, clones=True)
-        super().__init__(pool, config.volume_group, lvm, runner, features, view_max_age)
-        self.config = config
-        self.thin_pool = config.thin_pool
-        self._use_memo: tuple[VgReport, ThinUse] | None = None
-
-    @property
-    def _where(self) -> str:
-        return f"{self.vg}/{self.thin_pool}"
-
-    def _belongs(self, lv: LogicalVolume) -> bool:
-        return lv.pool == self.thin_pool
-
-    def _use(self, report: VgReport) -> ThinUse:
-        # Summing the pool's virtual size walks every LV: done once per report, not once per GetCapacity.
-        memo = self._use_memo
-        if memo is not None and memo[0] is report:
-            return memo[1]
-        use = thin_use(report, self.thin_pool, self.config.overprovision_ratio, self.config.threshold_percent)
-        self._use_memo = (report, use)
-        return use
-
-    async def _activate(self, report: VgReport) -> None:
-        pool = report.lv(self.thin_pool)
-        if pool is None or not pool.is_thin_pool:
-            raise FailedPrecondition(
-                f"thin pool {self._where} not found (or not a thin pool); create it with"
-                f" `lvcreate --type thin-pool -Z y -L <size> -n {self.thin_pool} {self.vg}` or fix"
-                f" pools.thin.{self.pool}.thin_pool"
-            )
-        if not pool.zeroing:
-            raise FailedPrecondition(
-                f"thin pool {self._where} does not zero newly provisioned blocks, so a new volume could show another"
-                f" volume's old data; turn zeroing on with `lvchange -Z y {self._where}`"
-            )
-        if not pool.active:
-            await self.lvm.activate_lv(self.vg, self.thin_pool)
-        if any(self._ours(lv, VOLUME) and not lv.active for lv in report.lvs.values()):
-            await self.lvm.activate_vg(self.vg)  # snapshots keep their activation-skip flag and stay inactive
-
-    def _abnormal(self, report: VgReport, lv: LogicalVolume) -> str | None:
-        pool = report.lv(self.thin_pool)
-        if pool is not None and max(pool.data_percent or 0.0, pool.metadata_percent or 0.0) >= 100:
-            return f"thin pool {self._where} is out of space: writes to the volume fail"
-        return super()._abnormal(report, lv)
-
-    def _check_room(self, report: VgReport, size: int) -> None:
-        refusal = self._use(report).refusal(align_up(size, self.extent), self.extent, self._where)
-        if refusal:
-            raise InsufficientCapacity(refusal)
-
-    async def _create(self, report: VgReport, lv: str, spec: VolumeSpec) -> bool:
-        # Tags are set by the creating lvcreate itself, so a crash can never leave an untagged LV of ours behind.
-        if spec.source is None or spec.source_handle is None:
-            tags = identity_tags(VOLUME, spec.name, encrypted=spec.encrypted)
-            await self.lvm.create_thin(self.vg, self.thin_pool, lv, spec.size_bytes, tags)
-            made = new_lv(lv, align_up(spec.size_bytes, self.extent), tags, attr=THIN_ACTIVE, pool=self.thin_pool)
-            self.view.apply(lambda r: with_lv(r, made, takes_extents=False))
-            return False
-        kind = spec.source.kind.value
-        source = report.lv(spec.source_handle) if HANDLE.fullmatch(spec.source_handle) else None
-        if source is None or not self._ready(source, kind):
-            raise NotFound(f"{kind} {spec.source.id!r} not found in thin pool {self.pool!r}")
-        grow = align_up(spec.size_bytes, self.extent) > source.size
-        if spec.encrypted and ENCRYPTED_TAG not in source.tags:
-            raise InvalidArgument(f"{kind} {spec.source.id!r} is not encrypted; an encrypted volume cannot copy it")
-        encrypted = spec.encrypted or ENCRYPTED_TAG in source.tags  # a copy of a LUKS volume is one too
-        tags = identity_tags(VOLUME, spec.name, (kind, spec.source_handle), encrypted=encrypted)
-        tags += [PENDING_TAG] if grow else []
-        await self.lvm.create_thin_snapshot(self.vg, spec.source_handle, lv, tags, activate=True)
-        made = new_lv(lv, source.size, tags, attr=THIN_ACTIVE, pool=self.thin_pool, origin=source.name)
-        self.view.apply(lambda r: with_lv(r, made, takes_extents=False))
-        return grow
-
-    async def _grow(self, lv: str, spec: VolumeSpec, current_size: int) -> None:
-        if align_up(spec.size_bytes, self.extent) > current_size:
-            await self.lvm.extend(self.vg, lv, spec.size_bytes)
-            size = align_up(spec.size_bytes, self.extent)
-            self.view.apply(
-                lambda r: with_lv(r, replace(r.lvs[lv], size=size), takes_extents=False) if lv in r.lvs else r
-            )
-
-    async def capacity(self) -> Capacity:
-        report = await self._report()
-        use = self._use(report)
-        available = use.available(self.extent)
-        details = {
-            "data_bytes": use.data_bytes,
-            "used_bytes": use.used_bytes,
-            "virtual_bytes": use.virtual_bytes,
-            "data_percent_x100": round(use.data_percent * 100),
-            "metadata_percent_x100": round(use.metadata_percent * 100),
-        }
-        return Capacity(use.data_bytes, available, available, details)
-
-    # snapshots
-    def _snapshot(self, lv: LogicalVolume) -> Snapshot:
-        source = source_of(lv.tags)
-        return Snapshot(
-            ref=self._ref(lv.name),
-            name=decode_name(lv.tags) or "",
-            source_volume_id=str(self._ref(source[1])) if source else "",
-            size_bytes=lv.size,
-            created_at=lv.created_at or datetime.fromtimestamp(0, UTC),
-            ready=True,
-        )
-
-    async def create_snapshot(self, source_handle: str, name: str) -> Snapshot:
-        lv_name = lv_name_for(SNAPSHOT, name)
-        name_tags(name)
-        async with self._writing() as report:
-            existing = report.lv(lv_name)
-            if existing is not None:
-                self._claim(existing, SNAPSHOT, name)
-                return self._snapshot(existing)
-            source = self._get(report, source_handle, VOLUME)
-            self._check_room(report, source.size)
-            tags = identity_tags(SNAPSHOT, name, (VOLUME, source_handle), encrypted=ENCRYPTED_TAG in source.tags)
-            # A snapshot stays inactive (LVM's activation-skip flag); volumes restored from it are activated.
-            await self.lvm.create_thin_snapshot(self.vg, source_handle, lv_name, tags, activate=False)
-            report = await self.view.refresh()  # for its creation time as LVM recorded it
-        return self._snapshot(self._get(report, lv_name, SNAPSHOT))
-
-    async def delete_snapshot(self, handle: str) -> None:
-        if not handle.startswith(PREFIXES[SNAPSHOT]) or not HANDLE.fullmatch(handle):
-            return
-        async with self._writing() as report:
-            lv = report.lv(handle)
-            if lv is None or not self._ours(lv, SNAPSHOT):
-                return
-            if ENCRYPTED_TAG in lv.tags:
-                await self._erase_snapshot(lv)
-            with contextlib.suppress(NotFound):
-                await self.lvm.remove(self.vg, handle)
-            self.view.apply(lambda r: without_lv(r, handle, takes_extents=False))
-
-    async def _erase_snapshot(self, lv: LogicalVolume) -> None:
-        """Crypto-erase an encrypted snapshot before it is removed. Its header blocks are its origin's until written:
-        erasing them writes (copy on write) or unmaps blocks of the snapshot alone, and the origin, its clones and
-        restores keep their own headers. Marked pending first, so a deletion cut off after the erase leaves a
-        snapshot nothing is restored from (a restore would find no header and format a blank volume); a repeated
-        DeleteSnapshot finishes it."""
-        if PENDING_TAG not in lv.tags:
-            await self.lvm.change_tags(self.vg, lv.name, add=[PENDING_TAG])
-            self.view.apply(lambda r: with_tags(r, lv.name, add=[PENDING_TAG]))
-        if not lv.active:
-            await self.lvm.activate_lv(self.vg, lv.name, ignore_skip=True)
-            await self.runner.run(["udevadm", "settle", "--timeout=30"], check=False)  # its /dev node
-        await crypt.erase(self.runner, f"/dev/{self.vg}/{lv.name}", discard=True)
-
-    async def get_snapshot(self, handle: str) -> Snapshot:
-        return self._snapshot(self._get(await self.view.refresh(), handle, SNAPSHOT))
-
-    async def find_snapshot(self, name: str) -> Snapshot | None:
-        lv = (await self._report()).lv(lv_name_for(SNAPSHOT, name))
-        if lv is None or not self._ready(lv, SNAPSHOT) or decode_name(lv.tags) != name:
-            return None
-        return self._snapshot(lv)
-
-    async def list_snapshots(self) -> list[Snapshot]:
-        report = await self._report()
-        return [self._snapshot(lv) for lv in report.lvs.values() if self._ready(lv, SNAPSHOT)]
-
-
 _SHARED: weakref.WeakKeyDictionary[CommandRunner, Lvm] = weakref.WeakKeyDictionary()
-
-
 DEVICES_FILE = "localdisk.devices"  # LVM devices file of the served VGs' PVs: commands scan nothing else
 
 

@@ -17,7 +17,7 @@ import anyio
 
 from localdisk import crypt
 from localdisk.backend import finish_despite_cancellation
-from localdisk.backends.lvmcmd import LogicalVolume, Lvm, VgReport
+from localdisk.backends.lvmcmd import LogicalVolume, Lvm, VgReport, check_name, check_tags
 from localdisk.backends.lvmlayout import LAYOUT_PARAMETERS
 from localdisk.backends.lvmview import PendingDrops, VgView, with_lv, with_tags, without_lv
 from localdisk.errors import AlreadyExists, Busy, FailedPrecondition, InvalidArgument, NotFound, PoolGone, Unsupported
@@ -454,3 +454,20 @@ class LvmBackend:
 
     async def list_snapshots(self) -> list[Snapshot]:
         return []
+
+
+# -- what both pools' configs check ---------------------------------------------------------------------------------
+def lvm_name(value: str) -> str:
+    """A config validator: `value` as an LVM name (VG, LV), or the reason it is not one as a ValueError."""
+    try:
+        return check_name(value)
+    except InvalidArgument as exc:
+        raise ValueError(exc.message) from None
+
+
+def lvm_tags(value: tuple[str, ...]) -> tuple[str, ...]:
+    """A config validator: `value` as LVM tags, or the reason they are not as a ValueError."""
+    try:
+        return tuple(check_tags(value))
+    except InvalidArgument as exc:
+        raise ValueError(exc.message) from None
