@@ -21,9 +21,9 @@ from typing import Literal
 import anyio
 
 from localdisk.backends.gpt import Partition, Table, best_fit
-from localdisk.backends.partdisk import PoolDisk, wipe
+from localdisk.backends.partdisk import PoolDisk, unreadable, wipe
 from localdisk.backends.partnames import PENDING_PREFIX, READY_PREFIX, is_ready
-from localdisk.errors import Busy, CommandFailed, LocalDiskError
+from localdisk.errors import Busy, CommandFailed, LocalDiskError, PoolGone
 from localdisk.runner import CommandRunner
 
 Resume = Literal["resume"]
@@ -125,6 +125,8 @@ async def _commit_orders(runner: CommandRunner, disk: PoolDisk, orders: list[Ord
     except CommandFailed as exc:
         if viewed is None:
             raise
+        if gone := await anyio.to_thread.run_sync(unreadable, disk.device()):  # as a read would have found
+            raise PoolGone(f"disk {disk.configured} ({disk.device()}) of {disk.owner} {gone}") from exc
         raise Busy(
             f"the partition table of disk {disk.configured} changed behind localdisk's back ({exc.message}); retry"
         ) from exc
